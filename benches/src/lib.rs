@@ -1,0 +1,1 @@
+//! Criterion benches of kivi live in `benches/benches`.
