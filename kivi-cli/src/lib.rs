@@ -1,0 +1,5 @@
+//! The library behind the `kivi` command: spec resolution and the GPU/CPU verification harness (also used by
+//! the GPU tests).
+
+pub mod spec;
+pub mod verify;

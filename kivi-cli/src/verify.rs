@@ -1,0 +1,609 @@
+//! `kivi verify`: the GPU kernels against the CPU reference (kivi-reference) and against the paper's reference
+//! files. The same functions back the GPU tests, so what the tests check is what users run.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use half::f16;
+use kivi_codegen::KernelTiles;
+use kivi_dsl::Layout;
+use kivi_reference::{check_pack, check_stream, PackCase, RefCache, ReferenceFile, StreamCase};
+use kivi_runtime::{CacheExport, Gpu, KiviCache};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// GPU output vs CPU reference: max relative L2 error per (batch, head, step) (fp16 output vs f32 oracle).
+pub const GPU_VS_CPU_STEP_TOL: f64 = 3e-3;
+/// Ours vs a reference file's outputs: relative L2 error over a whole stream.
+pub const FILE_STREAM_TOL: f64 = 5e-3;
+/// Ours vs a reference file's outputs: max relative L2 error per (batch, head, step).
+pub const FILE_STEP_TOL: f64 = 1e-2;
+
+/// The prefill lengths `kivi verify` tries on every preset: around every multiple of the group and R = 128.
+pub const AWKWARD_PREFILLS: [u32; 7] = [1, 31, 127, 128, 129, 300, 1000];
+
+/// The outcome of one check.
+#[derive(Clone, Debug)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// Whether it passed.
+    pub passed: bool,
+    /// The measured numbers.
+    pub detail: String,
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tag = if self.passed { "PASS" } else { "FAIL" };
+        write!(f, "{tag} {}: {}", self.name, self.detail)
+    }
+}
+
+fn check(name: impl Into<String>, passed: bool, detail: impl Into<String>) -> Check {
+    Check {
+        name: name.into(),
+        passed,
+        detail: detail.into(),
+    }
+}
+
+/// Relative L2 error `||ours - theirs|| / ||theirs||` in f64: 0 when both are 0, infinite when ours has a NaN
+/// that theirs has not (so an unwritten, NaN-poisoned output always fails).
+pub fn rel_l2(ours: &[f32], theirs: &[f32]) -> f64 {
+    let (mut err, mut norm) = (0f64, 0f64);
+    for (&a, &b) in ours.iter().zip(theirs) {
+        if a.is_nan() != b.is_nan() {
+            return f64::INFINITY;
+        }
+        if a.is_nan() {
+            continue;
+        }
+        let e = f64::from(a) - f64::from(b);
+        err += e * e;
+        norm += f64::from(b) * f64::from(b);
+    }
+    if ours.len() != theirs.len() {
+        f64::INFINITY
+    } else if err == 0.0 {
+        0.0
+    } else {
+        (err / norm).sqrt()
+    }
+}
+
+fn to_f32(x: &[f16]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+/// Per-tensor mismatches between two exports in the reference layouts (f16 compared by bits, NaN equal to NaN);
+/// returns `(total, description of the tensors that differ)`.
+fn compare_cache(
+    ours: &CacheExport,
+    k_code: &[i32],
+    k_scale: &[f16],
+    k_mn: &[f16],
+    k_res: &[f16],
+    v: (&[i32], &[f16], &[f16], &[f16]),
+) -> (usize, String) {
+    fn diff<T>(a: &[T], b: &[T], eq: impl Fn(&T, &T) -> bool) -> usize {
+        if a.len() != b.len() {
+            return a.len().max(b.len());
+        }
+        a.iter().zip(b).filter(|(x, y)| !eq(x, y)).count()
+    }
+    let h = |a: &f16, b: &f16| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+    let parts = [
+        ("k_code", diff(&ours.k_code, k_code, |a, b| a == b)),
+        ("k_scale", diff(&ours.k_scale, k_scale, h)),
+        ("k_mn", diff(&ours.k_mn, k_mn, h)),
+        ("k_residual", diff(&ours.k_residual, k_res, h)),
+        ("v_code", diff(&ours.v_code, v.0, |a, b| a == b)),
+        ("v_scale", diff(&ours.v_scale, v.1, h)),
+        ("v_mn", diff(&ours.v_mn, v.2, h)),
+        ("v_residual", diff(&ours.v_residual, v.3, h)),
+    ];
+    let total = parts.iter().map(|p| p.1).sum();
+    let text = parts
+        .iter()
+        .filter(|p| p.1 > 0)
+        .map(|(n, c)| format!("{n} {c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (total, text)
+}
+
+fn compare_with_reference(
+    ours: &CacheExport,
+    cpu: &kivi_reference::CacheExport,
+) -> (usize, String) {
+    compare_cache(
+        ours,
+        &cpu.k_code,
+        &cpu.k_scale,
+        &cpu.k_mn,
+        &cpu.k_residual,
+        (&cpu.v_code, &cpu.v_scale, &cpu.v_mn, &cpu.v_residual),
+    )
+}
+
+/// Per-step output errors, accumulated over a run.
+#[derive(Default)]
+struct StepErrors {
+    max_step: f64,
+    worst: (usize, usize, usize),
+    err2: f64,
+    norm2: f64,
+}
+
+impl StepErrors {
+    /// Adds step `step`'s output `[B, H, D]` (ours vs theirs).
+    fn add(&mut self, step: usize, ours: &[f32], theirs: &[f32], heads: usize, d: usize) {
+        for (row, (a, b)) in ours.chunks(d).zip(theirs.chunks(d)).enumerate() {
+            let e = rel_l2(a, b);
+            if e > self.max_step || e.is_nan() {
+                self.max_step = if e.is_nan() { f64::INFINITY } else { e };
+                self.worst = (row / heads, row % heads, step);
+            }
+            for (&x, &y) in a.iter().zip(b) {
+                let diff = f64::from(x) - f64::from(y);
+                self.err2 += if diff.is_nan() {
+                    f64::INFINITY
+                } else {
+                    diff * diff
+                };
+                self.norm2 += f64::from(y) * f64::from(y);
+            }
+        }
+    }
+
+    fn stream(&self) -> f64 {
+        if self.err2 == 0.0 {
+            0.0
+        } else {
+            (self.err2 / self.norm2).sqrt()
+        }
+    }
+}
+
+/// What a CPU replay of a run produces: the output of each step and the final cache.
+struct CpuRun {
+    outputs: Vec<Vec<f32>>,
+    export: kivi_reference::CacheExport,
+}
+
+/// Inputs of one run: prefill K, V `[B, Hkv, P, D]` and per-step q `[B, H, D]`, k, v `[B, Hkv, D]`.
+struct RunInputs {
+    layout: Layout,
+    batch: u32,
+    prefill: u32,
+    prefill_k: Vec<f16>,
+    prefill_v: Vec<f16>,
+    steps: Vec<(Vec<f16>, Vec<f16>, Vec<f16>)>,
+}
+
+fn cpu_run(inp: &RunInputs) -> Result<CpuRun, String> {
+    let mut c = RefCache::new(&inp.layout, inp.batch as usize).map_err(|e| e.to_string())?;
+    c.prefill(&inp.prefill_k, &inp.prefill_v, inp.prefill as usize)
+        .map_err(|e| e.to_string())?;
+    let mut outputs = Vec::with_capacity(inp.steps.len());
+    for (q, k, v) in &inp.steps {
+        outputs.push(c.decode_step(q, k, v).map_err(|e| e.to_string())?);
+    }
+    Ok(CpuRun {
+        outputs,
+        export: c.export(),
+    })
+}
+
+/// GPU replay: outputs of each step (fp16 widened to f32), the final cache, and the counts after each step.
+struct GpuRun {
+    outputs: Vec<Vec<f32>>,
+    export: CacheExport,
+}
+
+fn gpu_run(gpu: &Gpu, inp: &RunInputs, tiles: &KernelTiles) -> Result<GpuRun, String> {
+    let module = gpu
+        .load_layout(&inp.layout, tiles)
+        .map_err(|e| e.to_string())?;
+    let capacity = inp.prefill + inp.steps.len() as u32;
+    let mut cache = KiviCache::new(gpu, Arc::clone(&module), inp.batch, capacity.max(1))
+        .map_err(|e| e.to_string())?;
+    cache
+        .prefill_host(&inp.prefill_k, &inp.prefill_v, inp.prefill)
+        .map_err(|e| e.to_string())?;
+    let mut outputs = Vec::with_capacity(inp.steps.len());
+    for (q, k, v) in &inp.steps {
+        let out = cache.decode_step_host(q, k, v).map_err(|e| e.to_string())?;
+        outputs.push(to_f32(&out));
+    }
+    Ok(GpuRun {
+        outputs,
+        export: cache.export().map_err(|e| e.to_string())?,
+    })
+}
+
+fn random_inputs(layout: &Layout, batch: u32, prefill: u32, steps: u32, seed: u64) -> RunInputs {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let d = layout.keys.head_dim as usize;
+    let (h, hkv, b) = (
+        layout.num_heads as usize,
+        layout.num_kv_heads as usize,
+        batch as usize,
+    );
+    // Keys get a few large-magnitude channels, as real post-RoPE keys have (the reason keys go per-channel).
+    let bias: Vec<f32> = (0..d)
+        .map(|c| if c % 16 == 3 { 6.0 } else { 0.0 })
+        .collect();
+    let mut normal = move || -> f32 {
+        let s: f32 = (0..4).map(|_| rng.gen::<f32>()).sum();
+        (s - 2.0) * 1.7
+    };
+    let key = |n: usize, normal: &mut dyn FnMut() -> f32| -> Vec<f16> {
+        (0..n)
+            .map(|i| f16::from_f32(normal() + bias[i % d]))
+            .collect()
+    };
+    let prefill_k = key(b * hkv * prefill as usize * d, &mut normal);
+    let prefill_v = (0..b * hkv * prefill as usize * d)
+        .map(|_| f16::from_f32(normal()))
+        .collect();
+    let steps = (0..steps)
+        .map(|_| {
+            let q = (0..b * h * d).map(|_| f16::from_f32(normal())).collect();
+            let k = key(b * hkv * d, &mut normal);
+            let v = (0..b * hkv * d).map(|_| f16::from_f32(normal())).collect();
+            (q, k, v)
+        })
+        .collect();
+    RunInputs {
+        layout: *layout,
+        batch,
+        prefill,
+        prefill_k,
+        prefill_v,
+        steps,
+    }
+}
+
+fn compare_runs(name: String, inp: &RunInputs, gpu: &GpuRun, cpu: &CpuRun) -> Check {
+    let (h, d) = (
+        inp.layout.num_heads as usize,
+        inp.layout.keys.head_dim as usize,
+    );
+    let mut e = StepErrors::default();
+    for (s, (g, c)) in gpu.outputs.iter().zip(&cpu.outputs).enumerate() {
+        e.add(s, g, c, h, d);
+    }
+    let (mismatches, which) = compare_with_reference(&gpu.export, &cpu.export);
+    let passed = mismatches == 0 && e.max_step <= GPU_VS_CPU_STEP_TOL;
+    let detail = format!(
+        "{} steps, max per-(b,h,step) rel-L2 {:.2e} at {:?}, stream {:.2e}; final cache ({} quantized keys, {} \
+         quantized values) {}",
+        inp.steps.len(),
+        e.max_step,
+        e.worst,
+        e.stream(),
+        gpu.export.quantized_keys,
+        gpu.export.quantized_values,
+        if mismatches == 0 {
+            "identical to the CPU reference".to_string()
+        } else {
+            format!("differs from the CPU reference: {which}")
+        }
+    );
+    check(name, passed, detail)
+}
+
+/// Runs `layout` on the GPU and on the CPU reference for every prefill length in `prefills`, each batch in
+/// `batches`, then `steps` decode steps, on random data (seeded); each run is one [`Check`]: every decode output
+/// within [`GPU_VS_CPU_STEP_TOL`] per (batch, head, step), final codes/scales/mins/residual identical. The CPU
+/// replays run on all cores while the GPU works.
+pub fn verify_layout_on_gpu(
+    gpu: &Gpu,
+    layout: &Layout,
+    label: &str,
+    prefills: &[u32],
+    batches: &[u32],
+    steps: u32,
+    report: &mut dyn FnMut(&Check),
+) -> Vec<Check> {
+    let tiles = KernelTiles::heuristic(layout);
+    let mut cases = Vec::new();
+    for &b in batches {
+        for &p in prefills {
+            cases.push((b, p));
+        }
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(2);
+    let mut checks = Vec::new();
+    for chunk in cases.chunks(threads) {
+        let inputs: Vec<RunInputs> = chunk
+            .iter()
+            .map(|&(b, p)| random_inputs(layout, b, p, steps, u64::from(p) * 7919 + u64::from(b)))
+            .collect();
+        std::thread::scope(|s| {
+            let cpu: Vec<_> = inputs.iter().map(|inp| s.spawn(|| cpu_run(inp))).collect();
+            let gpu_runs: Vec<_> = inputs.iter().map(|inp| gpu_run(gpu, inp, &tiles)).collect();
+            for ((inp, g), c) in inputs.iter().zip(gpu_runs).zip(cpu) {
+                let name = format!("{label} batch {} prefill {}", inp.batch, inp.prefill);
+                let c = c
+                    .join()
+                    .unwrap_or_else(|_| Err("the CPU reference panicked".into()));
+                let result = match (g, c) {
+                    (Ok(g), Ok(c)) => compare_runs(name, inp, &g, &c),
+                    (Err(e), _) => check(name, false, format!("GPU: {e}")),
+                    (_, Err(e)) => check(name, false, format!("CPU reference: {e}")),
+                };
+                report(&result);
+                checks.push(result);
+            }
+        });
+    }
+    checks
+}
+
+/// Checks a reference file on the CPU reference alone: pack cases bit-exact; streams with identical final
+/// caches, outputs within [`FILE_STREAM_TOL`] over the stream and [`FILE_STEP_TOL`] per (batch, head, step).
+///
+/// # Errors
+/// The file cannot be read or is not one of the reference formats.
+pub fn verify_file_on_cpu(
+    path: &Path,
+    report: &mut dyn FnMut(&Check),
+) -> Result<Vec<Check>, String> {
+    let file = ReferenceFile::open(path).map_err(|e| e.to_string())?;
+    let mut checks = Vec::new();
+    let mut push = |c: Check| {
+        report(&c);
+        checks.push(c);
+    };
+    for case in &file.pack_cases {
+        let name = format!("cpu pack {}", case.name);
+        match check_pack(case) {
+            Ok(r) => push(check(name, r.mismatches() == 0, r.to_string())),
+            Err(e) => push(check(name, false, e.to_string())),
+        }
+    }
+    for case in &file.stream_cases {
+        let name = format!("cpu stream {}", case.name);
+        match check_stream(case) {
+            Ok(r) => push(check(
+                name,
+                r.passes(FILE_STREAM_TOL, FILE_STEP_TOL),
+                r.to_string(),
+            )),
+            Err(e) => push(check(name, false, e.to_string())),
+        }
+    }
+    Ok(checks)
+}
+
+fn stream_inputs(case: &StreamCase) -> Result<RunInputs, String> {
+    let steps = (0..case.steps)
+        .map(|s| case.step_inputs(s).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RunInputs {
+        layout: case.layout(),
+        batch: case.batch as u32,
+        prefill: case.prefill as u32,
+        prefill_k: case.prefill_k.clone(),
+        prefill_v: case.prefill_v.clone(),
+        steps,
+    })
+}
+
+/// Checks a reference file on the GPU: every stream replayed by the GPU cache, its outputs against the file
+/// (stream and per-step tolerances) and against the CPU reference (per step, [`GPU_VS_CPU_STEP_TOL`]), its final
+/// cache identical to the file's and the CPU's; every pack case quantized by the GPU kernels (prefill of all T
+/// tokens with R = G, then R decode steps to flush the remaining values) with codes, scales and mins identical to
+/// the file's.
+///
+/// # Errors
+/// The file cannot be read or is not one of the reference formats.
+pub fn verify_file_on_gpu(
+    gpu: &Gpu,
+    path: &Path,
+    report: &mut dyn FnMut(&Check),
+) -> Result<Vec<Check>, String> {
+    let file = ReferenceFile::open(path).map_err(|e| e.to_string())?;
+    let mut checks = Vec::new();
+    let mut push = |c: Check| {
+        report(&c);
+        checks.push(c);
+    };
+    for case in &file.pack_cases {
+        push(gpu_pack_case(gpu, case));
+    }
+    for case in &file.stream_cases {
+        let name = format!("gpu stream {}", case.name);
+        let inp = match stream_inputs(case) {
+            Ok(i) => i,
+            Err(e) => {
+                push(check(name, false, e));
+                continue;
+            }
+        };
+        let tiles = KernelTiles::heuristic(&inp.layout);
+        let (g, c) = std::thread::scope(|s| {
+            let c = s.spawn(|| cpu_run(&inp));
+            (gpu_run(gpu, &inp, &tiles), c.join())
+        });
+        let c = c.unwrap_or_else(|_| Err("the CPU reference panicked".into()));
+        let (g, c) = match (g, c) {
+            (Ok(g), Ok(c)) => (g, c),
+            (Err(e), _) => {
+                push(check(name, false, format!("GPU: {e}")));
+                continue;
+            }
+            (_, Err(e)) => {
+                push(check(name, false, format!("CPU reference: {e}")));
+                continue;
+            }
+        };
+        push(compare_runs(format!("{name} vs cpu"), &inp, &g, &c));
+        let (h, d, steps) = (case.heads, case.head_dim, case.steps);
+        let mut e = StepErrors::default();
+        for (s, out) in g.outputs.iter().enumerate() {
+            let theirs: Vec<f32> = (0..case.batch * h)
+                .flat_map(|bh| {
+                    to_f32(&case.step_out[(bh * steps + s) * d..(bh * steps + s + 1) * d])
+                })
+                .collect();
+            e.add(s, out, &theirs, h, d);
+        }
+        let (mismatches, which) = compare_cache(
+            &g.export,
+            &case.final_k_code,
+            &case.final_k_scale,
+            &case.final_k_mn,
+            &case.final_k_residual,
+            (
+                &case.final_v_code,
+                &case.final_v_scale,
+                &case.final_v_mn,
+                &case.final_v_residual,
+            ),
+        );
+        let passed =
+            mismatches == 0 && e.stream() <= FILE_STREAM_TOL && e.max_step <= FILE_STEP_TOL;
+        push(check(
+            format!("{name} vs file"),
+            passed,
+            format!(
+                "stream rel-L2 {:.2e}, max per-(b,h,step) {:.2e} at {:?}; final cache {}",
+                e.stream(),
+                e.max_step,
+                e.worst,
+                if mismatches == 0 {
+                    "identical to the file's".to_string()
+                } else {
+                    format!("differs: {which}")
+                }
+            ),
+        ));
+    }
+    Ok(checks)
+}
+
+fn gpu_pack_case(gpu: &Gpu, case: &PackCase) -> Check {
+    let name = format!("gpu pack {}", case.name);
+    let (b, h, t, d, g) = (
+        case.batch,
+        case.heads,
+        case.tokens,
+        case.head_dim,
+        case.group,
+    );
+    // Values of this case use G too when head_dim allows it, else any valid group (their check is skipped).
+    let vg = if case.values.is_some() { g } else { 32.min(d) };
+    let spec = format!(
+        "keys: {{ bits: {bits}, group_size: {g} }}, values: {{ bits: {bits}, group_size: {vg} }}, residual_length: \
+         {g}, head_dim: {d}, num_heads: {h}, num_kv_heads: {h}",
+        bits = case.bits
+    );
+    let layout = match kivi_dsl::parse_spec(&spec) {
+        Ok(l) => l,
+        Err(e) => return check(name, false, format!("layout `{spec}`: {e}")),
+    };
+    let zeros_q = vec![f16::ZERO; b * h * d];
+    let inp = RunInputs {
+        layout,
+        batch: b as u32,
+        prefill: t as u32,
+        prefill_k: case.k.clone(),
+        prefill_v: case
+            .values
+            .as_ref()
+            .map_or_else(|| vec![f16::ZERO; case.k.len()], |v| v.v.clone()),
+        steps: vec![(zeros_q.clone(), zeros_q.clone(), zeros_q); g],
+    };
+    let run = match gpu_run(gpu, &inp, &KernelTiles::heuristic(&layout)) {
+        Ok(r) => r,
+        Err(e) => return check(name, false, format!("GPU: {e}")),
+    };
+    // Keys: all T prefill tokens were quantized; the R = G decode tokens flushed one more block after them.
+    let e = &run.export;
+    let (kw, kg) = (e.k_code.len() / (b * h * d), e.k_scale.len() / (b * h * d));
+    let (tw, tg) = (t / (32 / case.bits as usize), t / g);
+    let take = |x: &[f16], per: usize, keep: usize| -> Vec<f16> {
+        x.chunks(per).flat_map(|c| c[..keep].to_vec()).collect()
+    };
+    let k_code: Vec<i32> = e.k_code.chunks(kw).flat_map(|c| c[..tw].to_vec()).collect();
+    let mut bad = Vec::new();
+    let count = |a: &[i32], b: &[i32]| {
+        a.iter().zip(b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len())
+    };
+    let count_h = |a: &[f16], b: &[f16]| {
+        a.iter()
+            .zip(b)
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count()
+            + a.len().abs_diff(b.len())
+    };
+    let n = count(&k_code, &case.k_code);
+    if n > 0 {
+        bad.push(format!("k_code {n}"));
+    }
+    let n = count_h(&take(&e.k_scale, kg, tg), &case.k_scale);
+    if n > 0 {
+        bad.push(format!("k_scale {n}"));
+    }
+    let n = count_h(&take(&e.k_mn, kg, tg), &case.k_mn);
+    if n > 0 {
+        bad.push(format!("k_mn {n}"));
+    }
+    if let Some(v) = &case.values {
+        // Values: T + G tokens, of which T quantized per sequence after G steps.
+        let rows = e.quantized_values;
+        let per_seq = |x: &[i32]| -> Vec<i32> {
+            x.chunks(x.len() / (b * h))
+                .flat_map(|c| c[..c.len() / rows * t].to_vec())
+                .collect()
+        };
+        let per_seq_h = |x: &[f16]| -> Vec<f16> {
+            x.chunks(x.len() / (b * h))
+                .flat_map(|c| c[..c.len() / rows * t].to_vec())
+                .collect()
+        };
+        let n = count(&per_seq(&e.v_code), &v.v_code);
+        if n > 0 {
+            bad.push(format!("v_code {n}"));
+        }
+        let n = count_h(&per_seq_h(&e.v_scale), &v.v_scale);
+        if n > 0 {
+            bad.push(format!("v_scale {n}"));
+        }
+        let n = count_h(&per_seq_h(&e.v_mn), &v.v_mn);
+        if n > 0 {
+            bad.push(format!("v_mn {n}"));
+        }
+    }
+    let what = if case.values.is_some() {
+        "keys and values"
+    } else {
+        "keys"
+    };
+    if bad.is_empty() {
+        check(
+            name,
+            true,
+            format!("{what}: every code, scale and min identical ({b}x{h} heads, {t} tokens)"),
+        )
+    } else {
+        check(name, false, format!("{what} differ: {}", bad.join(", ")))
+    }
+}
+
+/// `kivi verify`'s default set: presets kivi-2 and kivi-4 with the llama-2-7b, llama-3-8b and smollm2-135m shapes.
+pub const VERIFY_PRESETS: [&str; 6] = [
+    "kivi-2, llama-2-7b",
+    "kivi-2, llama-3-8b",
+    "kivi-2, smollm2-135m",
+    "kivi-4, llama-2-7b",
+    "kivi-4, llama-3-8b",
+    "kivi-4, smollm2-135m",
+];

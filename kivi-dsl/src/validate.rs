@@ -1,0 +1,224 @@
+//! The two validation levels: [`Layout::validate`] (is the layout possible at all) and
+//! [`Layout::check_supported`] (does the code generator emit it yet).
+
+use crate::error::LayoutError;
+use crate::layout::{
+    Dtype, GroupSize, Layout, QuantAxis, Rounding, ScaleDtype, Symmetry, TensorQuant,
+};
+
+/// Largest accepted `residual_length`, tokens.
+pub const MAX_RESIDUAL_LENGTH: u32 = 4096;
+/// Largest accepted `sink_tokens`.
+pub const MAX_SINK_TOKENS: u32 = 65536;
+/// Accepted head_dim range (and head_dim must be a multiple of 16).
+pub const HEAD_DIM_RANGE: std::ops::RangeInclusive<u32> = 16..=256;
+/// Bit widths the code generator emits (codes of one 32-bit word never straddle it).
+pub const SUPPORTED_BITS: [u32; 4] = [1, 2, 4, 8];
+
+/// The power-of-two group sizes dividing `n`, ascending (empty for 0).
+pub fn dividing_group_sizes(n: u32) -> Vec<u32> {
+    if n == 0 {
+        return Vec::new();
+    }
+    (0..=n.trailing_zeros()).map(|s| 1u32 << s).collect()
+}
+
+/// The per-token group sizes that would work for `head_dim` at `bits`: the powers of two dividing `head_dim`
+/// that are at least `32 / bits`, or all powers of two dividing it if none is that large.
+fn working_group_sizes(head_dim: u32, bits: u32) -> Vec<u32> {
+    let all = dividing_group_sizes(head_dim);
+    let min = 32 / bits.max(1);
+    let large: Vec<u32> = all.iter().copied().filter(|&g| g >= min).collect();
+    if large.is_empty() {
+        all
+    } else {
+        large
+    }
+}
+
+fn tensor_names(t: &str) -> [&'static str; 4] {
+    // bits, head_dim, group_size, tensor name
+    if t == "keys" {
+        ["keys.bits", "keys.head_dim", "keys.group_size", "keys"]
+    } else {
+        [
+            "values.bits",
+            "values.head_dim",
+            "values.group_size",
+            "values",
+        ]
+    }
+}
+
+impl Layout {
+    /// Checks that the layout is possible: bits in 1..=8; at least one head and KV head, `num_heads` a multiple
+    /// of `num_kv_heads`; each head_dim a multiple of 16 in 16..=256; each group size a power of two (not 0)
+    /// that divides `residual_length` (per-channel groups) or that tensor's head_dim (per-token groups);
+    /// `residual_length` in 1..=4096; `sink_tokens` at most 65536.
+    ///
+    /// # Errors
+    /// The first rule broken, as a [`LayoutError`] naming the field and value.
+    pub fn validate(&self) -> Result<(), LayoutError> {
+        for (name, t) in [("keys", &self.keys), ("values", &self.values)] {
+            let [bits, _, _, _] = tensor_names(name);
+            if !(1..=8).contains(&t.bits) {
+                return Err(LayoutError::BitsOutOfRange {
+                    field: bits,
+                    value: t.bits,
+                });
+            }
+        }
+        if self.num_heads == 0 {
+            return Err(LayoutError::ZeroHeads { field: "num_heads" });
+        }
+        if self.num_kv_heads == 0 {
+            return Err(LayoutError::ZeroHeads {
+                field: "num_kv_heads",
+            });
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(LayoutError::HeadsNotMultiple {
+                num_heads: self.num_heads,
+                num_kv_heads: self.num_kv_heads,
+            });
+        }
+        for (name, t) in [("keys", &self.keys), ("values", &self.values)] {
+            let [_, head_dim, _, _] = tensor_names(name);
+            if t.head_dim % 16 != 0 || !HEAD_DIM_RANGE.contains(&t.head_dim) {
+                return Err(LayoutError::BadHeadDim {
+                    field: head_dim,
+                    value: t.head_dim,
+                });
+            }
+        }
+        if self.residual_length == 0 || self.residual_length > MAX_RESIDUAL_LENGTH {
+            return Err(LayoutError::ResidualOutOfRange {
+                value: self.residual_length,
+            });
+        }
+        for (name, t) in [("keys", &self.keys), ("values", &self.values)] {
+            self.validate_group(name, t)?;
+        }
+        if self.sink_tokens > MAX_SINK_TOKENS {
+            return Err(LayoutError::SinkTokensOutOfRange {
+                value: self.sink_tokens,
+            });
+        }
+        Ok(())
+    }
+
+    fn validate_group(&self, name: &str, t: &TensorQuant) -> Result<(), LayoutError> {
+        let [_, _, group_field, tensor] = tensor_names(name);
+        let GroupSize::Elements(g) = t.group_size else {
+            return Ok(());
+        };
+        if g == 0 || !g.is_power_of_two() {
+            return Err(LayoutError::BadGroupSize {
+                field: group_field,
+                value: g,
+            });
+        }
+        match t.axis {
+            QuantAxis::PerChannel if self.residual_length % g != 0 => {
+                Err(LayoutError::ResidualNotMultipleOfGroup {
+                    tensor: if tensor == "keys" { "key" } else { "value" },
+                    residual_length: self.residual_length,
+                    group_size: g,
+                })
+            }
+            QuantAxis::PerToken if t.head_dim % g != 0 => {
+                Err(LayoutError::HeadDimNotMultipleOfGroup {
+                    tensor,
+                    head_dim: t.head_dim,
+                    group_size: g,
+                    working: working_group_sizes(t.head_dim, t.bits),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks that the code generator emits this layout: [`Layout::validate`] first, then bits 1, 2, 4 or 8;
+    /// keys per-channel and values per-token; numeric group sizes (no `per_block`) of at least `32 / bits`
+    /// (the codes of one 32-bit word stay in one group); asymmetric; fp16 scales; `half` rounding; fp16
+    /// activations; no sink tokens; equal key and value head_dim.
+    ///
+    /// # Errors
+    /// A [`LayoutError`] from `validate`, or [`LayoutError::NotYetSupported`] for the first unsupported choice.
+    pub fn check_supported(&self) -> Result<(), LayoutError> {
+        self.validate()?;
+        let unsupported = |what: String| Err(LayoutError::NotYetSupported { what });
+        let tensors = [("keys", &self.keys), ("values", &self.values)];
+        for (name, t) in tensors {
+            if !SUPPORTED_BITS.contains(&t.bits) {
+                return unsupported(format!(
+                    "{name}.bits {} (the generator emits 1, 2, 4 or 8 bits)",
+                    t.bits
+                ));
+            }
+        }
+        if self.keys.axis != QuantAxis::PerChannel {
+            return unsupported(format!(
+                "keys.axis {} (keys are quantized per_channel only)",
+                self.keys.axis.as_str()
+            ));
+        }
+        if self.values.axis != QuantAxis::PerToken {
+            return unsupported(format!(
+                "values.axis {} (values are quantized per_token only)",
+                self.values.axis.as_str()
+            ));
+        }
+        for (name, t) in tensors {
+            match t.group_size {
+                GroupSize::PerBlock => {
+                    return unsupported(format!(
+                        "{name}.group_size per_block (use a number of elements)"
+                    ));
+                }
+                GroupSize::Elements(g) if g < 32 / t.bits => {
+                    return unsupported(format!(
+                        "{name}.group_size {g} with {bits} bits (the {per} codes of one 32-bit word would span \
+                         two groups; use a group_size of at least {per})",
+                        bits = t.bits,
+                        per = 32 / t.bits
+                    ));
+                }
+                GroupSize::Elements(_) => {}
+            }
+        }
+        for (name, t) in tensors {
+            if t.symmetry != Symmetry::Asymmetric {
+                return unsupported(format!(
+                    "{name}.quant {} (only asymmetric)",
+                    t.symmetry.as_str()
+                ));
+            }
+            if t.scale_dtype != ScaleDtype::F16 {
+                return unsupported(format!(
+                    "{name}.scale_dtype {} (only fp16)",
+                    t.scale_dtype.as_str()
+                ));
+            }
+            if t.rounding != Rounding::Half {
+                return unsupported(format!(
+                    "{name}.rounding {} (only half)",
+                    t.rounding.as_str()
+                ));
+            }
+        }
+        if self.dtype != Dtype::F16 {
+            return unsupported(format!("dtype {} (only fp16)", self.dtype.as_str()));
+        }
+        if self.sink_tokens > 0 {
+            return unsupported(format!("sink_tokens {} (only 0)", self.sink_tokens));
+        }
+        if self.keys.head_dim != self.values.head_dim {
+            return unsupported(format!(
+                "values.head_dim {} different from keys.head_dim {} (they must be equal)",
+                self.values.head_dim, self.keys.head_dim
+            ));
+        }
+        Ok(())
+    }
+}

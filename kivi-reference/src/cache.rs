@@ -1,0 +1,547 @@
+//! [`RefCache`]: KIVI's streaming KV cache (Algorithm 1 of Liu et al., ICML 2024, as the paper's reference code
+//! implements it), and exact attention helpers.
+//!
+//! Keys are quantized per channel in blocks of R (`residual_length`) tokens; values per token, oldest first,
+//! keeping the newest R in fp16. A decode step appends the new key and value, attends over
+//! `[dequantized keys, fp16 keys]` and `[dequantized values, fp16 values]`, then flushes.
+//!
+//! The attention is computed in f64 (dot products, softmax with the max subtracted, weighted sum) on the exact
+//! f32 dequantized values and the fp16 residuals, and returned as f32: this is the oracle, free of the
+//! reference's own fp16 rounding of scores and weights (which costs it about 1.5e-3 relative error).
+
+use half::f16;
+use kivi_dsl::{Dtype, Layout, QuantAxis, Rounding, ScaleDtype, Symmetry};
+
+use crate::error::RefError;
+use crate::quant::{
+    check_bits, codes_per_word, dequantize_keys_per_channel, dequantize_values_per_token,
+    quantize_keys_per_channel, quantize_values_per_token, QuantizedKeys,
+};
+
+/// The cache of one (batch, KV head).
+#[derive(Clone, Debug, Default)]
+struct HeadCache {
+    /// Quantized key blocks of R tokens each, oldest first.
+    k_blocks: Vec<QuantizedKeys>,
+    /// The dequantized keys, `[nqk, D]` f32.
+    k_deq: Vec<f32>,
+    /// fp16 keys, `[nrk, D]`.
+    k_res: Vec<f16>,
+    /// Packed value codes `[nqv, D/cpw]`.
+    v_code: Vec<u32>,
+    /// Value scales `[nqv, D/G]`.
+    v_scale: Vec<f16>,
+    /// Value mins `[nqv, D/G]`.
+    v_mn: Vec<f16>,
+    /// The dequantized values, `[nqv, D]` f32.
+    v_deq: Vec<f32>,
+    /// fp16 values, `[nrv, D]`.
+    v_res: Vec<f16>,
+}
+
+/// The reference KIVI cache for `batch` sequences x `num_kv_heads` KV heads (Algorithm 1).
+///
+/// Supports exactly the paper's configuration: keys per-channel, values per-token, asymmetric, fp16 scale and
+/// min, half rounding, fp16 activations, bits 1, 2, 4 or 8, no sink tokens. GQA: query head `h` reads KV head
+/// `h / (num_heads / num_kv_heads)`.
+#[derive(Clone, Debug)]
+pub struct RefCache {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    r: usize,
+    k_bits: u32,
+    v_bits: u32,
+    k_group: usize,
+    v_group: usize,
+    len: usize,
+    nqk: usize,
+    nqv: usize,
+    caches: Vec<HeadCache>,
+}
+
+/// A snapshot of a [`RefCache`] in the reference files' layouts (`final_*` tensors of
+/// `kivi_decode_streams.safetensors`). All tensors row-major; `nqk`/`nrk` are quantized/fp16 key counts,
+/// `nqv`/`nrv` the same for values, `cpw = 32 / bits`, `G` the group size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheExport {
+    /// Batch B.
+    pub batch: usize,
+    /// KV heads Hkv.
+    pub kv_heads: usize,
+    /// Head dim D.
+    pub head_dim: usize,
+    /// Key bits.
+    pub k_bits: u32,
+    /// Value bits.
+    pub v_bits: u32,
+    /// Key group size (tokens).
+    pub k_group: usize,
+    /// Value group size (head-dim entries).
+    pub v_group: usize,
+    /// Tokens in the cache.
+    pub len: usize,
+    /// Quantized keys `nqk`.
+    pub quantized_keys: usize,
+    /// fp16 keys `nrk`.
+    pub residual_keys: usize,
+    /// Quantized values `nqv`.
+    pub quantized_values: usize,
+    /// fp16 values `nrv`.
+    pub residual_values: usize,
+    /// Key codes `[B, Hkv, D, nqk/cpw]` (u32 words as i32).
+    pub k_code: Vec<i32>,
+    /// Key scales `[B, Hkv, D, nqk/G]`.
+    pub k_scale: Vec<f16>,
+    /// Key mins `[B, Hkv, D, nqk/G]`.
+    pub k_mn: Vec<f16>,
+    /// fp16 keys `[B, Hkv, nrk, D]`.
+    pub k_residual: Vec<f16>,
+    /// Value codes `[B, Hkv, nqv, D/cpw]` (u32 words as i32).
+    pub v_code: Vec<i32>,
+    /// Value scales `[B, Hkv, nqv, D/G]`.
+    pub v_scale: Vec<f16>,
+    /// Value mins `[B, Hkv, nqv, D/G]`.
+    pub v_mn: Vec<f16>,
+    /// fp16 values `[B, Hkv, nrv, D]`.
+    pub v_residual: Vec<f16>,
+}
+
+fn f16s_to_f32(x: &[f16]) -> Vec<f32> {
+    x.iter().map(|v| v.to_f32()).collect()
+}
+
+/// Attention of one query over keys/values given as segments (each `[n_i, D]` row-major f32), in f64.
+fn attend(q: &[f32], keys: &[&[f32]], values: &[&[f32]], d: usize) -> Vec<f32> {
+    let scale = 1.0 / (d as f64).sqrt();
+    let qd: Vec<f64> = q.iter().map(|&x| f64::from(x)).collect();
+    let mut scores = Vec::new();
+    for seg in keys {
+        for k in seg.chunks(d) {
+            let s: f64 = qd.iter().zip(k).map(|(a, &b)| a * f64::from(b)).sum();
+            scores.push(s * scale);
+        }
+    }
+    let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let m = if scores.iter().any(|s| s.is_nan()) {
+        f64::NAN
+    } else {
+        m
+    };
+    let mut sum = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s - m).exp();
+        sum += *s;
+    }
+    let mut out = vec![0f64; d];
+    let mut t = 0;
+    for seg in values {
+        for v in seg.chunks(d) {
+            let w = scores[t];
+            t += 1;
+            for (o, &x) in out.iter_mut().zip(v) {
+                *o += w * f64::from(x);
+            }
+        }
+    }
+    out.iter().map(|o| (o / sum) as f32).collect()
+}
+
+fn check_attention_args(q: usize, k: usize, v: usize, head_dim: usize) -> Result<(), RefError> {
+    if head_dim == 0 {
+        return Err(RefError::Invalid("head_dim must be positive".into()));
+    }
+    if q != head_dim {
+        return Err(RefError::shape("query [D]", head_dim, q));
+    }
+    if k == 0 || k % head_dim != 0 {
+        return Err(RefError::Invalid(format!(
+            "keys: {k} elements is not a positive multiple of D={head_dim}"
+        )));
+    }
+    if v != k {
+        return Err(RefError::shape("values [T, D]", k, v));
+    }
+    Ok(())
+}
+
+/// Exact (unquantized) attention of one query against fp16 keys and values:
+/// `softmax(q . k_t / sqrt(D)) x v`, computed in f64, returned as `[D]` f32.
+///
+/// `q` is `[D]`, `k` and `v` are `[T, D]` row-major, T >= 1.
+///
+/// # Errors
+/// [`RefError::Shape`] / [`RefError::Invalid`] for inconsistent lengths, T = 0 or D = 0.
+pub fn attention_exact(
+    q: &[f16],
+    k: &[f16],
+    v: &[f16],
+    head_dim: usize,
+) -> Result<Vec<f32>, RefError> {
+    check_attention_args(q.len(), k.len(), v.len(), head_dim)?;
+    let (k, v) = (f16s_to_f32(k), f16s_to_f32(v));
+    Ok(attend(&f16s_to_f32(q), &[&k], &[&v], head_dim))
+}
+
+/// [`attention_exact`] on f32 inputs (e.g. dequantized keys and values from [`RefCache::effective_kv`]):
+/// `q` `[D]`, `k`, `v` `[T, D]`; f64 arithmetic, `[D]` f32 output.
+///
+/// # Errors
+/// As [`attention_exact`].
+pub fn attention_f32(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    head_dim: usize,
+) -> Result<Vec<f32>, RefError> {
+    check_attention_args(q.len(), k.len(), v.len(), head_dim)?;
+    Ok(attend(q, &[k], &[v], head_dim))
+}
+
+impl RefCache {
+    /// An empty cache for `layout` and `batch` sequences.
+    ///
+    /// # Errors
+    /// [`RefError::Unsupported`] for anything but keys per-channel / values per-token, asymmetric, fp16 scales,
+    /// half rounding, fp16 activations, bits 1/2/4/8, no sink tokens, equal key and value head_dim, a key group
+    /// dividing R and R a multiple of `32 / k_bits`, a value group and `32 / v_bits` dividing head_dim;
+    /// [`RefError::Invalid`] for zero sizes or `num_heads` not a multiple of `num_kv_heads`.
+    pub fn new(layout: &Layout, batch: usize) -> Result<Self, RefError> {
+        let (k, v) = (&layout.keys, &layout.values);
+        if k.axis != QuantAxis::PerChannel {
+            return Err(RefError::unsupported(
+                "keys quantized per-token (only per-channel keys)",
+            ));
+        }
+        if v.axis != QuantAxis::PerToken {
+            return Err(RefError::unsupported(
+                "values quantized per-channel (only per-token values)",
+            ));
+        }
+        for (name, t) in [("keys", k), ("values", v)] {
+            if t.symmetry != Symmetry::Asymmetric {
+                return Err(RefError::unsupported(format!(
+                    "symmetric quantization of {name}"
+                )));
+            }
+            if t.scale_dtype != ScaleDtype::F16 {
+                return Err(RefError::unsupported(format!(
+                    "{} scales for {name}",
+                    t.scale_dtype.as_str()
+                )));
+            }
+            if t.rounding != Rounding::Half {
+                return Err(RefError::unsupported(format!(
+                    "{} rounding for {name}",
+                    t.rounding.as_str()
+                )));
+            }
+            check_bits(t.bits)?;
+        }
+        if layout.dtype != Dtype::F16 {
+            return Err(RefError::unsupported(format!(
+                "{} activations",
+                layout.dtype.as_str()
+            )));
+        }
+        if layout.sink_tokens != 0 {
+            return Err(RefError::unsupported("sink tokens"));
+        }
+        if k.head_dim != v.head_dim {
+            return Err(RefError::unsupported(format!(
+                "different key and value head_dim ({} and {})",
+                k.head_dim, v.head_dim
+            )));
+        }
+        let d = k.head_dim as usize;
+        let r = layout.residual_length as usize;
+        let (heads, kv_heads) = (layout.num_heads as usize, layout.num_kv_heads as usize);
+        if d == 0 || r == 0 || heads == 0 || kv_heads == 0 || batch == 0 {
+            return Err(RefError::Invalid(format!(
+                "sizes must be positive: head_dim {d}, residual_length {r}, num_heads {heads}, \
+                 num_kv_heads {kv_heads}, batch {batch}"
+            )));
+        }
+        if heads % kv_heads != 0 {
+            return Err(RefError::Invalid(format!(
+                "num_heads {heads} not a multiple of num_kv_heads {kv_heads}"
+            )));
+        }
+        let k_group = k.group_elems(layout.residual_length) as usize;
+        let v_group = v.group_elems(layout.residual_length) as usize;
+        if k_group == 0 || r % k_group != 0 || r % codes_per_word(k.bits) != 0 {
+            return Err(RefError::unsupported(format!(
+                "residual_length {r} not a multiple of the key group {k_group} and of {} codes per word",
+                codes_per_word(k.bits)
+            )));
+        }
+        if v_group == 0 || d % v_group != 0 || d % codes_per_word(v.bits) != 0 {
+            return Err(RefError::unsupported(format!(
+                "head_dim {d} not a multiple of the value group {v_group} and of {} codes per word",
+                codes_per_word(v.bits)
+            )));
+        }
+        Ok(RefCache {
+            batch,
+            heads,
+            kv_heads,
+            d,
+            r,
+            k_bits: k.bits,
+            v_bits: v.bits,
+            k_group,
+            v_group,
+            len: 0,
+            nqk: 0,
+            nqv: 0,
+            caches: vec![HeadCache::default(); batch * kv_heads],
+        })
+    }
+
+    /// Tokens in the cache (prefill plus decode steps).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no token has been added.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Quantized keys per (batch, KV head); always a multiple of R.
+    pub fn quantized_keys(&self) -> usize {
+        self.nqk
+    }
+
+    /// Quantized values per (batch, KV head).
+    pub fn quantized_values(&self) -> usize {
+        self.nqv
+    }
+
+    /// fp16 (residual) keys per (batch, KV head): `len - quantized_keys`, in `0..R`.
+    pub fn residual_keys(&self) -> usize {
+        self.len - self.nqk
+    }
+
+    /// fp16 (residual) values per (batch, KV head): `len - quantized_values`, at most R.
+    pub fn residual_values(&self) -> usize {
+        self.len - self.nqv
+    }
+
+    fn flush_keys(r: usize, d: usize, bits: u32, group: usize, c: &mut HeadCache) {
+        let block: Vec<f16> = c.k_res.drain(..r * d).collect();
+        let q =
+            quantize_keys_per_channel(&block, r, d, bits, group).expect("dims validated in new()");
+        c.k_deq
+            .extend(dequantize_keys_per_channel(&q).expect("consistent"));
+        c.k_blocks.push(q);
+    }
+
+    fn flush_values(n: usize, d: usize, bits: u32, group: usize, c: &mut HeadCache) {
+        let vals: Vec<f16> = c.v_res.drain(..n * d).collect();
+        let q =
+            quantize_values_per_token(&vals, n, d, bits, group).expect("dims validated in new()");
+        c.v_deq
+            .extend(dequantize_values_per_token(&q).expect("consistent"));
+        c.v_code.extend(q.codes);
+        c.v_scale.extend(q.scale);
+        c.v_mn.extend(q.mn);
+    }
+
+    /// Prefill an empty cache with `len` tokens: `k`, `v` are `[B, Hkv, len, D]` row-major fp16.
+    ///
+    /// Keys: the first `len - len mod R` are quantized (none if `len < R`), the rest stay fp16. Values: all but
+    /// the newest R are quantized (none if `len <= R`). No attention is computed.
+    ///
+    /// # Errors
+    /// [`RefError::Shape`] if `k` or `v` is not `B * Hkv * len * D` long; [`RefError::Invalid`] if the cache is
+    /// not empty.
+    pub fn prefill(&mut self, k: &[f16], v: &[f16], len: usize) -> Result<(), RefError> {
+        if self.len != 0 {
+            return Err(RefError::Invalid(format!(
+                "prefill on a cache already holding {} tokens",
+                self.len
+            )));
+        }
+        let (b, hkv, d) = (self.batch, self.kv_heads, self.d);
+        let n = b * hkv * len * d;
+        if k.len() != n {
+            return Err(RefError::shape(
+                format!("prefill keys [B={b}, Hkv={hkv}, len={len}, D={d}]"),
+                n,
+                k.len(),
+            ));
+        }
+        if v.len() != n {
+            return Err(RefError::shape(
+                format!("prefill values [B={b}, Hkv={hkv}, len={len}, D={d}]"),
+                n,
+                v.len(),
+            ));
+        }
+        let nqk = len / self.r * self.r;
+        let nqv = len.saturating_sub(self.r);
+        let (r, kb, kg, vb, vg) = (self.r, self.k_bits, self.k_group, self.v_bits, self.v_group);
+        for (i, c) in self.caches.iter_mut().enumerate() {
+            let ks = &k[i * len * d..(i + 1) * len * d];
+            let vs = &v[i * len * d..(i + 1) * len * d];
+            c.k_res.extend_from_slice(ks);
+            for _ in 0..nqk / r {
+                Self::flush_keys(r, d, kb, kg, c);
+            }
+            c.v_res.extend_from_slice(vs);
+            if nqv > 0 {
+                Self::flush_values(nqv, d, vb, vg, c);
+            }
+        }
+        self.len = len;
+        self.nqk = nqk;
+        self.nqv = nqv;
+        Ok(())
+    }
+
+    /// One decode step: appends `k`, `v` (`[B, Hkv, D]` fp16), computes attention of `q` (`[B, H, D]` fp16) over
+    /// all cached tokens including the new one, then flushes (the R fp16 keys as one block once there are R;
+    /// the oldest fp16 value once there are R + 1). Returns the attention output `[B, H, D]` f32.
+    ///
+    /// Scores are `q . k / sqrt(D)` over `[dequantized keys, fp16 keys]`, softmax subtracts the max, output is
+    /// the weighted sum of `[dequantized values, fp16 values]`; all in f64. Works on an empty cache too.
+    ///
+    /// # Errors
+    /// [`RefError::Shape`] for wrong lengths (the cache is left unchanged).
+    pub fn decode_step(&mut self, q: &[f16], k: &[f16], v: &[f16]) -> Result<Vec<f32>, RefError> {
+        let (b, h, hkv, d) = (self.batch, self.heads, self.kv_heads, self.d);
+        if q.len() != b * h * d {
+            return Err(RefError::shape(
+                format!("decode query [B={b}, H={h}, D={d}]"),
+                b * h * d,
+                q.len(),
+            ));
+        }
+        if k.len() != b * hkv * d {
+            return Err(RefError::shape(
+                format!("decode key [B={b}, Hkv={hkv}, D={d}]"),
+                b * hkv * d,
+                k.len(),
+            ));
+        }
+        if v.len() != b * hkv * d {
+            return Err(RefError::shape(
+                format!("decode value [B={b}, Hkv={hkv}, D={d}]"),
+                b * hkv * d,
+                v.len(),
+            ));
+        }
+        for (i, c) in self.caches.iter_mut().enumerate() {
+            c.k_res.extend_from_slice(&k[i * d..(i + 1) * d]);
+            c.v_res.extend_from_slice(&v[i * d..(i + 1) * d]);
+        }
+        self.len += 1;
+        let ratio = h / hkv;
+        let mut out = vec![0f32; b * h * d];
+        for bi in 0..b {
+            for kh in 0..hkv {
+                let c = &self.caches[bi * hkv + kh];
+                let kr = f16s_to_f32(&c.k_res);
+                let vr = f16s_to_f32(&c.v_res);
+                for qh in kh * ratio..(kh + 1) * ratio {
+                    let o = (bi * h + qh) * d;
+                    let qf = f16s_to_f32(&q[o..o + d]);
+                    let a = attend(&qf, &[&c.k_deq, &kr], &[&c.v_deq, &vr], d);
+                    out[o..o + d].copy_from_slice(&a);
+                }
+            }
+        }
+        let (r, kb, kg, vb, vg) = (self.r, self.k_bits, self.k_group, self.v_bits, self.v_group);
+        let flush_k = self.len - self.nqk == r;
+        let flush_v = self.len - self.nqv == r + 1;
+        for c in self.caches.iter_mut() {
+            if flush_k {
+                Self::flush_keys(r, d, kb, kg, c);
+            }
+            if flush_v {
+                Self::flush_values(1, d, vb, vg, c);
+            }
+        }
+        if flush_k {
+            self.nqk += r;
+        }
+        if flush_v {
+            self.nqv += 1;
+        }
+        Ok(out)
+    }
+
+    /// The keys and values attention sees for (`batch`, `kv_head`): `[len, D]` f32 each, the dequantized part
+    /// first, then the fp16 residual.
+    ///
+    /// # Errors
+    /// [`RefError::Invalid`] for an out-of-range batch or KV head index.
+    pub fn effective_kv(
+        &self,
+        batch: usize,
+        kv_head: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), RefError> {
+        if batch >= self.batch || kv_head >= self.kv_heads {
+            return Err(RefError::Invalid(format!(
+                "(batch {batch}, kv head {kv_head}) out of range ({}, {})",
+                self.batch, self.kv_heads
+            )));
+        }
+        let c = &self.caches[batch * self.kv_heads + kv_head];
+        let mut k = c.k_deq.clone();
+        k.extend(f16s_to_f32(&c.k_res));
+        let mut v = c.v_deq.clone();
+        v.extend(f16s_to_f32(&c.v_res));
+        Ok((k, v))
+    }
+
+    /// The cache in the reference files' layouts (see [`CacheExport`]).
+    pub fn export(&self) -> CacheExport {
+        let d = self.d;
+        let mut e = CacheExport {
+            batch: self.batch,
+            kv_heads: self.kv_heads,
+            head_dim: d,
+            k_bits: self.k_bits,
+            v_bits: self.v_bits,
+            k_group: self.k_group,
+            v_group: self.v_group,
+            len: self.len,
+            quantized_keys: self.nqk,
+            residual_keys: self.residual_keys(),
+            quantized_values: self.nqv,
+            residual_values: self.residual_values(),
+            k_code: Vec::new(),
+            k_scale: Vec::new(),
+            k_mn: Vec::new(),
+            k_residual: Vec::new(),
+            v_code: Vec::new(),
+            v_scale: Vec::new(),
+            v_mn: Vec::new(),
+            v_residual: Vec::new(),
+        };
+        for c in &self.caches {
+            for ch in 0..d {
+                for blk in &c.k_blocks {
+                    let (wpc, gpc) = (blk.codes.len() / d, blk.scale.len() / d);
+                    e.k_code.extend(
+                        blk.codes[ch * wpc..(ch + 1) * wpc]
+                            .iter()
+                            .map(|&w| w as i32),
+                    );
+                    e.k_scale
+                        .extend_from_slice(&blk.scale[ch * gpc..(ch + 1) * gpc]);
+                    e.k_mn.extend_from_slice(&blk.mn[ch * gpc..(ch + 1) * gpc]);
+                }
+            }
+            e.k_residual.extend_from_slice(&c.k_res);
+            e.v_code.extend(c.v_code.iter().map(|&w| w as i32));
+            e.v_scale.extend_from_slice(&c.v_scale);
+            e.v_mn.extend_from_slice(&c.v_mn);
+            e.v_residual.extend_from_slice(&c.v_res);
+        }
+        e
+    }
+}

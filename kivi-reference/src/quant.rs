@@ -1,0 +1,455 @@
+//! Quantization of one group, code packing, and the two KIVI tensor layouts (per-channel keys, per-token values).
+//!
+//! # The arithmetic (the paper's reference code, bit-exact)
+//!
+//! For a group of fp16 values `x` quantized to `bits` bits (`qmax = 2^bits - 1`):
+//!
+//! ```text
+//! mn    = min(x)                       (an fp16 value, stored as the group's min)
+//! diff  = f16(mx - mn)                 (f32 subtraction, rounded to fp16, round-to-nearest-even)
+//! scale = f16(f32(diff) / qmax)        (f32 division, rounded to fp16)
+//! code  = rne(clamp(f16(f32(f16(x - mn)) / f32(scale)), 0, qmax))
+//! ```
+//!
+//! Each step is one correctly rounded f32 operation followed by a round to fp16, exactly what a GPU does with
+//! `__fsub_rn` / `__fdiv_rn` and `__float2half_rn`, and (double rounding f32 -> f16 being innocuous for a single
+//! add, subtract or divide of fp16 operands) exactly the reference's fp16 tensor arithmetic. `rne` rounds half to
+//! even (`torch.round`).
+//!
+//! Dequantization is `f32(code) * f32(scale) + f32(mn)` as one fused multiply-add (GPU `fmaf`).
+//!
+//! # Cases the reference leaves undefined, and what this crate does
+//!
+//! - **scale == 0** (a constant group, or a range so small that `diff / qmax` underflows fp16): every code is 0,
+//!   scale is `+0`, min is the group's min. A constant group therefore dequantizes exactly to the constant (the
+//!   reference divides by zero there). In the underflow case the error is at most `diff`, below `qmax * 2^-25`.
+//! - **range wider than fp16** (`f16(mx - mn)` is infinite, e.g. `-60000` and `60000`): the group falls back to
+//!   fp32 steps, `scale = f16((mx - mn) / qmax)` and `code = rne(clamp((x - mn) / f32(scale), 0, qmax))` with
+//!   `x - mn` and the division in f32 and no fp16 rounding of intermediates. Codes stay meaningful and the
+//!   dequantization error stays within `scale / 2` (plus the fp16 rounding of scale). Only with `bits = 1` can
+//!   that scale itself overflow fp16; it is then clamped to `f16::MAX` (65504) and the error is within `scale`.
+//! - **signed zeros**: for min and max, `-0` orders below `+0` (IEEE 754-2019 `minimum`/`maximum`), so a
+//!   group whose smallest value is zero stores min `-0` if it holds a `-0`.
+//! - **any NaN or +-Inf in the group**: scale = NaN, min = NaN, every code 0. The whole group dequantizes to NaN,
+//!   so garbage input is never silently hidden; it propagates to the attention output as NaN.
+//!
+//! # Packing
+//!
+//! `32 / bits` codes per 32-bit word (stored as int32 in the reference files); code `j` of a run sits in bits
+//! `[bits * j, bits * j + bits)` of word `j / (32 / bits)`.
+
+use half::f16;
+
+use crate::error::RefError;
+
+/// Checks that `bits` is one of the supported code widths (1, 2, 4, 8: the ones dividing 32).
+///
+/// # Errors
+/// [`RefError::Unsupported`] for any other width.
+pub fn check_bits(bits: u32) -> Result<(), RefError> {
+    match bits {
+        1 | 2 | 4 | 8 => Ok(()),
+        _ => Err(RefError::unsupported(format!(
+            "{bits}-bit codes (supported: 1, 2, 4, 8)"
+        ))),
+    }
+}
+
+/// Codes per 32-bit word: `32 / bits`.
+pub fn codes_per_word(bits: u32) -> usize {
+    (32 / bits.max(1)) as usize
+}
+
+/// The quantization of one group: its codes (one per input element, each in `0..2^bits`), its scale and its min.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantGroup {
+    /// One code per input element, in input order.
+    pub codes: Vec<u8>,
+    /// The group's scale (fp16); see the module docs for the special cases (0, NaN).
+    pub scale: f16,
+    /// The group's min (fp16), i.e. the zero point of the asymmetric quantization.
+    pub mn: f16,
+}
+
+/// Quantizes one group of fp16 values to `bits`-bit codes with the reference's half rounding (module docs).
+///
+/// # Errors
+/// [`RefError::Unsupported`] for bits not in {1, 2, 4, 8}; [`RefError::Invalid`] for an empty group.
+pub fn quantize_group(x: &[f16], bits: u32) -> Result<QuantGroup, RefError> {
+    let mut codes = vec![0u8; x.len()];
+    let (scale, mn) = quantize_group_into(x, bits, &mut codes)?;
+    Ok(QuantGroup { codes, scale, mn })
+}
+
+/// Like [`quantize_group`], writing the codes into `codes` (same length as `x`) and returning `(scale, mn)`.
+///
+/// # Errors
+/// [`RefError::Unsupported`] for bad bits, [`RefError::Invalid`] for an empty group, [`RefError::Shape`] if
+/// `codes.len() != x.len()`.
+pub fn quantize_group_into(x: &[f16], bits: u32, codes: &mut [u8]) -> Result<(f16, f16), RefError> {
+    check_bits(bits)?;
+    if x.is_empty() {
+        return Err(RefError::Invalid("cannot quantize an empty group".into()));
+    }
+    if codes.len() != x.len() {
+        return Err(RefError::shape(
+            "codes buffer of a group",
+            x.len(),
+            codes.len(),
+        ));
+    }
+    Ok(quantize_group_unchecked(x, bits, codes))
+}
+
+/// The arithmetic of [`quantize_group_into`], without argument checks (`x` non-empty, same length as `codes`).
+pub(crate) fn quantize_group_unchecked(x: &[f16], bits: u32, codes: &mut [u8]) -> (f16, f16) {
+    let qmax = ((1u32 << bits) - 1) as f32;
+    if x.iter().any(|v| !v.is_finite()) {
+        codes.fill(0);
+        return (f16::NAN, f16::NAN);
+    }
+    let (mut mn, mut mx) = (f32::INFINITY, f32::NEG_INFINITY);
+    for v in x {
+        // -0 orders below +0 (IEEE 754-2019 minimum/maximum), so the stored min is deterministic.
+        let f = v.to_f32();
+        if f < mn || (f == mn && f.is_sign_negative()) {
+            mn = f;
+        }
+        if f > mx || (f == mx && f.is_sign_positive()) {
+            mx = f;
+        }
+    }
+    // mn is an fp16 value, so this conversion is exact.
+    let mn_h = f16::from_f32(mn);
+    let diff = f16::from_f32(mx - mn);
+    if diff.is_infinite() {
+        // Range wider than fp16: fp32 steps (module docs). x - mn of two fp16 values is exact in f32.
+        let mut scale = f16::from_f32((mx - mn) / qmax);
+        if scale.is_infinite() {
+            scale = f16::MAX;
+        }
+        let s = scale.to_f32();
+        for (c, v) in codes.iter_mut().zip(x) {
+            *c = ((v.to_f32() - mn) / s).clamp(0.0, qmax).round_ties_even() as u8;
+        }
+        return (scale, mn_h);
+    }
+    let scale = f16::from_f32(diff.to_f32() / qmax);
+    let s = scale.to_f32();
+    if s == 0.0 {
+        codes.fill(0);
+        return (f16::ZERO, mn_h);
+    }
+    for (c, v) in codes.iter_mut().zip(x) {
+        let d = f16::from_f32(v.to_f32() - mn).to_f32();
+        let q = f16::from_f32(d / s).to_f32();
+        *c = q.clamp(0.0, qmax).round_ties_even() as u8;
+    }
+    (scale, mn_h)
+}
+
+/// Dequantizes one code: `f32(code) * f32(scale) + f32(mn)` as a fused multiply-add (GPU `fmaf`), in f32.
+/// NaN scale/min (a group that held NaN or Inf) gives NaN.
+pub fn dequantize(code: u8, scale: f16, mn: f16) -> f32 {
+    f32::from(code).mul_add(scale.to_f32(), mn.to_f32())
+}
+
+/// Packs codes into 32-bit words, `32 / bits` per word, code `j` in bits `[bits*j, bits*j + bits)` of word
+/// `j / (32/bits)`. Returns `codes.len() / (32/bits)` words.
+///
+/// # Errors
+/// [`RefError::Unsupported`] for bad bits; [`RefError::Invalid`] if `codes.len()` is not a multiple of
+/// `32 / bits` or a code does not fit in `bits` bits.
+pub fn pack_codes(codes: &[u8], bits: u32) -> Result<Vec<u32>, RefError> {
+    check_bits(bits)?;
+    let cpw = codes_per_word(bits);
+    if codes.len() % cpw != 0 {
+        return Err(RefError::Invalid(format!(
+            "{} codes cannot be packed into whole words of {cpw} {bits}-bit codes",
+            codes.len()
+        )));
+    }
+    if let Some(c) = codes.iter().find(|&&c| u32::from(c) >> bits != 0) {
+        return Err(RefError::Invalid(format!(
+            "code {c} does not fit in {bits} bits"
+        )));
+    }
+    Ok(pack_unchecked(codes, bits))
+}
+
+/// [`pack_codes`] without checks.
+pub(crate) fn pack_unchecked(codes: &[u8], bits: u32) -> Vec<u32> {
+    let cpw = codes_per_word(bits);
+    codes
+        .chunks(cpw)
+        .map(|w| {
+            w.iter().enumerate().fold(0u32, |acc, (j, &c)| {
+                acc | (u32::from(c) << (bits as usize * j))
+            })
+        })
+        .collect()
+}
+
+/// Unpacks 32-bit words into codes (the inverse of [`pack_codes`]): `words.len() * (32/bits)` codes.
+///
+/// # Errors
+/// [`RefError::Unsupported`] for bad bits.
+pub fn unpack_codes(words: &[u32], bits: u32) -> Result<Vec<u8>, RefError> {
+    check_bits(bits)?;
+    let cpw = codes_per_word(bits);
+    let mask = ((1u64 << bits) - 1) as u32;
+    let mut out = Vec::with_capacity(words.len() * cpw);
+    for &w in words {
+        for j in 0..cpw {
+            out.push(((w >> (bits as usize * j)) & mask) as u8);
+        }
+    }
+    Ok(out)
+}
+
+/// Keys of one head quantized per channel (KIVI's key layout, as in `kivi_pack_vectors.safetensors`).
+///
+/// A group is `group` consecutive tokens of one channel; codes are packed along tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedKeys {
+    /// Bits per code.
+    pub bits: u32,
+    /// Group size G, in tokens.
+    pub group: usize,
+    /// Tokens T.
+    pub tokens: usize,
+    /// Channels D.
+    pub head_dim: usize,
+    /// Packed codes, `[D, T / (32/bits)]` row-major.
+    pub codes: Vec<u32>,
+    /// Scales, `[D, T / G]` row-major, fp16.
+    pub scale: Vec<f16>,
+    /// Mins, `[D, T / G]` row-major, fp16.
+    pub mn: Vec<f16>,
+}
+
+/// Values of one head quantized per token (KIVI's value layout, as in `kivi_pack_vectors.safetensors`).
+///
+/// A group is `group` consecutive head-dim entries of one token; codes are packed along head_dim.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedValues {
+    /// Bits per code.
+    pub bits: u32,
+    /// Group size G, in head-dim entries.
+    pub group: usize,
+    /// Tokens T.
+    pub tokens: usize,
+    /// Channels D.
+    pub head_dim: usize,
+    /// Packed codes, `[T, D / (32/bits)]` row-major.
+    pub codes: Vec<u32>,
+    /// Scales, `[T, D / G]` row-major, fp16.
+    pub scale: Vec<f16>,
+    /// Mins, `[T, D / G]` row-major, fp16.
+    pub mn: Vec<f16>,
+}
+
+fn check_dims(what: &str, len: usize, tokens: usize, head_dim: usize) -> Result<(), RefError> {
+    let expected = tokens
+        .checked_mul(head_dim)
+        .ok_or_else(|| RefError::Invalid(format!("{what}: size overflow")))?;
+    if len != expected {
+        return Err(RefError::shape(
+            format!("{what} [T={tokens}, D={head_dim}]"),
+            expected,
+            len,
+        ));
+    }
+    Ok(())
+}
+
+/// Quantizes the keys of one head per channel: `k` is `[T, D]` row-major fp16; a group is `group` consecutive
+/// tokens of one channel; each channel's T codes are packed along tokens.
+///
+/// # Errors
+/// [`RefError::Shape`] if `k.len() != tokens * head_dim`; [`RefError::Unsupported`] for bad bits;
+/// [`RefError::Invalid`] if `group` is 0 or `tokens` is not a multiple of `group` and of `32 / bits`.
+pub fn quantize_keys_per_channel(
+    k: &[f16],
+    tokens: usize,
+    head_dim: usize,
+    bits: u32,
+    group: usize,
+) -> Result<QuantizedKeys, RefError> {
+    check_bits(bits)?;
+    check_dims("keys", k.len(), tokens, head_dim)?;
+    let cpw = codes_per_word(bits);
+    if group == 0 || tokens % group != 0 || tokens % cpw != 0 {
+        return Err(RefError::Invalid(format!(
+            "keys: {tokens} tokens must be a multiple of the group size {group} and of {cpw} codes per word"
+        )));
+    }
+    let ng = tokens / group;
+    let mut codes = vec![0u8; tokens * head_dim]; // [D, T]
+    let mut scale = vec![f16::ZERO; head_dim * ng];
+    let mut mn = vec![f16::ZERO; head_dim * ng];
+    let mut buf = vec![f16::ZERO; group];
+    for d in 0..head_dim {
+        for g in 0..ng {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = k[(g * group + i) * head_dim + d];
+            }
+            let out = &mut codes[d * tokens + g * group..d * tokens + (g + 1) * group];
+            let (s, m) = quantize_group_unchecked(&buf, bits, out);
+            scale[d * ng + g] = s;
+            mn[d * ng + g] = m;
+        }
+    }
+    Ok(QuantizedKeys {
+        bits,
+        group,
+        tokens,
+        head_dim,
+        codes: pack_unchecked(&codes, bits),
+        scale,
+        mn,
+    })
+}
+
+/// Dequantizes per-channel keys back to `[T, D]` row-major f32 ([`dequantize`] per element).
+///
+/// # Errors
+/// [`RefError::Shape`] if the vectors' lengths do not match `tokens`, `head_dim`, `group` and `bits`;
+/// [`RefError::Unsupported`] / [`RefError::Invalid`] as in [`quantize_keys_per_channel`].
+pub fn dequantize_keys_per_channel(q: &QuantizedKeys) -> Result<Vec<f32>, RefError> {
+    check_bits(q.bits)?;
+    let (t, d) = (q.tokens, q.head_dim);
+    let cpw = codes_per_word(q.bits);
+    if q.group == 0 || t % q.group != 0 || t % cpw != 0 {
+        return Err(RefError::Invalid(format!(
+            "keys: {t} tokens not a multiple of group {} and of {cpw}",
+            q.group
+        )));
+    }
+    let ng = t / q.group;
+    check_len("key codes [D, T/cpw]", d * t / cpw, q.codes.len())?;
+    check_len("key scales [D, T/G]", d * ng, q.scale.len())?;
+    check_len("key mins [D, T/G]", d * ng, q.mn.len())?;
+    let codes = unpack_codes(&q.codes, q.bits)?; // [D, T]
+    let mut out = vec![0f32; t * d];
+    for c in 0..d {
+        for tok in 0..t {
+            let g = c * ng + tok / q.group;
+            out[tok * d + c] = dequantize(codes[c * t + tok], q.scale[g], q.mn[g]);
+        }
+    }
+    Ok(out)
+}
+
+/// Quantizes the values of one head per token: `v` is `[T, D]` row-major fp16; a group is `group` consecutive
+/// head-dim entries of one token; each token's D codes are packed along head_dim.
+///
+/// # Errors
+/// [`RefError::Shape`] if `v.len() != tokens * head_dim`; [`RefError::Unsupported`] for bad bits;
+/// [`RefError::Invalid`] if `group` is 0 or `head_dim` is not a multiple of `group` and of `32 / bits`.
+pub fn quantize_values_per_token(
+    v: &[f16],
+    tokens: usize,
+    head_dim: usize,
+    bits: u32,
+    group: usize,
+) -> Result<QuantizedValues, RefError> {
+    check_bits(bits)?;
+    check_dims("values", v.len(), tokens, head_dim)?;
+    check_value_dims(head_dim, bits, group)?;
+    let ng = head_dim / group;
+    let mut codes = vec![0u8; tokens * head_dim];
+    let mut scale = vec![f16::ZERO; tokens * ng];
+    let mut mn = vec![f16::ZERO; tokens * ng];
+    for (i, (x, c)) in v.chunks(group).zip(codes.chunks_mut(group)).enumerate() {
+        let (s, m) = quantize_group_unchecked(x, bits, c);
+        scale[i] = s;
+        mn[i] = m;
+    }
+    Ok(QuantizedValues {
+        bits,
+        group,
+        tokens,
+        head_dim,
+        codes: pack_unchecked(&codes, bits),
+        scale,
+        mn,
+    })
+}
+
+fn check_value_dims(head_dim: usize, bits: u32, group: usize) -> Result<(), RefError> {
+    let cpw = codes_per_word(bits);
+    if group == 0 || head_dim % group != 0 || head_dim % cpw != 0 {
+        return Err(RefError::Invalid(format!(
+            "values: head_dim {head_dim} must be a multiple of the group size {group} and of {cpw} codes per word"
+        )));
+    }
+    Ok(())
+}
+
+fn check_len(what: &str, expected: usize, got: usize) -> Result<(), RefError> {
+    if expected != got {
+        return Err(RefError::shape(what, expected, got));
+    }
+    Ok(())
+}
+
+/// Dequantizes per-token values back to `[T, D]` row-major f32 ([`dequantize`] per element).
+///
+/// # Errors
+/// [`RefError::Shape`] if the vectors' lengths do not match; [`RefError::Unsupported`] / [`RefError::Invalid`] as
+/// in [`quantize_values_per_token`].
+pub fn dequantize_values_per_token(q: &QuantizedValues) -> Result<Vec<f32>, RefError> {
+    check_bits(q.bits)?;
+    check_value_dims(q.head_dim, q.bits, q.group)?;
+    let (t, d) = (q.tokens, q.head_dim);
+    let ng = d / q.group;
+    check_len(
+        "value codes [T, D/cpw]",
+        t * d / codes_per_word(q.bits),
+        q.codes.len(),
+    )?;
+    check_len("value scales [T, D/G]", t * ng, q.scale.len())?;
+    check_len("value mins [T, D/G]", t * ng, q.mn.len())?;
+    let codes = unpack_codes(&q.codes, q.bits)?;
+    Ok(codes
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| dequantize(c, q.scale[i / q.group], q.mn[i / q.group]))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(v: &[f32]) -> Vec<f16> {
+        v.iter().map(|&x| f16::from_f32(x)).collect()
+    }
+
+    #[test]
+    fn simple_group() {
+        let q = quantize_group(&h(&[0.0, 1.0, 2.0, 3.0]), 2).unwrap();
+        assert_eq!(q.codes, vec![0, 1, 2, 3]);
+        assert_eq!(q.scale.to_f32(), 1.0);
+        assert_eq!(q.mn.to_f32(), 0.0);
+    }
+
+    #[test]
+    fn signed_zero_min() {
+        let q = quantize_group(&[f16::ZERO, f16::NEG_ZERO, f16::ONE], 2).unwrap();
+        assert_eq!(q.mn.to_bits(), f16::NEG_ZERO.to_bits());
+        let q = quantize_group(&[f16::NEG_ZERO, f16::ZERO, f16::ONE], 2).unwrap();
+        assert_eq!(q.mn.to_bits(), f16::NEG_ZERO.to_bits());
+        assert_eq!(q.codes, vec![0, 0, 3]);
+    }
+
+    #[test]
+    fn pack_layout() {
+        let w = pack_codes(&[1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3], 2).unwrap();
+        assert_eq!(w, vec![1 | (2 << 2) | (3 << 4) | (3 << 30)]);
+        assert!(pack_codes(&[4], 2).is_err());
+        assert!(pack_codes(&[1, 1], 2).is_err());
+        assert!(check_bits(3).is_err());
+    }
+}

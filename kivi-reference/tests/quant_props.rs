@@ -1,0 +1,227 @@
+//! Quantization: the defined edge cases (constant, range > 65504, NaN/Inf), packing round trips and the error
+//! bound, as properties.
+
+mod common;
+
+use common::h;
+use half::f16;
+use kivi_reference::{
+    dequantize, dequantize_keys_per_channel, dequantize_values_per_token, pack_codes,
+    quantize_group, quantize_keys_per_channel, quantize_values_per_token, unpack_codes, RefError,
+};
+use proptest::prelude::*;
+
+const BITS: [u32; 4] = [1, 2, 4, 8];
+
+#[test]
+fn constant_group_dequantizes_exactly() {
+    for bits in BITS {
+        for c in [0.0f32, -0.0, 1.5, -3.25, 65504.0, -65504.0, 6e-8] {
+            let x = h(&[c; 32]);
+            let q = quantize_group(&x, bits).unwrap();
+            assert_eq!(q.scale.to_f32(), 0.0);
+            assert!(q.codes.iter().all(|&c| c == 0));
+            assert_eq!(q.mn, x[0]);
+            for &code in &q.codes {
+                assert_eq!(dequantize(code, q.scale, q.mn), x[0].to_f32());
+            }
+        }
+    }
+}
+
+#[test]
+fn range_wider_than_fp16_falls_back_to_fp32() {
+    let vals = [
+        -60000.0f32,
+        60000.0,
+        0.0,
+        30000.0,
+        -59000.0,
+        12345.0,
+        59990.0,
+        -1.0,
+    ];
+    let x = h(&vals);
+    for bits in BITS {
+        let q = quantize_group(&x, bits).unwrap();
+        let qmax = ((1u32 << bits) - 1) as f32;
+        let s = q.scale.to_f32();
+        assert!(s.is_finite() && s > 0.0, "bits {bits}: scale {s}");
+        assert_eq!(q.mn.to_f32(), -60000.0);
+        let bound = if bits == 1 {
+            s
+        } else {
+            s / 2.0 + qmax * s * 2f32.powi(-11)
+        };
+        for (xi, &c) in x.iter().zip(&q.codes) {
+            let e = (dequantize(c, q.scale, q.mn) - xi.to_f32()).abs();
+            assert!(
+                e <= bound,
+                "bits {bits}: x {xi} code {c} scale {s}: error {e} > {bound}"
+            );
+        }
+        assert_eq!(q.codes[0], 0);
+        assert_eq!(
+            u32::from(q.codes[1]),
+            (1 << bits) - 1,
+            "bits {bits}: the max gets the top code"
+        );
+    }
+    // bits 1: 120000 / 1 overflows fp16, so the scale clamps to f16::MAX.
+    assert_eq!(quantize_group(&x, 1).unwrap().scale, f16::MAX);
+}
+
+#[test]
+fn nan_and_inf_groups_dequantize_to_nan() {
+    for bits in BITS {
+        for bad in [f16::NAN, f16::INFINITY, f16::NEG_INFINITY] {
+            let mut x = h(&[1.0, 2.0, 3.0, 4.0]);
+            x[2] = bad;
+            let q = quantize_group(&x, bits).unwrap();
+            assert!(q.scale.is_nan() && q.mn.is_nan());
+            assert!(q.codes.iter().all(|&c| c == 0));
+            assert!(q
+                .codes
+                .iter()
+                .all(|&c| dequantize(c, q.scale, q.mn).is_nan()));
+        }
+    }
+}
+
+#[test]
+fn quant_argument_errors() {
+    assert!(matches!(quantize_group(&[], 2), Err(RefError::Invalid(_))));
+    assert!(matches!(
+        quantize_group(&h(&[1.0]), 3),
+        Err(RefError::Unsupported { .. })
+    ));
+    let k = vec![f16::ZERO; 64 * 8];
+    assert!(matches!(
+        quantize_keys_per_channel(&k[1..], 64, 8, 2, 32),
+        Err(RefError::Shape { .. })
+    ));
+    assert!(matches!(
+        quantize_keys_per_channel(&k, 64, 8, 2, 48),
+        Err(RefError::Invalid(_))
+    ));
+    assert!(matches!(
+        quantize_keys_per_channel(&k, 64, 8, 2, 0),
+        Err(RefError::Invalid(_))
+    ));
+    assert!(matches!(
+        quantize_values_per_token(&k, 8, 64, 2, 48),
+        Err(RefError::Invalid(_))
+    ));
+    assert!(
+        matches!(
+            quantize_values_per_token(&k, 64, 8, 2, 8),
+            Err(RefError::Invalid(_))
+        ),
+        "D 8 < 16 per word"
+    );
+    let mut q = quantize_keys_per_channel(&k, 64, 8, 2, 32).unwrap();
+    q.scale.pop();
+    assert!(matches!(
+        dequantize_keys_per_channel(&q),
+        Err(RefError::Shape { .. })
+    ));
+    assert!(matches!(pack_codes(&[0; 15], 2), Err(RefError::Invalid(_))));
+    assert!(matches!(
+        unpack_codes(&[0], 5),
+        Err(RefError::Unsupported { .. })
+    ));
+}
+
+/// The bound on |dequantize(quantize(x)) - x| for a finite group of range `range` and scale `s`: scale / 2
+/// plus fp16 rounding slack (the half-precision steps x - mn, the division and the rounded scale each cost
+/// 2^-11 relative; a scale that underflows to 0 costs at most diff < qmax * 2^-25). With bits = 1 and a range
+/// over 65504, the scale clamps to 65504 and the bound is the scale.
+fn error_bound(bits: u32, s: f32, range: f32) -> f32 {
+    let qmax = ((1u32 << bits) - 1) as f32;
+    if bits == 1 && range > 65504.0 {
+        return s;
+    }
+    s / 2.0 + 2.0 * 2f32.powi(-11) * (range + qmax * s) + qmax * 2f32.powi(-24)
+}
+
+/// fp16 values spanning tiny (subnormal) to huge magnitudes, at most 65504 in absolute value.
+fn group() -> impl Strategy<Value = Vec<f16>> {
+    (
+        prop::collection::vec(-1.0f32..=1.0, 1..80),
+        -26i32..=16,
+        prop::bool::weighted(0.1),
+    )
+        .prop_map(|(v, e, constant)| {
+            let m = 2f32.powi(e);
+            let first = v[0];
+            v.iter()
+                .map(|&x| {
+                    f16::from_f32(((if constant { first } else { x }) * m).clamp(-65504.0, 65504.0))
+                })
+                .collect()
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn pack_unpack_round_trip(bits_i in 0usize..4, words in 1usize..8, seed in any::<u64>()) {
+        let bits = BITS[bits_i];
+        let n = words * (32 / bits as usize);
+        let mask = ((1u32 << bits) - 1) as u64;
+        let codes: Vec<u8> = (0..n)
+            .map(|i| ((seed.rotate_left((i * 7 % 64) as u32) ^ (i as u64 * 0x9E37_79B9)) & mask) as u8)
+            .collect();
+        let w = pack_codes(&codes, bits).unwrap();
+        prop_assert_eq!(w.len(), words);
+        prop_assert_eq!(unpack_codes(&w, bits).unwrap(), codes.clone());
+        // Code j sits in bits [bits*j, bits*j + bits) of its word.
+        for (j, &c) in codes.iter().enumerate() {
+            let per = 32 / bits as usize;
+            prop_assert_eq!((w[j / per] >> (bits as usize * (j % per))) & mask as u32, u32::from(c));
+        }
+    }
+
+    /// |dequantize(quantize(x)) - x| <= scale / 2 plus fp16 rounding slack ([`error_bound`]).
+    #[test]
+    fn quantize_error_bounded(x in group(), bits_i in 0usize..4) {
+        let bits = BITS[bits_i];
+        let qmax = (1u32 << bits) - 1;
+        let q = quantize_group(&x, bits).unwrap();
+        let s = q.scale.to_f32();
+        let mn = x.iter().map(|v| v.to_f32()).fold(f32::INFINITY, f32::min);
+        let mx = x.iter().map(|v| v.to_f32()).fold(f32::NEG_INFINITY, f32::max);
+        prop_assert_eq!(q.mn.to_f32(), mn);
+        let bound = error_bound(bits, s, mx - mn);
+        for (xi, &c) in x.iter().zip(&q.codes) {
+            prop_assert!(u32::from(c) <= qmax);
+            let e = (dequantize(c, q.scale, q.mn) - xi.to_f32()).abs();
+            prop_assert!(e <= bound, "x {} code {} scale {} mn {}: error {} > {}", xi, c, s, mn, e, bound);
+        }
+    }
+
+    /// Per-channel keys and per-token values dequantize within the same bound, element by element.
+    #[test]
+    fn tensor_layouts_round_trip(seed in any::<u64>(), bits_i in 0usize..4) {
+        let bits = BITS[bits_i];
+        let (t, d, g) = (64usize, 32usize, 32usize);
+        let x: Vec<f16> = (0..t * d)
+            .map(|i| f16::from_f32((((seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) % 2001) as f32 - 1000.0) / 250.0))
+            .collect();
+        let qk = quantize_keys_per_channel(&x, t, d, bits, g).unwrap();
+        let dk = dequantize_keys_per_channel(&qk).unwrap();
+        let qv = quantize_values_per_token(&x, t, d, bits, g).unwrap();
+        let dv = dequantize_values_per_token(&qv).unwrap();
+        for tok in 0..t {
+            for c in 0..d {
+                let xi = x[tok * d + c].to_f32();
+                let sk = qk.scale[c * (t / g) + tok / g].to_f32();
+                let sv = qv.scale[tok * (d / g) + c / g].to_f32();
+                // The range of any group here is at most 8.
+                prop_assert!((dk[tok * d + c] - xi).abs() <= error_bound(bits, sk, 8.0));
+                prop_assert!((dv[tok * d + c] - xi).abs() <= error_bound(bits, sv, 8.0));
+            }
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! A GPU, its stream, and the compiled kernels of a layout.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use cudarc::nvrtc::Ptx;
+use kivi_codegen::{generate_module, KernelKind, KernelTiles, LayoutKernels, ModuleSource};
+use kivi_dsl::Layout;
+
+use crate::compile::{Arch, Compiler, CubinOrigin};
+use crate::error::{Result, RuntimeError};
+use crate::toolkit::driver_present;
+
+/// One CUDA GPU: its context, the stream kivi launches on, its arch and a compiler.
+#[derive(Debug, Clone)]
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: Arch,
+    name: String,
+    compiler: Arc<Compiler>,
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal` and its default stream; modules will be compiled for its own arch.
+    ///
+    /// # Errors
+    /// [`RuntimeError::DriverMissing`] without libcuda, [`RuntimeError::NoGpu`] if no such GPU answers.
+    pub fn new(ordinal: usize, compiler: Arc<Compiler>) -> Result<Self> {
+        if !driver_present() {
+            return Err(RuntimeError::DriverMissing);
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| RuntimeError::NoGpu(format!("GPU {ordinal}: {e}")))?;
+        let (major, minor) = ctx.compute_capability()?;
+        let name = ctx.name()?;
+        let stream = ctx.default_stream();
+        Ok(Gpu {
+            ctx,
+            stream,
+            arch: Arch {
+                major: major as u32,
+                minor: minor as u32,
+            },
+            name,
+            compiler,
+        })
+    }
+
+    /// The device's arch (its own compute capability).
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    /// The device's name, e.g. `NVIDIA H200`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The stream kivi launches on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The compiler.
+    pub fn compiler(&self) -> &Arc<Compiler> {
+        &self.compiler
+    }
+
+    /// Generates, compiles (or loads from the caches) and loads every kernel of `layout` with `tiles`.
+    ///
+    /// # Errors
+    /// Codegen errors (layout not supported, tile invalid), NVRTC errors, driver errors.
+    pub fn load_layout(&self, layout: &Layout, tiles: &KernelTiles) -> Result<Arc<LayoutModule>> {
+        let kernels = LayoutKernels::new(layout, tiles)?;
+        let source = generate_module(&kernels.specs)?;
+        let cubin = self
+            .compiler
+            .compile(&source.name, &source.source, self.arch)?;
+        let start = Instant::now();
+        let module = self
+            .ctx
+            .load_module(Ptx::from_binary(cubin.image.to_vec()))?;
+        let mut functions = HashMap::new();
+        for (spec, name) in &source.kernels {
+            functions.insert(spec.kind, module.load_function(name)?);
+        }
+        Ok(Arc::new(LayoutModule {
+            kernels,
+            source,
+            functions,
+            origin: cubin.origin,
+            load_time: start.elapsed(),
+        }))
+    }
+}
+
+/// The loaded kernels of one layout.
+#[derive(Debug)]
+pub struct LayoutModule {
+    kernels: LayoutKernels,
+    source: ModuleSource,
+    functions: HashMap<KernelKind, CudaFunction>,
+    origin: CubinOrigin,
+    load_time: Duration,
+}
+
+impl LayoutModule {
+    /// The layout and the specs of its kernels.
+    pub fn kernels(&self) -> &LayoutKernels {
+        &self.kernels
+    }
+
+    /// The generated source it was compiled from.
+    pub fn source(&self) -> &ModuleSource {
+        &self.source
+    }
+
+    /// Where the CUBIN came from (compiled cold, disk cache, memory) and how long that took.
+    pub fn origin(&self) -> CubinOrigin {
+        self.origin
+    }
+
+    /// Time to load the CUBIN into the context and look up its functions.
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    pub(crate) fn function(&self, kind: KernelKind) -> &CudaFunction {
+        &self.functions[&kind]
+    }
+}

@@ -1,0 +1,123 @@
+//! Finding the CUDA libraries: libnvrtc (to compile) and libcuda (to run).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::error::{Result, RuntimeError};
+
+/// The CUDA major version this build's NVRTC bindings expect (`libnvrtc.so.13`).
+pub const CUDA_MAJOR: u32 = 13;
+
+/// What [`locate_nvrtc`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NvrtcInfo {
+    /// The library file that was loaded, or the bare name the dynamic loader resolved.
+    pub library: String,
+    /// NVRTC's own version, (major, minor).
+    pub version: (i32, i32),
+}
+
+fn lib_file_name() -> String {
+    format!("libnvrtc.so.{CUDA_MAJOR}")
+}
+
+/// The places searched for libnvrtc, in order: `explicit` (a file or folder), `$KIVI_NVRTC` (file or folder),
+/// `$CUDA_HOME`, `$CUDA_PATH` (their `lib64` and `lib`), `/usr/local/cuda/lib64`, then the dynamic loader's own
+/// search (LD_LIBRARY_PATH, ldconfig).
+pub fn nvrtc_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
+    let name = lib_file_name();
+    let mut out = Vec::new();
+    let mut push_path = |p: PathBuf| {
+        if p.is_dir() {
+            out.push(p.join(&name));
+        } else {
+            out.push(p);
+        }
+    };
+    if let Some(p) = explicit {
+        push_path(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("KIVI_NVRTC") {
+        push_path(PathBuf::from(p));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(root) = std::env::var_os(var) {
+            let root = PathBuf::from(root);
+            out.push(root.join("lib64").join(&name));
+            out.push(root.join("lib").join(&name));
+        }
+    }
+    out.push(PathBuf::from("/usr/local/cuda/lib64").join(&name));
+    out
+}
+
+static NVRTC: OnceLock<std::result::Result<NvrtcInfo, String>> = OnceLock::new();
+
+/// Finds and loads libnvrtc once per process (see [`nvrtc_candidates`] for the search order), so that the NVRTC
+/// bindings find it by its soname. Later calls return the first call's answer.
+///
+/// # Errors
+/// [`RuntimeError::NvrtcMissing`] listing every place tried.
+pub fn locate_nvrtc(explicit: Option<&Path>) -> Result<NvrtcInfo> {
+    let found = NVRTC.get_or_init(|| {
+        let candidates = nvrtc_candidates(explicit);
+        let mut library = None;
+        for c in &candidates {
+            if !c.is_file() {
+                continue;
+            }
+            // SAFETY: loading a shared library runs its initialisers; libnvrtc's are benign. The handle is leaked
+            // on purpose: it must stay loaded for the life of the process.
+            if let Ok(lib) = unsafe { libloading::os::unix::Library::open(Some(c), 0x101) } {
+                std::mem::forget(lib);
+                library = Some(c.display().to_string());
+                break;
+            }
+        }
+        // SAFETY: is_culib_present only tries to dlopen the library by name.
+        let present = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+        if !present {
+            let mut searched: Vec<String> =
+                candidates.iter().map(|c| c.display().to_string()).collect();
+            searched.push(format!("{} via the dynamic loader", lib_file_name()));
+            return Err(searched.join(", "));
+        }
+        let library = library.unwrap_or_else(|| lib_file_name());
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: the library is loaded (checked above); the out-pointers are valid.
+        unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+            .result()
+            .map_err(|e| format!("nvrtcVersion failed: {e:?}"))?;
+        Ok(NvrtcInfo {
+            library,
+            version: (major, minor),
+        })
+    });
+    found
+        .clone()
+        .map_err(|searched| RuntimeError::NvrtcMissing {
+            cuda_major: CUDA_MAJOR,
+            searched,
+        })
+}
+
+/// True if the CUDA driver library (libcuda) can be loaded; without it no GPU can be used.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda by name.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// The CUDA include folder, if one is found (`$CUDA_HOME/include`, `$CUDA_PATH/include`,
+/// `/usr/local/cuda/include`). kivi's kernels need no CUDA header; this is reported for users' own code.
+pub fn cuda_include_dir() -> Option<PathBuf> {
+    let mut roots: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(PathBuf::from)
+        .collect();
+    roots.push(PathBuf::from("/usr/local/cuda"));
+    roots
+        .into_iter()
+        .map(|r| r.join("include"))
+        .find(|d| d.join("cuda_fp16.h").is_file())
+}
