@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use kivi_dsl::{parse_spec, Layout, SpecError};
+use kivi_dsl::{parse_spec_supported, Layout, SpecError};
 
 /// The model preset used when a spec names no model shape (heads and head_dim).
 pub const DEFAULT_MODEL: &str = "llama-3-8b";
@@ -19,7 +19,7 @@ pub struct ResolvedSpec {
 }
 
 /// Reads `arg` as a path to a `.kivi` file if one exists there, else as spec text (e.g. `kivi-2, llama-2-7b`).
-/// A spec that sets no model shape (num_heads, num_kv_heads, head_dim) gets [`DEFAULT_MODEL`]'s, with a note.
+/// The layout is validated and checked to be supported by the code generator. A spec that sets no model shape (num_heads, num_kv_heads, head_dim) gets [`DEFAULT_MODEL`]'s, with a note.
 ///
 /// # Errors
 /// A message with the file name (if any), line, column and a caret under the offending token.
@@ -31,7 +31,7 @@ pub fn resolve(arg: &str) -> Result<ResolvedSpec, String> {
     } else {
         (arg.to_string(), "spec:".to_string())
     };
-    match parse_spec(&text) {
+    match parse_spec_supported(&text) {
         Ok(layout) => Ok(ResolvedSpec {
             layout,
             text,
@@ -39,7 +39,7 @@ pub fn resolve(arg: &str) -> Result<ResolvedSpec, String> {
         }),
         Err(e) if lacks_model_shape(&e) => {
             let with_model = format!("{DEFAULT_MODEL},\n{text}");
-            match parse_spec(&with_model) {
+            match parse_spec_supported(&with_model) {
                 Ok(layout) => Ok(ResolvedSpec {
                     layout,
                     text,

@@ -77,3 +77,40 @@ fn gpu_one_sequence_and_one_kv_head() {
         });
     assert_all_pass(&checks);
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_inputs_that_do_not_match_the_layout_are_errors() {
+    use half::f16;
+    use kivi_runtime::{KiviCache, RuntimeError};
+    let gpu = gpu();
+    let layout = kivi_dsl::parse_spec("kivi-2, smollm2-135m").unwrap();
+    let module = gpu
+        .load_layout(&layout, &kivi_codegen::KernelTiles::heuristic(&layout))
+        .unwrap();
+    let mut cache = KiviCache::new(&gpu, module.clone(), 2, 64).unwrap();
+    // prefill K with one token too few: [2, 3, 10, 64] expected.
+    let k = vec![f16::ONE; 2 * 3 * 10 * 64 - 64];
+    let v = vec![f16::ONE; 2 * 3 * 10 * 64];
+    let e = cache.prefill_host(&k, &v, 10).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RuntimeError::Shape {
+                what: "prefill k",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // q with num_kv_heads rows instead of num_heads.
+    let small = vec![f16::ONE; 2 * 3 * 64];
+    let e = cache.decode_step_host(&small, &small, &small).unwrap_err();
+    assert!(e.to_string().contains("decode q"), "{e}");
+    // more tokens than the capacity.
+    let big = vec![f16::ONE; 2 * 3 * 65 * 64];
+    let e = cache.prefill_host(&big, &big, 65).unwrap_err();
+    assert!(e.to_string().contains("capacity is 64"), "{e}");
+    // zero batch.
+    assert!(KiviCache::new(&gpu, module, 0, 64).is_err());
+}

@@ -78,6 +78,9 @@ pub enum CubinOrigin {
     Memory,
 }
 
+/// A module in the in-memory cache: its CUBIN and NVRTC's log.
+type MemoryEntry = (Arc<Vec<u8>>, String);
+
 /// NVRTC compiler with a module cache keyed by the SHA-256 of (source, arch, NVRTC version, options).
 ///
 /// The disk cache lives in `$KIVI_CACHE_DIR/modules`, else `$XDG_CACHE_HOME/kivi/modules`, else
@@ -87,7 +90,7 @@ pub enum CubinOrigin {
 pub struct Compiler {
     nvrtc: NvrtcInfo,
     cache_dir: Option<PathBuf>,
-    memory: Mutex<HashMap<String, (Arc<Vec<u8>>, String)>>,
+    memory: Mutex<HashMap<String, MemoryEntry>>,
 }
 
 /// The options every kivi module is compiled with besides the arch. No fast-math: the quantize kernels rely on

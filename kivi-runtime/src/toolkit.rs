@@ -51,6 +51,21 @@ pub fn nvrtc_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
     out
 }
 
+/// Loads a shared library with RTLD_LAZY | RTLD_GLOBAL and keeps it loaded for the life of the process, so that
+/// later `dlopen`s of its soname (by cudarc, by NVRTC) find it. Returns false if it cannot be loaded.
+fn keep_loaded(path: &Path) -> bool {
+    const RTLD_LAZY_GLOBAL: i32 = 0x001 | 0x100;
+    // SAFETY: loading a shared library runs its initialisers; NVIDIA's NVRTC libraries' are benign. The handle
+    // is leaked on purpose: it must stay loaded.
+    match unsafe { libloading::os::unix::Library::open(Some(path), RTLD_LAZY_GLOBAL) } {
+        Ok(lib) => {
+            std::mem::forget(lib);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 static NVRTC: OnceLock<std::result::Result<NvrtcInfo, String>> = OnceLock::new();
 
 /// Finds and loads libnvrtc once per process (see [`nvrtc_candidates`] for the search order), so that the NVRTC
@@ -66,10 +81,18 @@ pub fn locate_nvrtc(explicit: Option<&Path>) -> Result<NvrtcInfo> {
             if !c.is_file() {
                 continue;
             }
-            // SAFETY: loading a shared library runs its initialisers; libnvrtc's are benign. The handle is leaked
-            // on purpose: it must stay loaded for the life of the process.
-            if let Ok(lib) = unsafe { libloading::os::unix::Library::open(Some(c), 0x101) } {
-                std::mem::forget(lib);
+            // NVRTC opens libnvrtc-builtins by name when it compiles: load the one beside it first, so that a
+            // library found outside the loader's search path works too.
+            if let Some(dir) = c.parent() {
+                for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                    let name = entry.file_name();
+                    let name = name.to_string_lossy();
+                    if name.starts_with("libnvrtc-builtins.so.") && !name.contains("alt") {
+                        keep_loaded(&entry.path());
+                    }
+                }
+            }
+            if keep_loaded(c) {
                 library = Some(c.display().to_string());
                 break;
             }
@@ -82,7 +105,7 @@ pub fn locate_nvrtc(explicit: Option<&Path>) -> Result<NvrtcInfo> {
             searched.push(format!("{} via the dynamic loader", lib_file_name()));
             return Err(searched.join(", "));
         }
-        let library = library.unwrap_or_else(|| lib_file_name());
+        let library = library.unwrap_or_else(lib_file_name);
         let (mut major, mut minor) = (0, 0);
         // SAFETY: the library is loaded (checked above); the out-pointers are valid.
         unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
