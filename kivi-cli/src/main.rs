@@ -174,6 +174,9 @@ fn compile(arg: &str, archs: &[String], nvrtc: Option<&Path>) -> Result<ExitCode
                     CubinOrigin::Memory => "found in memory".into(),
                 };
                 println!("{}: ok, {} bytes of CUBIN, {how}", arch.sm(), c.image.len());
+                if let Some(w) = &c.cache_warning {
+                    eprintln!("warning: the module was not saved to the disk cache: {w}");
+                }
                 if !c.log.is_empty() {
                     println!("{}: NVRTC warnings:\n{}", arch.sm(), c.log);
                     failed = true;

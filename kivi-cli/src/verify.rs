@@ -170,7 +170,7 @@ impl StepErrors {
 /// What a CPU replay of a run produces: the output of each step and the final cache.
 struct CpuRun {
     outputs: Vec<Vec<f32>>,
-    export: kivi_reference::CacheExport,
+    export: CacheExport,
 }
 
 /// Inputs of one run: prefill K, V `[B, Hkv, P, D]` and per-step q `[B, H, D]`, k, v `[B, Hkv, D]`.
@@ -222,6 +222,21 @@ fn gpu_run(gpu: &Gpu, inp: &RunInputs, tiles: &KernelTiles) -> Result<GpuRun, St
         outputs,
         export: cache.export().map_err(|e| e.to_string())?,
     })
+}
+
+/// Pairs a GPU run with the CPU replay of the same inputs (joined from its thread), or says which side failed.
+fn both(
+    gpu: Result<GpuRun, String>,
+    cpu: std::thread::ScopedJoinHandle<'_, Result<CpuRun, String>>,
+) -> Result<(GpuRun, CpuRun), String> {
+    let cpu = cpu
+        .join()
+        .unwrap_or_else(|_| Err("the CPU reference panicked".into()));
+    match (gpu, cpu) {
+        (Ok(g), Ok(c)) => Ok((g, c)),
+        (Err(e), _) => Err(format!("GPU: {e}")),
+        (_, Err(e)) => Err(format!("CPU reference: {e}")),
+    }
 }
 
 fn random_inputs(layout: &Layout, batch: u32, prefill: u32, steps: u32, seed: u64) -> RunInputs {
@@ -330,13 +345,9 @@ pub fn verify_layout_on_gpu(
             let gpu_runs: Vec<_> = inputs.iter().map(|inp| gpu_run(gpu, inp, &tiles)).collect();
             for ((inp, g), c) in inputs.iter().zip(gpu_runs).zip(cpu) {
                 let name = format!("{label} batch {} prefill {}", inp.batch, inp.prefill);
-                let c = c
-                    .join()
-                    .unwrap_or_else(|_| Err("the CPU reference panicked".into()));
-                let result = match (g, c) {
-                    (Ok(g), Ok(c)) => compare_runs(name, inp, &g, &c),
-                    (Err(e), _) => check(name, false, format!("GPU: {e}")),
-                    (_, Err(e)) => check(name, false, format!("CPU reference: {e}")),
+                let result = match both(g, c) {
+                    Ok((g, c)) => compare_runs(name, inp, &g, &c),
+                    Err(e) => check(name, false, e),
                 };
                 report(&result);
                 checks.push(result);
@@ -428,19 +439,14 @@ pub fn verify_file_on_gpu(
             }
         };
         let tiles = KernelTiles::heuristic(&inp.layout);
-        let (g, c) = std::thread::scope(|s| {
+        let runs = std::thread::scope(|s| {
             let c = s.spawn(|| cpu_run(&inp));
-            (gpu_run(gpu, &inp, &tiles), c.join())
+            both(gpu_run(gpu, &inp, &tiles), c)
         });
-        let c = c.unwrap_or_else(|_| Err("the CPU reference panicked".into()));
-        let (g, c) = match (g, c) {
-            (Ok(g), Ok(c)) => (g, c),
-            (Err(e), _) => {
-                push(check(name, false, format!("GPU: {e}")));
-                continue;
-            }
-            (_, Err(e)) => {
-                push(check(name, false, format!("CPU reference: {e}")));
+        let (g, c) = match runs {
+            Ok(r) => r,
+            Err(e) => {
+                push(check(name, false, e));
                 continue;
             }
         };
@@ -450,7 +456,11 @@ pub fn verify_file_on_gpu(
         for (s, out) in g.outputs.iter().enumerate() {
             let theirs: Vec<f32> = (0..case.batch * h)
                 .flat_map(|bh| {
-                    to_f32(&case.step_out[(bh * steps + s) * d..(bh * steps + s + 1) * d])
+                    // A file whose step_out is too short gives a short row, which fails the check.
+                    let row = case
+                        .step_out
+                        .get((bh * steps + s) * d..(bh * steps + s + 1) * d);
+                    to_f32(row.unwrap_or(&[]))
                 })
                 .collect();
             e.add(s, out, &theirs, h, d);
@@ -498,6 +508,13 @@ fn gpu_pack_case(gpu: &Gpu, case: &PackCase) -> Check {
         case.head_dim,
         case.group,
     );
+    if t == 0 || g == 0 || t % g != 0 || b * h * d == 0 {
+        return check(
+            name,
+            false,
+            format!("the GPU pack check needs T a positive multiple of G (T {t}, G {g}) and B, H, D > 0"),
+        );
+    }
     // Values of this case use G too when head_dim allows it, else any valid group (their check is skipped).
     let vg = if case.values.is_some() { g } else { 32.min(d) };
     let spec = format!(
@@ -529,6 +546,16 @@ fn gpu_pack_case(gpu: &Gpu, case: &PackCase) -> Check {
     let e = &run.export;
     let (kw, kg) = (e.k_code.len() / (b * h * d), e.k_scale.len() / (b * h * d));
     let (tw, tg) = (t / (32 / case.bits as usize), t / g);
+    if kw < tw || kg < tg || e.quantized_values != t {
+        return check(
+            name,
+            false,
+            format!(
+                "the GPU cache holds {} quantized keys and {} quantized values, expected at least {t} of each",
+                e.quantized_keys, e.quantized_values
+            ),
+        );
+    }
     let take = |x: &[f16], per: usize, keep: usize| -> Vec<f16> {
         x.chunks(per).flat_map(|c| c[..keep].to_vec()).collect()
     };
@@ -557,27 +584,16 @@ fn gpu_pack_case(gpu: &Gpu, case: &PackCase) -> Check {
         bad.push(format!("k_mn {n}"));
     }
     if let Some(v) = &case.values {
-        // Values: T + G tokens, of which T quantized per sequence after G steps.
-        let rows = e.quantized_values;
-        let per_seq = |x: &[i32]| -> Vec<i32> {
-            x.chunks(x.len() / (b * h))
-                .flat_map(|c| c[..c.len() / rows * t].to_vec())
-                .collect()
-        };
-        let per_seq_h = |x: &[f16]| -> Vec<f16> {
-            x.chunks(x.len() / (b * h))
-                .flat_map(|c| c[..c.len() / rows * t].to_vec())
-                .collect()
-        };
-        let n = count(&per_seq(&e.v_code), &v.v_code);
+        // Values: T + G tokens, of which exactly the T prefill tokens are quantized after G steps (checked above).
+        let n = count(&e.v_code, &v.v_code);
         if n > 0 {
             bad.push(format!("v_code {n}"));
         }
-        let n = count_h(&per_seq_h(&e.v_scale), &v.v_scale);
+        let n = count_h(&e.v_scale, &v.v_scale);
         if n > 0 {
             bad.push(format!("v_scale {n}"));
         }
-        let n = count_h(&per_seq_h(&e.v_mn), &v.v_mn);
+        let n = count_h(&e.v_mn, &v.v_mn);
         if n > 0 {
             bad.push(format!("v_mn {n}"));
         }

@@ -71,10 +71,21 @@ fn gpu_one_sequence_and_one_kv_head() {
     let gpu = gpu();
     let layout =
         kivi_dsl::parse_spec("kivi-2, num_heads: 8, num_kv_heads: 1, head_dim: 128").unwrap();
-    let checks =
-        verify::verify_layout_on_gpu(&gpu, &layout, "mqa", &[0, 77, 257], &[1], 140, &mut |c| {
-            eprintln!("{c}")
-        });
+    let mut report = |c: &Check| eprintln!("{c}");
+    let mut checks =
+        verify::verify_layout_on_gpu(&gpu, &layout, "mqa", &[0, 77, 257], &[1], 140, &mut report);
+    // More query heads per KV head (136) than decode threads (128): every head's partial sums must be written.
+    let wide =
+        kivi_dsl::parse_spec("kivi-4, num_heads: 136, num_kv_heads: 1, head_dim: 64").unwrap();
+    checks.extend(verify::verify_layout_on_gpu(
+        &gpu,
+        &wide,
+        "gqa136",
+        &[129],
+        &[2],
+        130,
+        &mut report,
+    ));
     assert_all_pass(&checks);
 }
 

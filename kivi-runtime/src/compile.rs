@@ -39,7 +39,11 @@ impl Arch {
             (None, None)
         };
         match (major, minor) {
-            (Some(major), Some(minor)) if major * 10 + minor >= 53 => Ok(Arch { major, minor }),
+            (Some(major), Some(minor))
+                if major.saturating_mul(10).saturating_add(minor) >= 53 && minor < 10 =>
+            {
+                Ok(Arch { major, minor })
+            }
             _ => Err(RuntimeError::Limit {
                 what: "arch",
                 value: 0,
@@ -65,6 +69,8 @@ pub struct Cubin {
     pub log: String,
     /// Where it came from and how long that took.
     pub origin: CubinOrigin,
+    /// Set when the module could not be written to the disk cache (the CUBIN itself is fine).
+    pub cache_warning: Option<String>,
 }
 
 /// Where a [`Cubin`] came from, with the time it took (wall clock).
@@ -154,10 +160,11 @@ impl Compiler {
     }
 
     /// CUBIN of `source` for `arch`: from memory, else from disk, else compiled by NVRTC (then stored in both).
+    /// A disk cache that cannot be read is a miss; one that cannot be written sets [`Cubin::cache_warning`].
+    /// `module_name` names the cache file (characters other than `[A-Za-z0-9_-]` become `_`).
     ///
     /// # Errors
-    /// [`RuntimeError::Compile`] with NVRTC's log; [`RuntimeError::Nvrtc`] if NVRTC itself fails;
-    /// [`RuntimeError::Cache`] if the disk cache cannot be written (a failed read is a miss, not an error).
+    /// [`RuntimeError::Compile`] with NVRTC's log; [`RuntimeError::Nvrtc`] if NVRTC itself fails.
     pub fn compile(&self, module_name: &str, source: &str, arch: Arch) -> Result<Cubin> {
         let key = self.cache_key(source, arch);
         if let Some((image, log)) = self.memory.lock().map_err(poisoned)?.get(&key) {
@@ -165,6 +172,7 @@ impl Compiler {
                 image: image.clone(),
                 log: log.clone(),
                 origin: CubinOrigin::Memory,
+                cache_warning: None,
             });
         }
         let path = self
@@ -181,6 +189,7 @@ impl Compiler {
                         image,
                         log: String::new(),
                         origin: CubinOrigin::Disk(start.elapsed()),
+                        cache_warning: None,
                     });
                 }
             }
@@ -188,15 +197,18 @@ impl Compiler {
         let start = Instant::now();
         let (bytes, log) = nvrtc_compile(module_name, source, arch)?;
         let elapsed = start.elapsed();
-        if let Some(path) = &path {
-            write_atomic(path, &bytes)?;
-        }
+        // A cache that cannot be written costs a recompile next time, not this compile.
+        let cache_warning = path
+            .as_ref()
+            .and_then(|p| write_atomic(p, &bytes).err())
+            .map(|e| e.to_string());
         let image = Arc::new(bytes);
         self.remember(&key, &image, &log);
         Ok(Cubin {
             image,
             log,
             origin: CubinOrigin::Compiled(elapsed),
+            cache_warning,
         })
     }
 

@@ -93,6 +93,7 @@ impl Gpu {
             functions.insert(spec.kind, module.load_function(name)?);
         }
         Ok(Arc::new(LayoutModule {
+            ctx: self.ctx.clone(),
             kernels,
             source,
             functions,
@@ -105,6 +106,7 @@ impl Gpu {
 /// The loaded kernels of one layout.
 #[derive(Debug)]
 pub struct LayoutModule {
+    ctx: Arc<CudaContext>,
     kernels: LayoutKernels,
     source: ModuleSource,
     functions: HashMap<KernelKind, CudaFunction>,
@@ -133,7 +135,13 @@ impl LayoutModule {
         self.load_time
     }
 
+    /// The context the module was loaded into.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
     pub(crate) fn function(&self, kind: KernelKind) -> &CudaFunction {
+        // load_layout inserts one function per spec of LayoutKernels, which has one spec per kind.
         &self.functions[&kind]
     }
 }

@@ -7,6 +7,7 @@ use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use half::f16;
 use kivi_codegen::{KernelKind, StorageLayout};
 use kivi_dsl::Layout;
+pub use kivi_reference::CacheExport;
 
 use crate::error::{Result, RuntimeError};
 use crate::gpu::{Gpu, LayoutModule};
@@ -14,33 +15,8 @@ use crate::gpu::{Gpu, LayoutModule};
 /// The largest capacity (tokens per sequence) a cache may have: positions are 32-bit in the kernels.
 pub const MAX_CAPACITY: u32 = 1 << 28;
 
-/// A cache's contents in the reference code's layouts (see `tests/data/README.md`), copied to the host.
-/// `S = batch x num_kv_heads` sequences in (batch, head) order; `cpw = 32 / bits`; `G` the group size.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct CacheExport {
-    /// Tokens per sequence.
-    pub len: usize,
-    /// Quantized keys per sequence (a multiple of R).
-    pub quantized_keys: usize,
-    /// Quantized values per sequence.
-    pub quantized_values: usize,
-    /// `[B, Hkv, D, quantized_keys / cpw]` packed key codes (per-channel, along tokens).
-    pub k_code: Vec<i32>,
-    /// `[B, Hkv, D, quantized_keys / G]` fp16 key scales.
-    pub k_scale: Vec<f16>,
-    /// `[B, Hkv, D, quantized_keys / G]` fp16 key mins.
-    pub k_mn: Vec<f16>,
-    /// `[B, Hkv, len - quantized_keys, D]` fp16 residual keys, oldest first.
-    pub k_residual: Vec<f16>,
-    /// `[B, Hkv, quantized_values, D / cpw]` packed value codes (per-token, along head_dim).
-    pub v_code: Vec<i32>,
-    /// `[B, Hkv, quantized_values, D / G]` fp16 value scales.
-    pub v_scale: Vec<f16>,
-    /// `[B, Hkv, quantized_values, D / G]` fp16 value mins.
-    pub v_mn: Vec<f16>,
-    /// `[B, Hkv, len - quantized_values, D]` fp16 residual values, oldest first.
-    pub v_residual: Vec<f16>,
-}
+/// The largest grid y (and z) dimension CUDA accepts.
+const MAX_GRID_Y: u32 = 65535;
 
 /// A KIVI KV cache of `batch x num_kv_heads` sequences on one GPU, with preallocated capacity.
 ///
@@ -110,6 +86,11 @@ impl KiviCache {
                 value: seqs,
                 limit: "it must be at most 65535 (the grid's y and z limit)".into(),
             });
+        }
+        if !Arc::ptr_eq(module.context(), gpu.context()) {
+            return Err(RuntimeError::State(
+                "the module was loaded on another GPU context than the one given: load it with this Gpu".into(),
+            ));
         }
         let storage = StorageLayout::new(&layout);
         let blocks_per_seq = storage.blocks_for(capacity);
@@ -302,6 +283,22 @@ impl KiviCache {
         self.check_len("decode v", v.len(), 1, kv_heads)?;
         self.check_len("decode out", out.len(), 1, heads)?;
         self.check_room(1)?;
+        let before = (self.len, self.quantized_keys, self.quantized_values);
+        let result = self.append_attend_flush(q, k, v, out);
+        if result.is_err() {
+            // A failed launch leaves the counters where they were, so the flush rules stay consistent.
+            (self.len, self.quantized_keys, self.quantized_values) = before;
+        }
+        result
+    }
+
+    fn append_attend_flush(
+        &mut self,
+        q: &CudaSlice<f16>,
+        k: &CudaSlice<f16>,
+        v: &CudaSlice<f16>,
+        out: &mut CudaSlice<f16>,
+    ) -> Result<()> {
         let d = i64::from(self.storage.head_dim);
         let pos = self.len;
         self.store_residual(k, d, 0, 1, Ring::Keys, pos)?;
@@ -309,12 +306,12 @@ impl KiviCache {
         self.len += 1;
         self.attend(q, out)?;
         let r = self.storage.residual_length;
-        if self.len - self.quantized_keys == r {
+        if self.len - self.quantized_keys >= r {
             let ring_stride = i64::from(r) * d;
             self.quantize_keys(None, ring_stride, self.quantized_keys / r, 1)?;
             self.quantized_keys += r;
         }
-        if self.len - self.quantized_values == r + 1 {
+        if self.len - self.quantized_values > r {
             let ring = self.storage.value_ring;
             let ring_stride = i64::from(ring) * d;
             let first = self.quantized_values;
@@ -363,8 +360,8 @@ impl KiviCache {
         let spec = self.module.kernels().spec(KernelKind::QuantizeKeys);
         let threads = spec.tile.threads;
         let items = self.storage.head_dim * self.storage.key_groups_per_channel;
-        let cfg = launch_cfg((items.div_ceil(threads), blocks, self.seqs()), threads);
         let (first_block, bps) = (first_block as i32, self.blocks_per_seq as i32);
+        let seqs = self.seqs();
         let KiviCache {
             module,
             stream,
@@ -374,17 +371,25 @@ impl KiviCache {
             k_res,
             ..
         } = self;
-        let mut b = stream.launch_builder(module.function(KernelKind::QuantizeKeys));
-        b.arg(src.unwrap_or(k_res))
-            .arg(&seq_stride)
-            .arg(k_codes)
-            .arg(k_scale)
-            .arg(k_mn)
-            .arg(&first_block)
-            .arg(&bps);
-        // SAFETY: the argument list matches the kernel's signature (templates/quantize_keys.cu.tera); every
-        // index the kernel forms is inside the buffers allocated in `new` for this layout and capacity.
-        unsafe { b.launch(cfg) }?;
+        let src = src.unwrap_or(k_res);
+        // Grid y holds at most 65535 blocks: longer prefills launch in slices.
+        for offset in (0..blocks).step_by(MAX_GRID_Y as usize) {
+            let n = (blocks - offset).min(MAX_GRID_Y);
+            let cfg = launch_cfg((items.div_ceil(threads), n, seqs), threads);
+            let offset = offset as i32;
+            let mut b = stream.launch_builder(module.function(KernelKind::QuantizeKeys));
+            b.arg(src)
+                .arg(&seq_stride)
+                .arg(&mut *k_codes)
+                .arg(&mut *k_scale)
+                .arg(&mut *k_mn)
+                .arg(&first_block)
+                .arg(&offset)
+                .arg(&bps);
+            // SAFETY: the argument list matches the kernel's signature (templates/quantize_keys.cu.tera); every
+            // index the kernel forms is inside the buffers allocated in `new` for this layout and capacity.
+            unsafe { b.launch(cfg) }?;
+        }
         Ok(())
     }
 
@@ -403,9 +408,9 @@ impl KiviCache {
         }
         let spec = self.module.kernels().spec(KernelKind::QuantizeValues);
         let threads = spec.tile.threads;
-        let items = tokens * self.storage.value_groups_per_token;
-        let cfg = launch_cfg((items.div_ceil(threads), self.seqs(), 1), threads);
-        let (dst_pos0, tokens, bps) = (dst_pos0 as i32, tokens as i32, self.blocks_per_seq as i32);
+        let groups = self.storage.value_groups_per_token;
+        let bps = self.blocks_per_seq as i32;
+        let seqs = self.seqs();
         let KiviCache {
             module,
             stream,
@@ -415,19 +420,31 @@ impl KiviCache {
             v_res,
             ..
         } = self;
-        let mut b = stream.launch_builder(module.function(KernelKind::QuantizeValues));
-        b.arg(src.unwrap_or(v_res))
-            .arg(&seq_stride)
-            .arg(&src_tok0)
-            .arg(&src_ring)
-            .arg(v_codes)
-            .arg(v_scale)
-            .arg(v_mn)
-            .arg(&dst_pos0)
-            .arg(&tokens)
-            .arg(&bps);
-        // SAFETY: as in quantize_keys (templates/quantize_values.cu.tera).
-        unsafe { b.launch(cfg) }?;
+        let src = src.unwrap_or(v_res);
+        // At most 2^20 tokens per launch, so that tokens x groups stays far below the kernel's 32-bit indices.
+        const TOKENS_PER_LAUNCH: u32 = 1 << 20;
+        for offset in (0..tokens).step_by(TOKENS_PER_LAUNCH as usize) {
+            let n = (tokens - offset).min(TOKENS_PER_LAUNCH);
+            let cfg = launch_cfg(((n * groups).div_ceil(threads), seqs, 1), threads);
+            let (tok0, pos0, n) = (
+                src_tok0 + offset as i32,
+                (dst_pos0 + offset) as i32,
+                n as i32,
+            );
+            let mut b = stream.launch_builder(module.function(KernelKind::QuantizeValues));
+            b.arg(src)
+                .arg(&seq_stride)
+                .arg(&tok0)
+                .arg(&src_ring)
+                .arg(&mut *v_codes)
+                .arg(&mut *v_scale)
+                .arg(&mut *v_mn)
+                .arg(&pos0)
+                .arg(&n)
+                .arg(&bps);
+            // SAFETY: as in quantize_keys (templates/quantize_values.cu.tera).
+            unsafe { b.launch(cfg) }?;
+        }
         Ok(())
     }
 
@@ -510,7 +527,8 @@ impl KiviCache {
         Ok(())
     }
 
-    /// Copies the cache to the host in the reference layouts (synchronizes the stream).
+    /// Copies the cache to the host in the reference code's layouts (the `final_*` tensors of the reference
+    /// files; see [`CacheExport`]), for tests and `kivi verify`. Synchronizes the stream.
     ///
     /// # Errors
     /// Driver errors.
@@ -538,10 +556,26 @@ impl KiviCache {
             self.quantized_values as usize,
         );
         let mut e = CacheExport {
+            batch: self.batch as usize,
+            kv_heads: self.layout.num_kv_heads as usize,
+            head_dim: d,
+            k_bits: self.layout.keys.bits,
+            v_bits: self.layout.values.bits,
+            k_group: st.key_group_size as usize,
+            v_group: st.value_group_size as usize,
             len,
             quantized_keys: qk,
+            residual_keys: len - qk,
             quantized_values: qv,
-            ..CacheExport::default()
+            residual_values: len - qv,
+            k_code: Vec::new(),
+            k_scale: Vec::new(),
+            k_mn: Vec::new(),
+            k_residual: Vec::new(),
+            v_code: Vec::new(),
+            v_scale: Vec::new(),
+            v_mn: Vec::new(),
+            v_residual: Vec::new(),
         };
         let (kwpc, kgpc) = (
             st.key_words_per_channel as usize,

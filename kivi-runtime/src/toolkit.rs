@@ -69,7 +69,8 @@ fn keep_loaded(path: &Path) -> bool {
 static NVRTC: OnceLock<std::result::Result<NvrtcInfo, String>> = OnceLock::new();
 
 /// Finds and loads libnvrtc once per process (see [`nvrtc_candidates`] for the search order), so that the NVRTC
-/// bindings find it by its soname. Later calls return the first call's answer.
+/// bindings find it by its soname, and checks that its major version is [`CUDA_MAJOR`]. A library cannot be
+/// unloaded: later calls return the first call's answer, whatever `explicit` they pass.
 ///
 /// # Errors
 /// [`RuntimeError::NvrtcMissing`] listing every place tried.
@@ -111,6 +112,12 @@ pub fn locate_nvrtc(explicit: Option<&Path>) -> Result<NvrtcInfo> {
         unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
             .result()
             .map_err(|e| format!("nvrtcVersion failed: {e:?}"))?;
+        if major != CUDA_MAJOR as i32 {
+            return Err(format!(
+                "{library} (found first by the loader) is NVRTC {major}.{minor}, but this build of kivi needs \
+                 CUDA {CUDA_MAJOR}'s"
+            ));
+        }
         Ok(NvrtcInfo {
             library,
             version: (major, minor),
