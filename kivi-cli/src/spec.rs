@@ -28,6 +28,9 @@ pub fn resolve(arg: &str) -> Result<ResolvedSpec, String> {
     let (text, origin) = if path.is_file() {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         (text, format!("{}:", path.display()))
+    } else if arg.ends_with(".kivi") || (arg.contains('/') && !arg.contains([',', ' ', '\n', ':']))
+    {
+        return Err(format!("{arg}: no such spec file"));
     } else {
         (arg.to_string(), "spec:".to_string())
     };

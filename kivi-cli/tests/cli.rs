@@ -4,7 +4,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn kivi(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kivi"));
+    // KIVI_BIN: the binary's path where the test runs outside this checkout (e.g. on the GPU machine).
+    let bin = std::env::var("KIVI_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kivi").to_string());
+    let mut c = Command::new(bin);
     c.args(args);
     for (k, v) in env {
         c.env(k, v);

@@ -24,7 +24,7 @@ impl Arch {
     /// Parses `sm_90`, `sm90`, `90` or `9.0`.
     ///
     /// # Errors
-    /// [`RuntimeError::Limit`] for anything else, or an arch below sm_53 (the fp16 conversions need it).
+    /// [`RuntimeError::State`] for anything else, or an arch below sm_53 (the fp16 conversions need it).
     pub fn parse(text: &str) -> Result<Self> {
         let t = text
             .trim()
@@ -44,13 +44,9 @@ impl Arch {
             {
                 Ok(Arch { major, minor })
             }
-            _ => Err(RuntimeError::Limit {
-                what: "arch",
-                value: 0,
-                limit: format!(
-                    "`{text}` is not an arch of sm_53 or newer (write e.g. sm_80, sm_90 or 9.0)"
-                ),
-            }),
+            _ => Err(RuntimeError::State(format!(
+                "arch `{text}` is not a compute capability of sm_53 or newer (write e.g. sm_80, sm_90 or 9.0)"
+            ))),
         }
     }
 
