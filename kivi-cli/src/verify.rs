@@ -8,7 +8,9 @@ use std::sync::Arc;
 use half::f16;
 use kivi_codegen::KernelTiles;
 use kivi_dsl::Layout;
-use kivi_reference::{check_pack, check_stream, PackCase, RefCache, ReferenceFile, StreamCase};
+use kivi_reference::{
+    check_pack, check_stream, PackCase, RefCache, ReferenceFile, StreamCase, TensorDiff,
+};
 use kivi_runtime::{CacheExport, Gpu, KiviCache};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -87,28 +89,25 @@ fn compare_cache(
     k_res: &[f16],
     v: (&[i32], &[f16], &[f16], &[f16]),
 ) -> (usize, String) {
-    fn diff<T>(a: &[T], b: &[T], eq: impl Fn(&T, &T) -> bool) -> usize {
-        if a.len() != b.len() {
-            return a.len().max(b.len());
-        }
-        a.iter().zip(b).filter(|(x, y)| !eq(x, y)).count()
-    }
-    let h = |a: &f16, b: &f16| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
-    let parts = [
-        ("k_code", diff(&ours.k_code, k_code, |a, b| a == b)),
-        ("k_scale", diff(&ours.k_scale, k_scale, h)),
-        ("k_mn", diff(&ours.k_mn, k_mn, h)),
-        ("k_residual", diff(&ours.k_residual, k_res, h)),
-        ("v_code", diff(&ours.v_code, v.0, |a, b| a == b)),
-        ("v_scale", diff(&ours.v_scale, v.1, h)),
-        ("v_mn", diff(&ours.v_mn, v.2, h)),
-        ("v_residual", diff(&ours.v_residual, v.3, h)),
-    ];
-    let total = parts.iter().map(|p| p.1).sum();
-    let text = parts
+    summarize(&[
+        TensorDiff::i32("k_code", k_code, &ours.k_code),
+        TensorDiff::f16("k_scale", k_scale, &ours.k_scale),
+        TensorDiff::f16("k_mn", k_mn, &ours.k_mn),
+        TensorDiff::f16("k_residual", k_res, &ours.k_residual),
+        TensorDiff::i32("v_code", v.0, &ours.v_code),
+        TensorDiff::f16("v_scale", v.1, &ours.v_scale),
+        TensorDiff::f16("v_mn", v.2, &ours.v_mn),
+        TensorDiff::f16("v_residual", v.3, &ours.v_residual),
+    ])
+}
+
+/// Total mismatches of `diffs` and a description of the tensors that differ.
+fn summarize(diffs: &[TensorDiff]) -> (usize, String) {
+    let total = diffs.iter().map(|t| t.mismatches).sum();
+    let text = diffs
         .iter()
-        .filter(|p| p.1 > 0)
-        .map(|(n, c)| format!("{n} {c}"))
+        .filter(|t| t.mismatches > 0)
+        .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
     (total, text)
@@ -247,28 +246,24 @@ fn random_inputs(layout: &Layout, batch: u32, prefill: u32, steps: u32, seed: u6
         layout.num_kv_heads as usize,
         batch as usize,
     );
-    // Keys get a few large-magnitude channels, as real post-RoPE keys have (the reason keys go per-channel).
-    let bias: Vec<f32> = (0..d)
-        .map(|c| if c % 16 == 3 { 6.0 } else { 0.0 })
-        .collect();
-    let mut normal = move || -> f32 {
-        let s: f32 = (0..4).map(|_| rng.gen::<f32>()).sum();
-        (s - 2.0) * 1.7
-    };
-    let key = |n: usize, normal: &mut dyn FnMut() -> f32| -> Vec<f16> {
+    // Roughly normal values; keys get a few large-magnitude channels (channel % 16 == 3, +6), as real
+    // post-RoPE keys have (the reason keys are quantized per-channel).
+    let mut sample = |n: usize, keys: bool| -> Vec<f16> {
         (0..n)
-            .map(|i| f16::from_f32(normal() + bias[i % d]))
+            .map(|i| {
+                let s: f32 = (0..4).map(|_| rng.gen::<f32>()).sum();
+                let bias = if keys && i % d % 16 == 3 { 6.0 } else { 0.0 };
+                f16::from_f32((s - 2.0) * 1.7 + bias)
+            })
             .collect()
     };
-    let prefill_k = key(b * hkv * prefill as usize * d, &mut normal);
-    let prefill_v = (0..b * hkv * prefill as usize * d)
-        .map(|_| f16::from_f32(normal()))
-        .collect();
+    let prefill_k = sample(b * hkv * prefill as usize * d, true);
+    let prefill_v = sample(b * hkv * prefill as usize * d, false);
     let steps = (0..steps)
         .map(|_| {
-            let q = (0..b * h * d).map(|_| f16::from_f32(normal())).collect();
-            let k = key(b * hkv * d, &mut normal);
-            let v = (0..b * hkv * d).map(|_| f16::from_f32(normal())).collect();
+            let q = sample(b * h * d, false);
+            let k = sample(b * hkv * d, true);
+            let v = sample(b * hkv * d, false);
             (q, k, v)
         })
         .collect();
@@ -560,57 +555,31 @@ fn gpu_pack_case(gpu: &Gpu, case: &PackCase) -> Check {
         x.chunks(per).flat_map(|c| c[..keep].to_vec()).collect()
     };
     let k_code: Vec<i32> = e.k_code.chunks(kw).flat_map(|c| c[..tw].to_vec()).collect();
-    let mut bad = Vec::new();
-    let count = |a: &[i32], b: &[i32]| {
-        a.iter().zip(b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len())
-    };
-    let count_h = |a: &[f16], b: &[f16]| {
-        a.iter()
-            .zip(b)
-            .filter(|(x, y)| x.to_bits() != y.to_bits())
-            .count()
-            + a.len().abs_diff(b.len())
-    };
-    let n = count(&k_code, &case.k_code);
-    if n > 0 {
-        bad.push(format!("k_code {n}"));
-    }
-    let n = count_h(&take(&e.k_scale, kg, tg), &case.k_scale);
-    if n > 0 {
-        bad.push(format!("k_scale {n}"));
-    }
-    let n = count_h(&take(&e.k_mn, kg, tg), &case.k_mn);
-    if n > 0 {
-        bad.push(format!("k_mn {n}"));
-    }
+    let mut diffs = vec![
+        TensorDiff::i32("k_code", &case.k_code, &k_code),
+        TensorDiff::f16("k_scale", &case.k_scale, &take(&e.k_scale, kg, tg)),
+        TensorDiff::f16("k_mn", &case.k_mn, &take(&e.k_mn, kg, tg)),
+    ];
     if let Some(v) = &case.values {
         // Values: T + G tokens, of which exactly the T prefill tokens are quantized after G steps (checked above).
-        let n = count(&e.v_code, &v.v_code);
-        if n > 0 {
-            bad.push(format!("v_code {n}"));
-        }
-        let n = count_h(&e.v_scale, &v.v_scale);
-        if n > 0 {
-            bad.push(format!("v_scale {n}"));
-        }
-        let n = count_h(&e.v_mn, &v.v_mn);
-        if n > 0 {
-            bad.push(format!("v_mn {n}"));
-        }
+        diffs.push(TensorDiff::i32("v_code", &v.v_code, &e.v_code));
+        diffs.push(TensorDiff::f16("v_scale", &v.v_scale, &e.v_scale));
+        diffs.push(TensorDiff::f16("v_mn", &v.v_mn, &e.v_mn));
     }
+    let (mismatches, which) = summarize(&diffs);
     let what = if case.values.is_some() {
         "keys and values"
     } else {
         "keys"
     };
-    if bad.is_empty() {
+    if mismatches == 0 {
         check(
             name,
             true,
             format!("{what}: every code, scale and min identical ({b}x{h} heads, {t} tokens)"),
         )
     } else {
-        check(name, false, format!("{what} differ: {}", bad.join(", ")))
+        check(name, false, format!("{what} differ: {which}"))
     }
 }
 

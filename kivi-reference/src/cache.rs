@@ -64,7 +64,7 @@ pub struct RefCache {
 /// A snapshot of a [`RefCache`] in the reference files' layouts (`final_*` tensors of
 /// `kivi_decode_streams.safetensors`). All tensors row-major; `nqk`/`nrk` are quantized/fp16 key counts,
 /// `nqv`/`nrv` the same for values, `cpw = 32 / bits`, `G` the group size.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct CacheExport {
     /// Batch B.
     pub batch: usize,
@@ -513,14 +513,7 @@ impl RefCache {
             residual_keys: self.residual_keys(),
             quantized_values: self.nqv,
             residual_values: self.residual_values(),
-            k_code: Vec::new(),
-            k_scale: Vec::new(),
-            k_mn: Vec::new(),
-            k_residual: Vec::new(),
-            v_code: Vec::new(),
-            v_scale: Vec::new(),
-            v_mn: Vec::new(),
-            v_residual: Vec::new(),
+            ..CacheExport::default()
         };
         for c in &self.caches {
             for ch in 0..d {

@@ -652,13 +652,15 @@ impl TensorDiff {
         }
     }
 
-    fn f16(name: &str, file: &[f16], ours: &[f16]) -> TensorDiff {
+    /// Compares fp16 tensors by bits (two NaNs match).
+    pub fn f16(name: &str, file: &[f16], ours: &[f16]) -> TensorDiff {
         TensorDiff::new(name, file, ours, |a, b| {
             a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
         })
     }
 
-    fn i32(name: &str, file: &[i32], ours: &[i32]) -> TensorDiff {
+    /// Compares int32 tensors (packed codes).
+    pub fn i32(name: &str, file: &[i32], ours: &[i32]) -> TensorDiff {
         TensorDiff::new(name, file, ours, |a, b| a == b)
     }
 }

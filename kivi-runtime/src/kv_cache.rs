@@ -190,6 +190,16 @@ impl KiviCache {
         Ok(())
     }
 
+    fn check_empty(&self) -> Result<()> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        Err(RuntimeError::State(format!(
+            "prefill needs an empty cache, this one holds {} tokens per sequence",
+            self.len
+        )))
+    }
+
     fn check_room(&self, tokens: u32) -> Result<()> {
         let needed = u64::from(self.len) + u64::from(tokens);
         if needed > u64::from(self.capacity) {
@@ -210,12 +220,7 @@ impl KiviCache {
     /// [`RuntimeError::State`] if the cache is not empty; [`RuntimeError::Shape`] if a length does not match;
     /// [`RuntimeError::Limit`] if `len` exceeds the capacity; driver errors.
     pub fn prefill(&mut self, k: &CudaSlice<f16>, v: &CudaSlice<f16>, len: u32) -> Result<()> {
-        if !self.is_empty() {
-            return Err(RuntimeError::State(format!(
-                "prefill needs an empty cache, this one holds {} tokens per sequence",
-                self.len
-            )));
-        }
+        self.check_empty()?;
         let kv_heads = self.layout.num_kv_heads;
         self.check_len("prefill k", k.len(), len as usize, kv_heads)?;
         self.check_len("prefill v", v.len(), len as usize, kv_heads)?;
@@ -248,13 +253,7 @@ impl KiviCache {
         self.check_len("prefill v", v.len(), len as usize, kv_heads)?;
         if len == 0 {
             // Nothing to copy: the same checks as a device prefill of 0 tokens.
-            if !self.is_empty() {
-                return Err(RuntimeError::State(format!(
-                    "prefill needs an empty cache, this one holds {} tokens per sequence",
-                    self.len
-                )));
-            }
-            return Ok(());
+            return self.check_empty();
         }
         let dk = self.stream.clone_htod(k)?;
         let dv = self.stream.clone_htod(v)?;
@@ -568,14 +567,7 @@ impl KiviCache {
             residual_keys: len - qk,
             quantized_values: qv,
             residual_values: len - qv,
-            k_code: Vec::new(),
-            k_scale: Vec::new(),
-            k_mn: Vec::new(),
-            k_residual: Vec::new(),
-            v_code: Vec::new(),
-            v_scale: Vec::new(),
-            v_mn: Vec::new(),
-            v_residual: Vec::new(),
+            ..CacheExport::default()
         };
         let (kwpc, kgpc) = (
             st.key_words_per_channel as usize,
