@@ -10,28 +10,35 @@ use kivi_dsl::Layout;
 
 /// Threads per block tried for every kernel kind.
 pub const THREADS: [u32; 4] = [64, 128, 256, 512];
-/// Tokens per split tried for the decode kernel.
-pub const SPLIT_TOKENS: [u32; 6] = [64, 128, 256, 512, 1024, 2048];
+/// Tokens per split tried for the decode kernel (0: chosen at launch from the shape and the GPU).
+pub const SPLIT_TOKENS: [u32; 6] = [0, 256, 512, 1024, 2048, 4096];
+/// cp.async pipeline stages tried for the decode kernel.
+pub const STAGES: [u32; 3] = [2, 3, 4];
 
 /// Every tile configuration of `kind` that the code generator accepts for `layout` (threads in [`THREADS`];
-/// for the decode kernel, also every split in [`SPLIT_TOKENS`]), in a fixed order. Configurations the codegen
-/// rejects (e.g. more shared memory than a block gets) are pruned here, before anything is compiled.
+/// for the decode kernel, also every split in [`SPLIT_TOKENS`] and stage count in [`STAGES`]), in a fixed
+/// order. Configurations the codegen rejects (e.g. more shared memory than a block gets) are pruned here,
+/// before anything is compiled.
 pub fn candidates(kind: KernelKind, layout: &Layout) -> Vec<TileConfig> {
-    let splits: &[u32] = if kind == KernelKind::DecodePartial {
-        &SPLIT_TOKENS
-    } else {
-        &[0]
-    };
-    THREADS
-        .iter()
-        .flat_map(|&threads| {
-            splits.iter().map(move |&split_tokens| TileConfig {
-                threads,
-                split_tokens,
-            })
-        })
-        .filter(|&tile| KernelSpec::new(kind, *layout, tile).is_ok())
-        .collect()
+    let decode = kind == KernelKind::DecodePartial;
+    let splits: &[u32] = if decode { &SPLIT_TOKENS } else { &[0] };
+    let stages: &[u32] = if decode { &STAGES } else { &[0] };
+    let mut out = Vec::new();
+    for &threads in &THREADS {
+        for &split_tokens in splits {
+            for &stages in stages {
+                let tile = TileConfig {
+                    threads,
+                    split_tokens,
+                    stages,
+                };
+                if KernelSpec::new(kind, *layout, tile).is_ok() {
+                    out.push(tile);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The configuration to use until one is tuned: the codegen's heuristic.
@@ -51,7 +58,9 @@ mod tests {
     fn decode_candidates_cover_threads_and_splits() {
         let l = layout("kivi-2, llama-3-8b");
         let c = candidates(KernelKind::DecodePartial, &l);
-        assert_eq!(c.len(), THREADS.len() * SPLIT_TOKENS.len());
+        // 512 threads with 4 stages passes 48 KiB of shared memory; everything else fits.
+        assert!(c.len() > THREADS.len() * SPLIT_TOKENS.len(), "{}", c.len());
+        assert!(c.len() < THREADS.len() * SPLIT_TOKENS.len() * STAGES.len());
         assert!(
             c.contains(&default_tiles(&l).decode),
             "the heuristic is a candidate"
@@ -68,9 +77,11 @@ mod tests {
 
     #[test]
     fn candidates_over_the_shared_memory_limit_are_pruned() {
-        // MQA with 64 query heads and head_dim 256: 64 * 256 * 4 bytes of partial sums alone is 64 KiB.
-        let l = layout("kivi-2, num_heads: 64, num_kv_heads: 1, head_dim: 256");
-        assert!(candidates(KernelKind::DecodePartial, &l).is_empty());
+        // head_dim 256 at 8 bits: one stage of one warp is 16 KiB, so only small pipelines fit in 48 KiB.
+        let l = layout("kivi-2, num_heads: 64, num_kv_heads: 1, head_dim: 256, keys: { bits: 8 }, values: { bits: 8 }");
+        let c = candidates(KernelKind::DecodePartial, &l);
+        assert!(!c.is_empty());
+        assert!(c.iter().all(|t| t.threads * t.stages <= 128), "{c:?}");
         // The other kernels do not use shared memory and stay.
         assert_eq!(
             candidates(KernelKind::QuantizeValues, &l).len(),

@@ -2,8 +2,9 @@
 //!
 //! - CPU: the reference's per-channel key quantization of one flush block, and code generation of a layout.
 //! - NVRTC: a cold compile of a layout's module (skipped, with the reason printed, when libnvrtc is missing).
-//! - GPU: one KIVI decode step (append, attention, flush) at batch 8, llama-3-8b shape, 4096 cached tokens, timed
-//!   with CUDA events through `iter_custom` (skipped, with the reason printed, when there is no GPU).
+//! - GPU: one KIVI decode step (append, attention, combine, flush) and one prefill (quantize + pack) at two of the
+//!   decode-speed issue's shapes, timed with CUDA events through `iter_custom` over two alternating cache copies
+//!   (skipped, with the reason printed, when there is no GPU). `kivi bench` gives the full table.
 //!
 //! Run: `cargo bench -p kivi-benches` (on the GPU machine: the packed bench binary with `--bench`).
 
@@ -15,7 +16,8 @@ use cudarc::driver::sys::CUevent_flags;
 use half::f16;
 use kivi_codegen::{generate_module, KernelTiles, LayoutKernels};
 use kivi_dsl::parse_spec;
-use kivi_runtime::{Arch, Compiler, Gpu, KiviCache};
+use kivi_runtime::bench::{time_prefill, DecodeBench};
+use kivi_runtime::{Arch, Compiler, Gpu};
 
 const SPEC: &str = "kivi-2, llama-3-8b";
 
@@ -80,48 +82,49 @@ fn gpu(c: &mut Criterion) {
             return;
         }
     };
-    let layout = parse_spec(SPEC).unwrap();
-    let module = gpu
-        .load_layout(&layout, &KernelTiles::heuristic(&layout))
-        .unwrap();
-    let (batch, prefill) = (8u32, 4096u32);
-    let (h, hkv, d) = (
-        layout.num_heads as usize,
-        layout.num_kv_heads as usize,
-        layout.keys.head_dim as usize,
-    );
-    let b = batch as usize;
-    let stream = gpu.stream().clone();
-    let pk = stream
-        .clone_htod(&pseudo_random(b * hkv * prefill as usize * d, 2))
-        .unwrap();
-    let pv = stream
-        .clone_htod(&pseudo_random(b * hkv * prefill as usize * d, 3))
-        .unwrap();
-    let q = stream.clone_htod(&pseudo_random(b * h * d, 4)).unwrap();
-    let k = stream.clone_htod(&pseudo_random(b * hkv * d, 5)).unwrap();
-    let v = stream.clone_htod(&pseudo_random(b * hkv * d, 6)).unwrap();
-    let mut out = stream.alloc_zeros::<f16>(b * h * d).unwrap();
     let mut g = c.benchmark_group("gpu");
+    g.sample_size(10);
     g.measurement_time(Duration::from_secs(5));
-    g.bench_function("decode_step kivi-2 llama-3-8b B8 T4096", |bench| {
-        bench.iter_custom(|iters| {
-            let mut cache =
-                KiviCache::new(&gpu, Arc::clone(&module), batch, prefill + iters as u32).unwrap();
-            cache.prefill(&pk, &pv, prefill).unwrap();
-            let start = stream
-                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .unwrap();
-            for _ in 0..iters {
-                cache.decode_step(&q, &k, &v, &mut out).unwrap();
-            }
-            let end = stream
-                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .unwrap();
-            end.synchronize().unwrap();
-            Duration::from_secs_f64(f64::from(start.elapsed_ms(&end).unwrap()) / 1e3)
-        })
-    });
+    // Two of the decode-speed issue's shapes (B, H, Hkv, D, T); `kivi bench` runs all five with the baselines.
+    for (batch, h, hkv, d, t) in [
+        (8u32, 32u32, 8u32, 128u32, 32768u32),
+        (8, 32, 32, 128, 4096),
+    ] {
+        let spec = format!("kivi-2, num_heads: {h}, num_kv_heads: {hkv}, head_dim: {d}");
+        let layout = parse_spec(&spec).unwrap();
+        let module = gpu
+            .load_layout(&layout, &KernelTiles::heuristic(&layout))
+            .unwrap();
+        let name = format!("decode_step kivi-2 B{batch} H{h} Hkv{hkv} D{d} T{t}");
+        g.bench_function(&name, |bench| {
+            bench.iter_custom(|iters| {
+                // Two cache copies, alternated, with room for this sample's steps.
+                let mut db =
+                    DecodeBench::new(&gpu, Arc::clone(&module), batch, t, 2, iters as u32 / 2 + 1)
+                        .unwrap();
+                let stream = gpu.stream();
+                let start = stream
+                    .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .unwrap();
+                for _ in 0..iters {
+                    db.step().unwrap();
+                }
+                let end = stream
+                    .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .unwrap();
+                end.synchronize().unwrap();
+                Duration::from_secs_f64(f64::from(start.elapsed_ms(&end).unwrap()) / 1e3)
+            })
+        });
+        let name = format!("prefill kivi-2 B{batch} Hkv{hkv} D{d} T{t}");
+        g.bench_function(&name, |bench| {
+            bench.iter_custom(|iters| {
+                let (times, _) =
+                    time_prefill(&gpu, Arc::clone(&module), batch, t, 1, iters as usize).unwrap();
+                Duration::from_secs_f64(times.iter().sum::<f64>() / 1e3)
+            })
+        });
+    }
     g.finish();
 }
 

@@ -1,5 +1,6 @@
 //! The library behind the `kivi` command: spec resolution and the GPU/CPU verification harness (also used by
 //! the GPU tests).
 
+pub mod bench;
 pub mod spec;
 pub mod verify;

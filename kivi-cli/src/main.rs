@@ -36,7 +36,54 @@ enum Command {
         /// Target archs (sm_80, sm_90, ...); repeat or separate with commas.
         #[arg(long, value_delimiter = ',', default_values_t = ["sm_80".to_string(), "sm_90".to_string()])]
         arch: Vec<String>,
+        /// Also write `<module>.<sm>.cubin` per arch into this folder (inspect it with `cuobjdump --dump-sass`
+        /// or `cuobjdump --dump-resource-usage`).
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// libnvrtc to use (a file or its folder); default: KIVI_NVRTC, CUDA_HOME, /usr/local/cuda, the loader.
+        #[arg(long)]
+        nvrtc: Option<PathBuf>,
+    },
+    /// Time decode steps and prefill on the GPU against FP16 attention (PyTorch SDPA) and the copy bandwidth.
+    ///
+    /// Per shape: the median time of a decode step (append, split-K attention, combine, flush: CUDA events,
+    /// after warm-up, rotating over cache copies that together pass 4x the L2 cache), the bytes it must read
+    /// (codes, scales, mins, fp16 residual, queries), GB/s, % of copy bandwidth, the best SDPA backend's time on
+    /// the same shape and the speedup; then the prefill (quantize + pack) throughput. The FP16 numbers come from
+    /// benches/sdpa_baseline.py, run in the same invocation (skipped with a note when PyTorch is missing).
+    Bench {
+        /// Quantization spec the shapes run with (the shape sets the heads and head_dim).
+        #[arg(long, default_value = "kivi-2")]
+        spec: String,
+        /// Shapes B,H,Hkv,D,T (tokens attended per step); default: the decode-speed issue's five.
+        #[arg(long, value_delimiter = ';')]
+        shapes: Vec<String>,
+        /// Untimed decode steps first.
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        /// Timed decode steps.
+        #[arg(long, default_value_t = 50)]
+        iters: usize,
+        /// Skip the prefill timing.
+        #[arg(long)]
+        no_prefill: bool,
+        /// Decode tiles to compare, each THREADS,STAGES,SPLIT (split 0: automatic), separated by ';';
+        /// default: the heuristic one.
+        #[arg(long, value_delimiter = ';')]
+        decode_tile: Vec<String>,
+        /// The FP16 baseline script.
+        #[arg(long, default_value = "benches/sdpa_baseline.py")]
+        baseline: PathBuf,
+        /// Python interpreter for the baseline script.
+        #[arg(long, default_value = "python3")]
+        python: String,
+        /// Do not run the baseline script.
+        #[arg(long)]
+        no_baseline: bool,
+        /// Also write the table and the baseline's raw JSON here (markdown).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// libnvrtc to use (a file or its folder).
         #[arg(long)]
         nvrtc: Option<PathBuf>,
     },
@@ -74,7 +121,39 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Gen { spec, out } => gen(&spec, out.as_deref()),
-        Command::Compile { spec, arch, nvrtc } => compile(&spec, &arch, nvrtc.as_deref()),
+        Command::Compile {
+            spec,
+            arch,
+            out,
+            nvrtc,
+        } => compile(&spec, &arch, out.as_deref(), nvrtc.as_deref()),
+        Command::Bench {
+            spec,
+            shapes,
+            warmup,
+            iters,
+            no_prefill,
+            decode_tile,
+            baseline,
+            python,
+            no_baseline,
+            out,
+            nvrtc,
+        } => bench_cmd(
+            &spec,
+            &shapes,
+            &decode_tile,
+            kivi_cli::bench::BenchOptions {
+                quant: spec.clone(),
+                warmup,
+                iters,
+                prefill: !no_prefill,
+                decode_tile: None,
+            },
+            (!no_baseline).then_some((python.as_str(), baseline.as_path())),
+            out.as_deref(),
+            nvrtc.as_deref(),
+        ),
         Command::Verify {
             reference,
             spec,
@@ -143,7 +222,12 @@ fn gen(arg: &str, out: Option<&Path>) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn compile(arg: &str, archs: &[String], nvrtc: Option<&Path>) -> Result<ExitCode, String> {
+fn compile(
+    arg: &str,
+    archs: &[String],
+    out: Option<&Path>,
+    nvrtc: Option<&Path>,
+) -> Result<ExitCode, String> {
     let spec = load_spec(arg)?;
     let kernels = kernels_of(&spec)?;
     let module = generate_module(&kernels.specs).map_err(|e| e.to_string())?;
@@ -174,6 +258,14 @@ fn compile(arg: &str, archs: &[String], nvrtc: Option<&Path>) -> Result<ExitCode
                     CubinOrigin::Memory => "found in memory".into(),
                 };
                 println!("{}: ok, {} bytes of CUBIN, {how}", arch.sm(), c.image.len());
+                if let Some(dir) = out {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                    let path = dir.join(format!("{}.{}.cubin", module.name, arch.sm()));
+                    std::fs::write(&path, c.image.as_slice())
+                        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                    println!("  wrote {}", path.display());
+                }
                 if let Some(w) = &c.cache_warning {
                     eprintln!("warning: the module was not saved to the disk cache: {w}");
                 }
@@ -193,6 +285,121 @@ fn compile(arg: &str, archs: &[String], nvrtc: Option<&Path>) -> Result<ExitCode
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn parse_tile(text: &str) -> Result<kivi_codegen::TileConfig, String> {
+    let n: Vec<u32> = text
+        .split(',')
+        .map(|p| p.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            format!("decode tile {text:?}: expected THREADS,STAGES,SPLIT, e.g. 128,3,0")
+        })?;
+    match n[..] {
+        [threads, stages, split_tokens] => Ok(kivi_codegen::TileConfig {
+            threads,
+            split_tokens,
+            stages,
+        }),
+        _ => Err(format!(
+            "decode tile {text:?}: expected THREADS,STAGES,SPLIT, e.g. 128,3,0"
+        )),
+    }
+}
+
+fn bench_cmd(
+    spec: &str,
+    shapes: &[String],
+    tiles: &[String],
+    opts: kivi_cli::bench::BenchOptions,
+    baseline: Option<(&str, &Path)>,
+    out: Option<&Path>,
+    nvrtc: Option<&Path>,
+) -> Result<ExitCode, String> {
+    use kivi_cli::bench::{run_baseline, run_shape, table, Baseline, Shape, ISSUE_SHAPES};
+    let shapes: Vec<Shape> = if shapes.is_empty() {
+        ISSUE_SHAPES.to_vec()
+    } else {
+        shapes
+            .iter()
+            .map(|s| Shape::parse(s))
+            .collect::<Result<_, _>>()?
+    };
+    for s in &shapes {
+        kivi_cli::bench::layout_for(spec, s)?;
+    }
+    let gpu = open_gpu(nvrtc)?;
+    println!(
+        "kivi bench on {} ({}), spec {spec}",
+        gpu.name(),
+        gpu.arch().sm()
+    );
+    let tiles: Vec<Option<kivi_codegen::TileConfig>> = if tiles.is_empty() {
+        vec![None]
+    } else {
+        tiles
+            .iter()
+            .map(|t| parse_tile(t).map(Some))
+            .collect::<Result<_, _>>()?
+    };
+    let mut results = Vec::new();
+    for (s, tile) in shapes
+        .iter()
+        .flat_map(|s| tiles.iter().map(move |t| (s, *t)))
+    {
+        let opts = kivi_cli::bench::BenchOptions {
+            decode_tile: tile,
+            ..opts.clone()
+        };
+        let r = match run_shape(&gpu, s, &opts) {
+            Ok(r) => r,
+            Err(e) => {
+                println!("  {} with decode tile {:?}: not run: {e}", s.label(), tile);
+                continue;
+            }
+        };
+        println!(
+            "  {}: decode step median {:.1} us (min {:.1}, max {:.1}, {} steps over {} cache copies)",
+            s.label(),
+            r.decode.median_ms * 1e3,
+            r.decode.min_ms * 1e3,
+            r.decode.max_ms * 1e3,
+            r.decode.samples,
+            r.copies
+        );
+        results.push(r);
+    }
+    drop(gpu);
+    let base = match baseline {
+        Some((python, script)) => {
+            println!("running the FP16 baseline: {python} {}", script.display());
+            run_baseline(python, script, &shapes)
+        }
+        None => Baseline {
+            raw: "not run (--no-baseline)".into(),
+            ..Baseline::default()
+        },
+    };
+    if base.copy_gbps.is_none() {
+        println!("FP16 baseline unavailable: {}", base.raw);
+    } else {
+        println!(
+            "copy bandwidth (PyTorch, >= 2 GiB device-to-device, read + write): {:.0} GB/s",
+            base.copy_gbps.unwrap_or(0.0)
+        );
+    }
+    let t = table(&results, &base);
+    println!("{t}");
+    if let Some(path) = out {
+        let text = format!(
+            "{t}
+baseline JSON: {}
+",
+            base.raw
+        );
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn open_gpu(nvrtc: Option<&Path>) -> Result<Gpu, String> {

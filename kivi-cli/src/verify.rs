@@ -584,11 +584,20 @@ fn gpu_pack_case(gpu: &Gpu, case: &PackCase) -> Check {
 }
 
 /// `kivi verify`'s default set: presets kivi-2 and kivi-4 with the llama-2-7b, llama-3-8b and smollm2-135m shapes.
-pub const VERIFY_PRESETS: [&str; 6] = [
+pub const VERIFY_PRESETS: [&str; 11] = [
     "kivi-2, llama-2-7b",
     "kivi-2, llama-3-8b",
     "kivi-2, smollm2-135m",
     "kivi-4, llama-2-7b",
     "kivi-4, llama-3-8b",
     "kivi-4, smollm2-135m",
+    // MQA: batch 1 gives B * Hkv = 1 (one sequence), the split-K kernel's loneliest case.
+    "kivi-2, num_heads: 8, num_kv_heads: 1, head_dim: 128",
+    // 32 query heads on one KV head: two head tiles of 16.
+    "kivi-2, num_heads: 32, num_kv_heads: 1, head_dim: 64",
+    // Other widths and groups through the same kernels: 8-bit keys (one token per word), 1-bit values,
+    // 16-token key groups (two per iteration), 64-channel value groups, head_dim 96.
+    "kivi-2, llama-3-8b, keys: { bits: 8 }, values: { bits: 1, group_size: 64 }",
+    "kivi-2, num_heads: 12, num_kv_heads: 4, head_dim: 96, keys: { group_size: 16 }, values: { group_size: 16 }",
+    "kivi-4, num_heads: 4, num_kv_heads: 4, head_dim: 64, keys: { bits: 1 }, values: { bits: 8 }",
 ];

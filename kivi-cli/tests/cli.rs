@@ -27,11 +27,11 @@ fn gen_prints_every_kernel_of_the_default_preset() {
         "kivi_quant_keys_k2c32_v2t32_r128_d128_fp16_gqa4_t128",
         "kivi_quant_values_k2c32_v2t32_r128_d128_fp16_gqa4_t128",
         "kivi_store_residual_k2c32_v2t32_r128_d128_fp16_gqa4_t128",
-        "kivi_decode_k2c32_v2t32_r128_d128_fp16_gqa4_t128_s256",
-        "kivi_combine_k2c32_v2t32_r128_d128_fp16_gqa4_t128",
+        "kivi_decode_k2c32_v2t32_r128_d128_fp16_gqa4_t128_p3",
     ] {
         assert!(
-            src.contains(&format!("void __launch_bounds__(128) {name}(")),
+            src.contains(&format!("void __launch_bounds__(128) {name}("))
+                || src.contains(&format!("void __launch_bounds__(128, 4) {name}(")),
             "{name} missing"
         );
     }
@@ -69,9 +69,9 @@ fn gen_out_writes_one_file_per_kernel_and_reads_kivi_files() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(files.len(), 6, "5 kernels + the module: {files:?}");
+    assert_eq!(files.len(), 5, "4 kernels + the module: {files:?}");
     assert!(
-        files.contains(&"kivi_decode_k4c32_v4t32_r64_d64_fp16_gqa3_t128_s256.cu".to_string()),
+        files.contains(&"kivi_decode_k4c32_v4t32_r64_d64_fp16_gqa3_t128_p3.cu".to_string()),
         "{files:?}"
     );
 }
@@ -144,6 +144,31 @@ fn verify_without_a_gpu_says_so() {
         return;
     }
     let o = kivi(&["verify"], &[]);
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("no CUDA driver") || err.contains("libnvrtc"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bench_checks_its_shapes_then_needs_a_gpu() {
+    let o = kivi(&["bench", "--shapes", "8,32,8,128"], &[]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("expected B,H,Hkv,D,T"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = kivi(&["bench", "--shapes", "8,30,8,128,1024"], &[]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("num_heads"), "{}", text(&o.stderr));
+    if kivi_runtime::toolkit::driver_present() {
+        eprintln!("SKIPPED (the no-GPU half): this machine has a CUDA driver");
+        return;
+    }
+    let o = kivi(&["bench", "--no-baseline"], &[]);
     assert!(!o.status.success());
     let err = text(&o.stderr);
     assert!(

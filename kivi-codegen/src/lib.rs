@@ -17,14 +17,15 @@ use kivi_dsl::{Layout, LayoutError};
 use serde_json::json;
 use tera::{Context, Tera};
 
-pub use storage::StorageLayout;
+pub use storage::{CodePosition, StorageLayout};
 pub use tile::{KernelTiles, TileConfig};
 
 /// The largest static shared memory a kernel may use (bytes): the 48 KiB every CUDA GPU gives without opt-in.
 pub const MAX_STATIC_SHARED_BYTES: u32 = 48 * 1024;
 
 const PRELUDE: &str = include_str!("../../templates/prelude.cuh.tera");
-const TEMPLATES: [(KernelKind, &str); 5] = [
+const QUANT_COMMON: &str = include_str!("../../templates/quant_common.cuh.tera");
+const TEMPLATES: [(KernelKind, &str); 4] = [
     (
         KernelKind::QuantizeKeys,
         include_str!("../../templates/quantize_keys.cu.tera"),
@@ -41,10 +42,6 @@ const TEMPLATES: [(KernelKind, &str); 5] = [
         KernelKind::DecodePartial,
         include_str!("../../templates/decode_partial.cu.tera"),
     ),
-    (
-        KernelKind::DecodeCombine,
-        include_str!("../../templates/decode_combine.cu.tera"),
-    ),
 ];
 
 /// The kinds of kernel a KIVI layout needs.
@@ -56,30 +53,27 @@ pub enum KernelKind {
     QuantizeValues,
     /// Copy of full-precision tokens into a residual ring (prefill tail and the per-step append).
     StoreResidual,
-    /// Split-K decode attention over quantized keys/values plus the full-precision residual.
+    /// One whole decode step: append, split-K attention over quantized keys/values plus the full-precision
+    /// residual, the log-sum-exp merge of the splits (by the last thread block of each sequence) and the flushes.
     DecodePartial,
-    /// Log-sum-exp merge of the split-K partials into the fp16 attention output.
-    DecodeCombine,
 }
 
 impl KernelKind {
     /// Every kind, in the order a module lists them.
-    pub const ALL: [KernelKind; 5] = [
+    pub const ALL: [KernelKind; 4] = [
         KernelKind::QuantizeKeys,
         KernelKind::QuantizeValues,
         KernelKind::StoreResidual,
         KernelKind::DecodePartial,
-        KernelKind::DecodeCombine,
     ];
 
-    /// The kind's part of a kernel name (`quant_keys`, `quant_values`, `store_residual`, `decode`, `combine`).
+    /// The kind's part of a kernel name (`quant_keys`, `quant_values`, `store_residual`, `decode`).
     pub fn as_str(self) -> &'static str {
         match self {
             KernelKind::QuantizeKeys => "quant_keys",
             KernelKind::QuantizeValues => "quant_values",
             KernelKind::StoreResidual => "store_residual",
             KernelKind::DecodePartial => "decode",
-            KernelKind::DecodeCombine => "combine",
         }
     }
 }
@@ -139,29 +133,34 @@ impl KernelSpec {
             )));
         }
         if kind == KernelKind::DecodePartial {
-            if tile.split_tokens == 0 {
-                return Err(err("split_tokens must be at least 1".into()));
-            }
-            let shared = spec.shared_bytes();
-            if shared > MAX_STATIC_SHARED_BYTES {
+            let plan = DecodePlan::new(&layout);
+            if tile.split_tokens % plan.iter_tokens != 0 {
                 return Err(err(format!(
-                    "needs {shared} bytes of shared memory ({} query heads per KV head x head_dim {}), more than \
-                     the {MAX_STATIC_SHARED_BYTES} bytes a kernel gets without opt-in: not yet supported",
-                    layout.gqa_ratio(),
-                    layout.keys.head_dim
+                    "split_tokens {} must be a multiple of {} (the decode iteration) or 0 (chosen at launch)",
+                    tile.split_tokens, plan.iter_tokens
                 )));
             }
+            if !(2..=4).contains(&tile.stages) {
+                return Err(err(format!("stages {} must be in 2..=4", tile.stages)));
+            }
+        }
+        let shared = spec.shared_bytes();
+        if shared > MAX_STATIC_SHARED_BYTES {
+            return Err(err(format!(
+                "needs {shared} bytes of shared memory, more than the {MAX_STATIC_SHARED_BYTES} bytes a kernel \
+                 gets without opt-in: use fewer threads or stages"
+            )));
         }
         Ok(spec)
     }
 
     /// The kernel's name: kind, then every parameter that changes its code, e.g.
-    /// `kivi_decode_k2c32_v2t32_r128_d128_f16_gqa4_t128_s256`.
+    /// `kivi_decode_k2c32_v2t32_r128_d128_fp16_gqa4_t128_p3` (`t` threads, `p` pipeline stages).
     pub fn name(&self) -> String {
         let mut name = format!("kivi_{}_{}", self.kind.as_str(), layout_tag(&self.layout));
         let _ = write!(name, "_t{}", self.tile.threads);
         if self.kind == KernelKind::DecodePartial {
-            let _ = write!(name, "_s{}", self.tile.split_tokens);
+            let _ = write!(name, "_p{}", self.tile.stages);
         }
         name
     }
@@ -170,12 +169,67 @@ impl KernelSpec {
     pub fn shared_bytes(&self) -> u32 {
         match self.kind {
             KernelKind::DecodePartial => {
-                let gqa = self.layout.gqa_ratio();
-                let warps = self.tile.threads / 32;
-                4 * (2 * warps * gqa + gqa * self.layout.keys.head_dim)
+                DecodePlan::new(&self.layout).shared_bytes(self.tile.threads / 32, self.tile.stages)
             }
             _ => 0,
         }
+    }
+}
+
+/// The most split-K blocks one sequence's decode step may have (the combine keeps a weight per split in shared
+/// memory).
+pub const MAX_SPLITS: u32 = 1024;
+
+/// The numbers of the decode kernel's plan that do not depend on the tile configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DecodePlan {
+    /// Tokens one warp handles per iteration: max(key chunk = 64 / key bits, 16). Splits are multiples of it.
+    pub iter_tokens: u32,
+    /// Key groups an iteration touches (1 unless the key group is shorter than an iteration).
+    pub key_groups_per_iter: u32,
+    /// Query heads one thread block serves (at most 16: one m16 tile of the score mma).
+    pub heads_per_tile: u32,
+    /// Thread blocks per (sequence, split): ceil(gqa / 16); the cache is read once per head tile.
+    pub head_tiles: u32,
+    /// Bytes of one cp.async pipeline stage of one warp (one iteration's codes, scales and mins).
+    pub stage_bytes: u32,
+    /// head_dim.
+    pub head_dim: u32,
+}
+
+impl DecodePlan {
+    /// The plan of a layout that passed `check_supported`.
+    pub fn new(layout: &Layout) -> Self {
+        let st = StorageLayout::new(layout);
+        let iter_tokens = st.key_chunk_tokens().max(16);
+        let key_groups_per_iter = (iter_tokens / st.key_group_size).max(1);
+        let gqa = layout.gqa_ratio();
+        let head_tiles = gqa.div_ceil(16);
+        let heads_per_tile = gqa.div_ceil(head_tiles);
+        let d = st.head_dim;
+        let value_tiles = iter_tokens / 16;
+        let stage_bytes = iter_tokens * d * st.key_bits / 8
+            + 2 * key_groups_per_iter * d * 2
+            + value_tiles * 32 * st.value_words_per_lane() * 4
+            + 2 * value_tiles * 16 * st.value_groups_per_token() * 2;
+        DecodePlan {
+            iter_tokens,
+            key_groups_per_iter,
+            heads_per_tile,
+            head_tiles,
+            stage_bytes,
+            head_dim: d,
+        }
+    }
+
+    /// Static shared memory of the decode kernel with `warps` warps and `stages` stages: the pipeline, or the
+    /// warp-merge buffers if larger (they reuse it).
+    pub fn shared_bytes(&self, warps: u32, stages: u32) -> u32 {
+        let pipe = warps * stages * self.stage_bytes;
+        let merge = 4 * (2 * warps * 16 + self.heads_per_tile * self.head_dim);
+        // The combine of the last block of a sequence: a weight per split and a reduction buffer.
+        let combine = 4 * (MAX_SPLITS + 64);
+        pipe.max(merge).max(combine)
     }
 }
 
@@ -256,6 +310,8 @@ pub fn generate_module(specs: &[KernelSpec]) -> Result<ModuleSource, CodegenErro
     let mut tera = Tera::default();
     tera.add_raw_template("prelude", PRELUDE)
         .map_err(|e| template_error("prelude", &e))?;
+    tera.add_raw_template("quant_common", QUANT_COMMON)
+        .map_err(|e| template_error("quant_common", &e))?;
     for (kind, text) in TEMPLATES {
         tera.add_raw_template(kind.as_str(), text)
             .map_err(|e| template_error(kind.as_str(), &e))?;
@@ -320,70 +376,51 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 fn kernel_context(
     spec: &KernelSpec,
     name: &str,
-    module: &[KernelSpec],
+    _module: &[KernelSpec],
 ) -> Result<Context, CodegenError> {
     let st = StorageLayout::new(&spec.layout);
     let l = &spec.layout;
     let threads = spec.tile.threads;
     let value = match spec.kind {
-        KernelKind::QuantizeKeys => json!({
-            "bits": l.keys.bits,
-            "max_code": (1u32 << l.keys.bits) - 1,
-            "codes_per_word": st.key_codes_per_word,
-            "group_size": st.key_group_size,
-            "groups_per_channel": st.key_groups_per_channel,
-            "words_per_channel": st.key_words_per_channel,
-            "words_per_group": st.key_group_size / st.key_codes_per_word,
-            "block_code_words": st.key_block_words(),
-            "block_param_count": st.key_block_params(),
-            "grid_x": (st.head_dim * st.key_groups_per_channel).div_ceil(threads),
-        }),
-        KernelKind::QuantizeValues => json!({
-            "bits": l.values.bits,
-            "max_code": (1u32 << l.values.bits) - 1,
-            "codes_per_word": st.value_codes_per_word,
-            "group_size": st.value_group_size,
-            "groups_per_token": st.value_groups_per_token,
-            "words_per_token": st.value_words_per_token,
-            "words_per_group": st.value_group_size / st.value_codes_per_word,
-        }),
-        KernelKind::StoreResidual => json!({}),
-        KernelKind::DecodePartial => json!({
-            "split_tokens": spec.tile.split_tokens,
-            "warps": threads / 32,
-            "gqa": l.gqa_ratio(),
-            "dims_per_lane": st.head_dim.div_ceil(32),
-            "value_ring": st.value_ring,
-            "softmax_scale": format!("{:.9e}f", 1.0f64 / f64::from(st.head_dim).sqrt()),
-            "key_bits": l.keys.bits,
-            "key_mask": (1u32 << l.keys.bits) - 1,
-            "key_codes_per_word": st.key_codes_per_word,
-            "key_group_size": st.key_group_size,
-            "key_groups_per_channel": st.key_groups_per_channel,
-            "key_words_per_channel": st.key_words_per_channel,
-            "key_block_words": st.key_block_words(),
-            "key_block_params": st.key_block_params(),
-            "value_bits": l.values.bits,
-            "value_mask": (1u32 << l.values.bits) - 1,
-            "value_codes_per_word": st.value_codes_per_word,
-            "value_group_size": st.value_group_size,
-            "value_groups_per_token": st.value_groups_per_token,
-            "value_words_per_token": st.value_words_per_token,
-        }),
-        KernelKind::DecodeCombine => {
-            let partial = module
-                .iter()
-                .find(|s| s.kind == KernelKind::DecodePartial)
-                .map(KernelSpec::name)
-                .unwrap_or_else(|| "the decode kernel".into());
-            json!({ "gqa": l.gqa_ratio(), "partial_name": partial })
+        KernelKind::QuantizeValues => json!({ "tokens_per_block": threads / 8 }),
+        KernelKind::DecodePartial => {
+            let plan = DecodePlan::new(l);
+            let scale = std::f64::consts::LOG2_E / f64::from(st.head_dim).sqrt();
+            json!({
+                "warps": threads / 32,
+                "stages": spec.tile.stages,
+                "gqa": l.gqa_ratio(),
+                "heads_per_tile": plan.heads_per_tile,
+                "head_tiles": plan.head_tiles,
+                "iter_tokens": plan.iter_tokens,
+                "max_splits": MAX_SPLITS,
+                // Blocks per multiprocessor the register allocation aims at: 16 warps (64 K registers / 512
+                // threads = 128 registers each), which the cp.async pipeline needs to keep enough bytes in flight.
+                "min_blocks": (512 / threads).max(1),
+                "softmax_scale_log2": format!("{scale:.9e}f"),
+            })
         }
+        _ => json!({}),
     };
     let mut ctx = Context::from_value(value).map_err(|e| template_error(name, &e))?;
     ctx.insert("name", name);
     ctx.insert("threads", &threads);
+    // The layout constants every template (and quant_common) reads.
+    ctx.insert("layout_tag", &layout_tag(l));
     ctx.insert("head_dim", &st.head_dim);
     ctx.insert("residual_length", &st.residual_length);
+    ctx.insert("value_ring", &st.value_ring);
+    ctx.insert("key_bits", &st.key_bits);
+    ctx.insert("key_max_code", &((1u32 << st.key_bits) - 1));
+    ctx.insert("key_group_size", &st.key_group_size);
+    ctx.insert("key_block_words", &st.key_block_words());
+    ctx.insert("key_block_params", &st.key_block_params());
+    ctx.insert("value_bits", &st.value_bits);
+    ctx.insert("value_max_code", &((1u32 << st.value_bits) - 1));
+    ctx.insert("value_group_size", &st.value_group_size);
+    ctx.insert("value_words_per_pair", &st.value_words_per_pair());
+    ctx.insert("value_block_words", &st.value_block_words());
+    ctx.insert("value_block_params", &st.value_block_params());
     Ok(ctx)
 }
 

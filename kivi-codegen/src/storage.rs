@@ -1,88 +1,148 @@
 //! The device storage layout of a KIVI cache, shared by the kernels and the runtime.
+//!
+//! Codes are stored in the order the decode kernel's tensor-core fragments want them, so that a lane loads its
+//! operands with a few 16-byte loads and turns two codes into an fp16 pair with one LOP3 and one HFMA2 (the
+//! "magic number" conversion: `0x6400 | code` is the fp16 number `1024 + code`). The decode kernel computes
+//! scores with `mma.sync.m16n8k16` (fp16 in, fp32 accumulate): `S[head][token] = Q[head][d] x K^T[d][token]`
+//! with the keys as operand B, and `O^T[d][head] = V^T[d][token] x P[token][head]` with the values as operand A.
+//! In both, lane `4g + q` of a warp (g = 0..8, q = 0..4) holds fp16 pairs along the reduction dimension, and a
+//! 32-bit code word splits into two 16-bit halves that become the two fp16 numbers of one pair.
 
 use kivi_dsl::Layout;
 
 /// Sizes and strides of the block-major device layout of a KIVI cache, derived from a [`Layout`].
 ///
 /// A *sequence* is one (batch, KV head) pair. Its quantized tokens live in *blocks* of `residual_length` (R)
-/// tokens, so one key flush fills exactly one block and a block table can later index blocks anywhere:
-/// - key codes: per block `[head_dim][R / key_codes_per_word]` u32 (per-channel: a channel's codes run along
-///   tokens, `32 / bits` per word, code j in bits `[bits*j, bits*j + bits)`, as the reference packs them);
-///   key scale and min: per block `[head_dim][R / key_group_size]` fp16.
-/// - value codes: per block `[R][head_dim / value_codes_per_word]` u32 (per-token: a token's codes run along
-///   head_dim); value scale and min: per block `[R][head_dim / value_group_size]` fp16.
-/// - key residual ring: per sequence `[R][head_dim]` fp16, token at position p in row `p % R`.
-/// - value residual ring: per sequence `[R + 1][head_dim]` fp16, token p in row `p % (R + 1)` (the reference
-///   holds R + 1 full-precision values between an append and the flush of the oldest one).
+/// tokens, so one key flush fills exactly one block and a block table can later index blocks anywhere. Block
+/// `i` of sequence `s` is block `s * blocks_per_seq + i` of each pool (an identity block table).
 ///
-/// Block `i` of sequence `s` is block `s * blocks_per_seq + i` of each pool (an identity block table).
+/// **Key codes** (b bits, per-channel groups along tokens): a block is cut into *key chunks* of
+/// [`StorageLayout::key_chunk_tokens`] = 64 / b tokens; a chunk is `[lane 32][head_dim / 16]` u32 words. Word
+/// `c` of lane `4g + q` holds, for channels `16c + 2q + 8s + e` (s, e in 0..2) and tokens `8j + g` of the chunk
+/// (j in 0..8/b), the code of (token `8j + g`, channel `16c + 2q + 8s + e`) in bits
+/// `[16e + b(2j + s), +b)`: the low half holds even channels, the high half odd ones. See
+/// [`StorageLayout::key_code_position`].
+///
+/// **Key mins and scales** (fp16, one each per channel and group of `key_group_size` tokens), one buffer: per
+/// group of a block, `[q 4][head_dim / 16][min s=0, scale s=0, min s=1, scale s=1][e 2]`: the four fp16 pairs a
+/// lane needs per 16-channel step are one aligned 16-byte quad, and the mins of both channel sets sit where an
+/// mma's A operand wants them ([`StorageLayout::key_param_index`]).
+///
+/// **Value codes** (per-token groups along head_dim): a block is cut into *value tiles* of 16 tokens; a tile is
+/// `[lane 32][value_words_per_lane]` u32. Lane `4g + q` holds the token pairs `(2q + 8p, 2q + 8p + 1)` (p in
+/// 0..2; the even token in the low half of a word, the odd one in the high half) at the channels
+/// `16i + 8u + g`; pair p's `head_dim / 8` codes (index `n = 2i + u`) fill `value_words_per_pair` words,
+/// `16 / b` codes per half-word, so every 16-bit half-word belongs to one token (padding where `head_dim / 8`
+/// is not a multiple of `16 / b`). See [`StorageLayout::value_code_position`].
+///
+/// **Value scales and mins** (fp16, one per token and group of `value_group_size` channels): per value tile,
+/// `[q 4][p 2][head_dim / value_group_size][e 2]` ([`StorageLayout::value_param_index`]).
+///
+/// **Residual rings** (fp16, row-major): keys `[R][head_dim]` per sequence, token at position p in row `p % R`;
+/// values `[R + 1][head_dim]`, token p in row `p % (R + 1)` (the reference holds R + 1 full-precision values
+/// between an append and the flush of the oldest one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StorageLayout {
     /// Channels per head.
     pub head_dim: u32,
     /// R: tokens per block and per key flush.
     pub residual_length: u32,
-    /// Key codes per u32 word.
-    pub key_codes_per_word: u32,
+    /// Key bits.
+    pub key_bits: u32,
     /// Key group size in tokens.
     pub key_group_size: u32,
-    /// Key groups per channel per block (R / key_group_size).
-    pub key_groups_per_channel: u32,
-    /// Key code words per channel per block (R / key_codes_per_word).
-    pub key_words_per_channel: u32,
-    /// Value codes per u32 word.
-    pub value_codes_per_word: u32,
+    /// Value bits.
+    pub value_bits: u32,
     /// Value group size in head-dim entries.
     pub value_group_size: u32,
-    /// Value groups per token (head_dim / value_group_size).
-    pub value_groups_per_token: u32,
-    /// Value code words per token (head_dim / value_codes_per_word).
-    pub value_words_per_token: u32,
     /// Rows of the value residual ring (R + 1).
     pub value_ring: u32,
 }
 
+/// Where one code lives: the u32 word (counted from the start of its block) and the bit of its lowest bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodePosition {
+    /// Word index within the block.
+    pub word: usize,
+    /// Bit offset of the code's least significant bit in that word.
+    pub bit: u32,
+}
+
 impl StorageLayout {
-    /// The storage layout of a layout that passed `check_supported` (bits dividing 32, groups dividing R and
-    /// head_dim; other layouts give meaningless numbers).
+    /// The storage layout of a layout that passed `check_supported` (bits 1, 2, 4 or 8, groups of at least 8
+    /// dividing R and head_dim, R a multiple of [`StorageLayout::key_chunk_tokens`] and of 16; other layouts
+    /// give meaningless numbers).
     pub fn new(layout: &Layout) -> Self {
         let r = layout.residual_length;
-        let key_group_size = layout.keys.group_elems(r);
-        let value_group_size = layout.values.group_elems(r);
-        let head_dim = layout.keys.head_dim;
         StorageLayout {
-            head_dim,
+            head_dim: layout.keys.head_dim,
             residual_length: r,
-            key_codes_per_word: layout.keys.codes_per_word(),
-            key_group_size,
-            key_groups_per_channel: r / key_group_size,
-            key_words_per_channel: r / layout.keys.codes_per_word(),
-            value_codes_per_word: layout.values.codes_per_word(),
-            value_group_size,
-            value_groups_per_token: head_dim / value_group_size,
-            value_words_per_token: head_dim / layout.values.codes_per_word(),
+            key_bits: layout.keys.bits,
+            key_group_size: layout.keys.group_elems(r),
+            value_bits: layout.values.bits,
+            value_group_size: layout.values.group_elems(r),
             value_ring: r + 1,
         }
     }
 
-    /// u32 words of key codes per block.
-    pub fn key_block_words(&self) -> u32 {
-        self.head_dim * self.key_words_per_channel
+    /// Key codes per 16-bit half-word (16 / key bits).
+    pub fn key_codes_per_half(&self) -> u32 {
+        16 / self.key_bits
     }
 
-    /// Key scales (and, separately, mins) per block.
+    /// Tokens of one key chunk: 8 rows of an mma n-tile times the `8 / bits` tokens a lane keeps per word.
+    pub fn key_chunk_tokens(&self) -> u32 {
+        64 / self.key_bits
+    }
+
+    /// Key code words per lane per chunk (head_dim / 16: one per 16-channel k-step of the mma).
+    pub fn key_words_per_lane(&self) -> u32 {
+        self.head_dim / 16
+    }
+
+    /// Key groups per block (R / key_group_size).
+    pub fn key_groups_per_block(&self) -> u32 {
+        self.residual_length / self.key_group_size
+    }
+
+    /// Value codes per 16-bit half-word (16 / value bits).
+    pub fn value_codes_per_half(&self) -> u32 {
+        16 / self.value_bits
+    }
+
+    /// u32 words per lane per value tile for one token pair: ceil((head_dim / 8) / codes per half-word).
+    pub fn value_words_per_pair(&self) -> u32 {
+        (self.head_dim / 8).div_ceil(self.value_codes_per_half())
+    }
+
+    /// u32 words per lane per value tile (two token pairs).
+    pub fn value_words_per_lane(&self) -> u32 {
+        2 * self.value_words_per_pair()
+    }
+
+    /// Value groups per token (head_dim / value_group_size).
+    pub fn value_groups_per_token(&self) -> u32 {
+        self.head_dim / self.value_group_size
+    }
+
+    /// u32 words of key codes per block.
+    pub fn key_block_words(&self) -> u32 {
+        self.residual_length / self.key_chunk_tokens() * 32 * self.key_words_per_lane()
+    }
+
+    /// fp16 numbers of the key parameter buffer per block: a min and a scale per channel and group.
     pub fn key_block_params(&self) -> u32 {
-        self.head_dim * self.key_groups_per_channel
+        2 * self.head_dim * self.key_groups_per_block()
     }
 
     /// u32 words of value codes per block.
     pub fn value_block_words(&self) -> u32 {
-        self.residual_length * self.value_words_per_token
+        self.residual_length / 16 * 32 * self.value_words_per_lane()
     }
 
     /// Value scales (and, separately, mins) per block.
     pub fn value_block_params(&self) -> u32 {
-        self.residual_length * self.value_groups_per_token
+        self.residual_length * self.value_groups_per_token()
     }
 
     /// Blocks a sequence needs for `capacity` tokens (every quantized token lies in a block).
@@ -90,14 +150,87 @@ impl StorageLayout {
         capacity.div_ceil(self.residual_length)
     }
 
+    /// The key code of token `t` (0..R, within its block) and channel `d`.
+    pub fn key_code_position(&self, t: u32, d: u32) -> CodePosition {
+        let kc = self.key_chunk_tokens();
+        let (chunk, tc) = (t / kc, t % kc);
+        let (j, g) = (tc / 8, tc % 8);
+        let (c, r) = (d / 16, d % 16);
+        let (s, q, e) = (r / 8, (r % 8) / 2, r % 2);
+        let lane = 4 * g + q;
+        let word = (chunk * 32 + lane) * self.key_words_per_lane() + c;
+        CodePosition {
+            word: word as usize,
+            bit: 16 * e + self.key_bits * (2 * j + s),
+        }
+    }
+
+    /// The indices (within its block's key parameters) of the (scale, min) of token `t` (0..R), channel `d`.
+    pub fn key_param_index(&self, t: u32, d: u32) -> (usize, usize) {
+        let gi = t / self.key_group_size;
+        let (c, r) = (d / 16, d % 16);
+        let (s, q, e) = (r / 8, (r % 8) / 2, r % 2);
+        let quad = ((gi * 4 + q) * self.key_words_per_lane() + c) * 4 + 2 * s;
+        (((quad + 1) * 2 + e) as usize, (quad * 2 + e) as usize)
+    }
+
+    /// The value code of token `t` (0..R, within its block) and channel `d`.
+    pub fn value_code_position(&self, t: u32, d: u32) -> CodePosition {
+        let (kt, tt) = (t / 16, t % 16);
+        let (p, q, e) = (tt / 8, (tt % 8) / 2, tt % 2);
+        let (i, r) = (d / 16, d % 16);
+        let (g, u) = (r % 8, r / 8);
+        let lane = 4 * g + q;
+        let n = 2 * i + u;
+        let cph = self.value_codes_per_half();
+        let word = (kt * 32 + lane) * self.value_words_per_lane()
+            + p * self.value_words_per_pair()
+            + n / cph;
+        CodePosition {
+            word: word as usize,
+            bit: 16 * e + self.value_bits * (n % cph),
+        }
+    }
+
+    /// The index (within its block) of the value scale and min of token `t` (0..R) and channel `d`.
+    pub fn value_param_index(&self, t: u32, d: u32) -> usize {
+        let (kt, tt) = (t / 16, t % 16);
+        let (p, q, e) = (tt / 8, (tt % 8) / 2, tt % 2);
+        let gv = d / self.value_group_size;
+        ((((kt * 4 + q) * 2 + p) * self.value_groups_per_token() + gv) * 2 + e) as usize
+    }
+
     /// Device bytes of one sequence (one batch entry x one KV head) with `capacity` tokens: codes, scales and
-    /// mins of keys and values, plus both residual rings (fp16 is 2 bytes).
+    /// mins of keys and values, plus both residual rings (fp16 is 2 bytes). Split-K scratch is per cache, not
+    /// per sequence: see the runtime.
     pub fn bytes_per_sequence(&self, capacity: u32) -> u64 {
         let blocks = u64::from(self.blocks_for(capacity));
-        let per_block = 4 * u64::from(self.key_block_words() + self.value_block_words())
-            + 2 * 2 * u64::from(self.key_block_params() + self.value_block_params());
-        let rings =
-            2 * u64::from(self.head_dim) * u64::from(self.residual_length + self.value_ring);
-        blocks * per_block + rings
+        blocks * self.bytes_per_block() + self.ring_bytes()
+    }
+
+    /// Bytes of one quantized block: codes, scales and mins of keys and values.
+    pub fn bytes_per_block(&self) -> u64 {
+        4 * u64::from(self.key_block_words() + self.value_block_words())
+            + 2 * u64::from(self.key_block_params() + 2 * self.value_block_params())
+    }
+
+    /// Bytes a decode step must read for one sequence (one KV head) holding `len` tokens of which
+    /// `quantized_keys` and `quantized_values` are quantized: key codes, scales and mins of the quantized keys,
+    /// value codes (with their padding, as stored), scales and mins of the quantized values, and every
+    /// full-precision key and value (the residual, including the new token). The query heads (2 bytes x
+    /// head_dim each) come on top. This is the byte count `kivi bench` divides by the time.
+    pub fn decode_read_bytes(&self, len: u64, quantized_keys: u64, quantized_values: u64) -> u64 {
+        let d = u64::from(self.head_dim);
+        let key_codes = quantized_keys * d * u64::from(self.key_bits) / 8;
+        let key_params = quantized_keys / u64::from(self.key_group_size) * d * 4;
+        let value_codes = quantized_values * 32 * u64::from(self.value_words_per_lane()) * 4 / 16;
+        let value_params = quantized_values * u64::from(self.value_groups_per_token()) * 4;
+        let residual = (2 * len - quantized_keys - quantized_values) * d * 2;
+        key_codes + key_params + value_codes + value_params + residual
+    }
+
+    /// Bytes of the two residual rings of one sequence.
+    pub fn ring_bytes(&self) -> u64 {
+        2 * u64::from(self.head_dim) * u64::from(self.residual_length + self.value_ring)
     }
 }

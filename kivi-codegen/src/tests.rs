@@ -10,7 +10,7 @@ fn names_spell_the_parameters() {
     let k = LayoutKernels::new(&l, &KernelTiles::heuristic(&l)).unwrap();
     assert_eq!(
         k.spec(KernelKind::DecodePartial).name(),
-        "kivi_decode_k2c32_v2t32_r128_d128_fp16_gqa4_t128_s256"
+        "kivi_decode_k2c32_v2t32_r128_d128_fp16_gqa4_t128_p3"
     );
     assert_eq!(
         k.spec(KernelKind::QuantizeKeys).name(),
@@ -21,19 +21,96 @@ fn names_spell_the_parameters() {
 #[test]
 fn storage_numbers_follow_the_layout() {
     let s = StorageLayout::new(&layout("kivi-4, smollm2-135m, residual_length: 64"));
-    assert_eq!(s.key_codes_per_word, 8);
-    assert_eq!(s.key_words_per_channel, 8); // 64 tokens / 8 codes per word
-    assert_eq!(s.key_groups_per_channel, 2); // 64 / 32
-    assert_eq!(s.value_words_per_token, 8); // 64 dims / 8
-    assert_eq!(s.value_groups_per_token, 2);
+    assert_eq!(s.key_chunk_tokens(), 16); // 64 / 4 bits
+    assert_eq!(s.key_words_per_lane(), 4); // head_dim 64 / 16
+    assert_eq!(s.key_groups_per_block(), 2); // 64 / 32
+    assert_eq!(s.value_words_per_pair(), 2); // 8 codes of a pair per lane, 4 per half-word
+    assert_eq!(s.value_groups_per_token(), 2);
     assert_eq!(s.value_ring, 65);
-    assert_eq!(s.key_block_words(), 64 * 8);
+    // Key codes: 64 tokens x 64 channels x 4 bits / 32 = 512 words; values the same (no padding here).
+    assert_eq!(s.key_block_words(), 512);
+    assert_eq!(s.value_block_words(), 512);
     assert_eq!(s.blocks_for(129), 3);
-    // 3 blocks x (keys 512 + values 512 words x 4 bytes + 4 x 128 params x 2 bytes) + rings (64 + 65) x 64 x 2.
+    // 3 blocks x (keys 512 + values 512 words x 4 bytes + 2 x 2 x 128 params x 2 bytes) + rings (64 + 65) x 64 x 2.
     assert_eq!(
         s.bytes_per_sequence(129),
         3 * (4 * 1024 + 2 * 2 * 256) + 2 * 64 * 129
     );
+}
+
+/// Every (token, channel) of a block has its own code bits inside the block, and every group its own scale
+/// slot: the packing loses nothing and overlaps nothing, for every width and a few shapes.
+#[test]
+fn storage_positions_are_a_bijection() {
+    for spec in [
+        "kivi-2, llama-2-7b",
+        "kivi-4, smollm2-135m",
+        "kivi-2, llama-3-8b, keys: { bits: 8 }, values: { bits: 1, group_size: 64 }",
+        "kivi-4, num_heads: 4, num_kv_heads: 4, head_dim: 80, keys: { bits: 1 }, values: { bits: 8, group_size: 16 }",
+        "kivi-2, num_heads: 4, num_kv_heads: 4, head_dim: 32, values: { bits: 1, group_size: 16 }",
+        "kivi-2, num_heads: 4, num_kv_heads: 4, head_dim: 48, keys: { bits: 1, group_size: 16 }, values: { bits: 4, group_size: 16 }",
+    ] {
+        let l = layout(spec);
+        l.check_supported().unwrap();
+        let s = StorageLayout::new(&l);
+        let (r, d) = (s.residual_length, s.head_dim);
+        for (bits, words, pos) in [
+            (
+                s.key_bits,
+                s.key_block_words(),
+                &(|t, c| s.key_code_position(t, c)) as &dyn Fn(u32, u32) -> CodePosition,
+            ),
+            (s.value_bits, s.value_block_words(), &|t, c| {
+                s.value_code_position(t, c)
+            }),
+        ] {
+            let mut used = vec![0u32; words as usize];
+            for t in 0..r {
+                for c in 0..d {
+                    let p = pos(t, c);
+                    assert!(p.word < words as usize, "{spec}: ({t},{c}) word {}", p.word);
+                    assert!(p.bit + bits <= 32, "{spec}: ({t},{c}) bit {}", p.bit);
+                    assert!(p.bit % 16 + bits <= 16, "{spec}: code crosses a half-word");
+                    let mask = ((1u64 << bits) - 1) as u32;
+                    assert_eq!(used[p.word] & (mask << p.bit), 0, "{spec}: ({t},{c}) overlaps");
+                    used[p.word] |= mask << p.bit;
+                }
+            }
+        }
+        let mut keys = vec![false; s.key_block_params() as usize];
+        for t in (0..r).step_by(s.key_group_size as usize) {
+            for c in 0..d {
+                let (scale, min) = s.key_param_index(t, c);
+                for i in [scale, min] {
+                    assert!(!keys[i], "{spec}: key param ({t},{c}) reused");
+                    keys[i] = true;
+                }
+                // Every token of the group maps to the same slots.
+                assert_eq!(s.key_param_index(t + s.key_group_size - 1, c), (scale, min));
+            }
+        }
+        assert!(keys.iter().all(|&u| u), "{spec}: unused key param slots");
+        let mut values = vec![false; s.value_block_params() as usize];
+        for t in 0..r {
+            for c in (0..d).step_by(s.value_group_size as usize) {
+                let i = s.value_param_index(t, c);
+                assert!(!values[i], "{spec}: value param ({t},{c}) reused");
+                values[i] = true;
+                assert_eq!(s.value_param_index(t, c + s.value_group_size - 1), i);
+            }
+        }
+        assert!(values.iter().all(|&u| u), "{spec}: unused value param slots");
+    }
+}
+
+#[test]
+fn decode_bytes_count_codes_params_and_residual() {
+    let s = StorageLayout::new(&layout("kivi-2, llama-2-7b"));
+    // 4096 tokens, 3968 keys and 3968 values quantized, 128 + 128 residual.
+    let b = s.decode_read_bytes(4096, 3968, 3968);
+    let codes = 2 * 3968 * 128 * 2 / 8;
+    let params = 3968 / 32 * 128 * 4 + 3968 * 4 * 4;
+    assert_eq!(b, codes + params + 2 * 128 * 128 * 2);
 }
 
 #[test]
@@ -42,13 +119,13 @@ fn templates_receive_derived_constants() {
     let k = LayoutKernels::new(&l, &KernelTiles::heuristic(&l)).unwrap();
     let m = generate_module(&k.specs).unwrap();
     assert!(!m.source.contains("{{"), "unrendered template text");
+    assert!(m.source.contains("constexpr int D = 64;"), "head_dim 64");
+    assert!(m.source.contains("constexpr int HT = 3;"), "GQA 3");
+    // log2(e) / sqrt(64)
     assert!(
-        m.source.contains("__shared__ float sm_acc[3][64];"),
-        "GQA 3 x head_dim 64"
-    );
-    assert!(
-        m.source.contains("const float sm_scale = 1.250000000e-1f;"),
-        "1/sqrt(64)"
+        m.source
+            .contains("constexpr float SCALE_LOG2 = 1.803368801e-1f;"),
+        "softmax scale"
     );
     assert!(!m.source.contains("#include"), "compiles with NVRTC alone");
     assert_eq!(m.kernels.len(), KernelKind::ALL.len());
@@ -59,7 +136,7 @@ fn tiles_are_checked() {
     let l = layout("kivi-2, llama-2-7b");
     let bad = TileConfig {
         threads: 100,
-        split_tokens: 256,
+        ..KernelTiles::heuristic(&l).decode
     };
     let e = KernelSpec::new(KernelKind::DecodePartial, l, bad).unwrap_err();
     assert!(
@@ -67,19 +144,36 @@ fn tiles_are_checked() {
             .contains("threads 100 must be a multiple of 32"),
         "{e}"
     );
-    let no_split = TileConfig {
-        threads: 128,
-        split_tokens: 0,
+    let split = TileConfig {
+        split_tokens: 100,
+        ..KernelTiles::heuristic(&l).decode
     };
-    assert!(KernelSpec::new(KernelKind::DecodePartial, l, no_split).is_err());
-    let big = layout("kivi-2, num_heads: 64, num_kv_heads: 1, head_dim: 256");
-    let e = KernelSpec::new(
-        KernelKind::DecodePartial,
-        big,
-        KernelTiles::heuristic(&big).decode,
-    )
-    .unwrap_err();
-    assert!(e.to_string().contains("not yet supported"), "{e}");
+    let e = KernelSpec::new(KernelKind::DecodePartial, l, split).unwrap_err();
+    assert!(e.to_string().contains("multiple of 32"), "{e}");
+    let stages = TileConfig {
+        stages: 7,
+        ..KernelTiles::heuristic(&l).decode
+    };
+    assert!(KernelSpec::new(KernelKind::DecodePartial, l, stages).is_err());
+    let big = TileConfig {
+        threads: 1024,
+        split_tokens: 0,
+        stages: 4,
+    };
+    let e = KernelSpec::new(KernelKind::DecodePartial, l, big).unwrap_err();
+    assert!(e.to_string().contains("shared memory"), "{e}");
+}
+
+#[test]
+fn heuristic_fits_every_supported_shape() {
+    for spec in [
+        "kivi-2, llama-2-7b",
+        "kivi-2, num_heads: 64, num_kv_heads: 1, head_dim: 256, keys: { bits: 8 }, values: { bits: 8 }",
+        "kivi-4, num_heads: 16, num_kv_heads: 16, head_dim: 256",
+    ] {
+        let l = layout(spec);
+        LayoutKernels::new(&l, &KernelTiles::heuristic(&l)).unwrap_or_else(|e| panic!("{spec}: {e}"));
+    }
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use kivi_dsl::Layout;
 
-use crate::KernelKind;
+use crate::{DecodePlan, KernelKind, MAX_STATIC_SHARED_BYTES};
 
 /// The launch shape of one kernel. The runtime takes one from whoever asks: [`KernelTiles::heuristic`] now, the
 /// autotuner later.
@@ -10,8 +10,23 @@ use crate::KernelKind;
 pub struct TileConfig {
     /// Threads per block: a multiple of 32 in 32..=1024.
     pub threads: u32,
-    /// Tokens per split-K block of the decode kernel (ignored by other kinds; 0 there).
+    /// Decode only: tokens per split-K block, a multiple of the decode kernel's iteration
+    /// ([`DecodePlan::iter_tokens`]); 0 lets the runtime choose at launch from the sequence length, the number
+    /// of sequences and the GPU's multiprocessor count. It is a launch parameter, not part of the code.
     pub split_tokens: u32,
+    /// Decode only: cp.async pipeline stages per warp (2..=4); 0 for other kinds.
+    pub stages: u32,
+}
+
+impl TileConfig {
+    /// A configuration for the non-decode kinds: `threads` per block, no split, no stages.
+    pub fn plain(threads: u32) -> Self {
+        TileConfig {
+            threads,
+            split_tokens: 0,
+            stages: 0,
+        }
+    }
 }
 
 /// One [`TileConfig`] per [`KernelKind`].
@@ -25,27 +40,35 @@ pub struct KernelTiles {
     pub store_residual: TileConfig,
     /// For [`KernelKind::DecodePartial`].
     pub decode: TileConfig,
-    /// For [`KernelKind::DecodeCombine`].
-    pub combine: TileConfig,
 }
 
 impl KernelTiles {
-    /// The default when nothing was tuned: 128 threads everywhere, 4 warps per decode block, 256 tokens per
-    /// split (enough splits to fill a GPU at batch 1 and 8k tokens, few enough to keep the combine cheap).
-    pub fn heuristic(_layout: &Layout) -> Self {
-        let plain = TileConfig {
+    /// The default when nothing was tuned: 128 threads everywhere; the decode kernel with 4 warps and a 3-stage
+    /// pipeline (fewer stages, then fewer warps, where its shared memory would pass 48 KiB), its split chosen at
+    /// launch.
+    pub fn heuristic(layout: &Layout) -> Self {
+        let plain = TileConfig::plain(128);
+        let plan = DecodePlan::new(layout);
+        let mut decode = TileConfig {
             threads: 128,
             split_tokens: 0,
+            stages: 3,
         };
+        for (threads, stages) in [(128, 3), (128, 2), (64, 3), (64, 2), (32, 2)] {
+            decode = TileConfig {
+                threads,
+                split_tokens: 0,
+                stages,
+            };
+            if plan.shared_bytes(threads / 32, stages) <= MAX_STATIC_SHARED_BYTES {
+                break;
+            }
+        }
         KernelTiles {
             quantize_keys: plain,
             quantize_values: plain,
             store_residual: plain,
-            decode: TileConfig {
-                threads: 128,
-                split_tokens: 256,
-            },
-            combine: plain,
+            decode,
         }
     }
 
@@ -56,7 +79,6 @@ impl KernelTiles {
             KernelKind::QuantizeValues => self.quantize_values,
             KernelKind::StoreResidual => self.store_residual,
             KernelKind::DecodePartial => self.decode,
-            KernelKind::DecodeCombine => self.combine,
         }
     }
 }

@@ -790,7 +790,7 @@ fn validate_rules_and_fields() {
                 tensor: "keys",
                 head_dim: 48,
                 group_size: 32,
-                working: vec![1, 2, 4, 8, 16],
+                working: vec![16],
             },
             "keys.group_size",
         ),
@@ -876,8 +876,8 @@ fn check_supported_rules() {
         (
             with(|l| l.values.group_size = GroupSize::Elements(8)),
             "values.group_size",
-            "not yet supported: values.group_size 8 with 2 bits (the 16 codes of one 32-bit word would span two \
-             groups; use a group_size of at least 16)",
+            "not yet supported: values.group_size 8 (the decode kernel needs groups of at least 16 elements: one \
+             16-row tile of its tensor-core fragments shares a group)",
         ),
         (
             with(|l| l.keys.symmetry = Symmetry::Symmetric),
@@ -914,11 +914,11 @@ fn check_supported_rules() {
             (field.to_string(), message.to_string())
         );
     }
-    // Supported edges: 1-bit codes in groups of 32, 8-bit codes in groups of 4.
+    // Supported edges: 1-bit keys, 8-bit values in groups of 16.
     with(|l| {
         l.keys.bits = 1;
         l.values.bits = 8;
-        l.values.group_size = GroupSize::Elements(4);
+        l.values.group_size = GroupSize::Elements(16);
     })
     .check_supported()
     .unwrap();

@@ -23,11 +23,11 @@ pub fn dividing_group_sizes(n: u32) -> Vec<u32> {
     (0..=n.trailing_zeros()).map(|s| 1u32 << s).collect()
 }
 
-/// The per-token group sizes that would work for `head_dim` at `bits`: the powers of two dividing `head_dim`
-/// that are at least `32 / bits`, or all powers of two dividing it if none is that large.
-fn working_group_sizes(head_dim: u32, bits: u32) -> Vec<u32> {
+/// The per-token group sizes that would work for `head_dim`: the powers of two dividing `head_dim` that the
+/// generator emits (at least 16), or all powers of two dividing it if none is that large.
+fn working_group_sizes(head_dim: u32) -> Vec<u32> {
     let all = dividing_group_sizes(head_dim);
-    let min = 32 / bits.max(1);
+    let min = 16;
     let large: Vec<u32> = all.iter().copied().filter(|&g| g >= min).collect();
     if large.is_empty() {
         all
@@ -131,7 +131,7 @@ impl Layout {
                     tensor,
                     head_dim: t.head_dim,
                     group_size: g,
-                    working: working_group_sizes(t.head_dim, t.bits),
+                    working: working_group_sizes(t.head_dim),
                 })
             }
             _ => Ok(()),
@@ -139,9 +139,10 @@ impl Layout {
     }
 
     /// Checks that the code generator emits this layout: [`Layout::validate`] first, then bits 1, 2, 4 or 8;
-    /// keys per-channel and values per-token; numeric group sizes (no `per_block`) of at least `32 / bits`
-    /// (the codes of one 32-bit word stay in one group); asymmetric; fp16 scales; `half` rounding; fp16
-    /// activations; no sink tokens; equal key and value head_dim.
+    /// keys per-channel and values per-token; numeric group sizes (no `per_block`) of at least 16 (a 16-row
+    /// tile of the decode kernel's tensor-core fragments shares a group); `residual_length` a multiple of
+    /// `max(64 / key bits, 16)` (whole key chunks and value tiles per flush block); asymmetric; fp16 scales;
+    /// `half` rounding; fp16 activations; no sink tokens; equal key and value head_dim.
     ///
     /// # Errors
     /// A [`LayoutError`] from `validate`, or [`LayoutError::NotYetSupported`] for the first unsupported choice.
@@ -176,12 +177,10 @@ impl Layout {
                         "{name}.group_size per_block (use a number of elements)"
                     ));
                 }
-                GroupSize::Elements(g) if g < 32 / t.bits => {
+                GroupSize::Elements(g) if g < 16 => {
                     return unsupported(format!(
-                        "{name}.group_size {g} with {bits} bits (the {per} codes of one 32-bit word would span \
-                         two groups; use a group_size of at least {per})",
-                        bits = t.bits,
-                        per = 32 / t.bits
+                        "{name}.group_size {g} (the decode kernel needs groups of at least 16 elements: one \
+                         16-row tile of its tensor-core fragments shares a group)"
                     ));
                 }
                 GroupSize::Elements(_) => {}
@@ -212,6 +211,14 @@ impl Layout {
         }
         if self.sink_tokens > 0 {
             return unsupported(format!("sink_tokens {} (only 0)", self.sink_tokens));
+        }
+        let unit = (64 / self.keys.bits).max(16);
+        if self.residual_length % unit != 0 {
+            return unsupported(format!(
+                "residual_length {} with {}-bit keys (a flush block must hold whole key chunks and value tiles: \
+                 use a multiple of {unit})",
+                self.residual_length, self.keys.bits
+            ));
         }
         if self.keys.head_dim != self.values.head_dim {
             return unsupported(format!(

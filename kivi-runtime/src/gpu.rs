@@ -19,6 +19,7 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: Arch,
+    sm_count: u32,
     name: String,
     compiler: Arc<Compiler>,
 }
@@ -36,6 +37,9 @@ impl Gpu {
             .map_err(|e| RuntimeError::NoGpu(format!("GPU {ordinal}: {e}")))?;
         let (major, minor) = ctx.compute_capability()?;
         let name = ctx.name()?;
+        let sm_count = ctx.attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )? as u32;
         let stream = ctx.default_stream();
         Ok(Gpu {
             ctx,
@@ -45,8 +49,14 @@ impl Gpu {
                 minor: minor as u32,
             },
             name,
+            sm_count,
             compiler,
         })
+    }
+
+    /// Streaming multiprocessors of the device (132 on an H200 SXM).
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
     }
 
     /// The device's arch (its own compute capability).
@@ -79,6 +89,15 @@ impl Gpu {
     /// # Errors
     /// Codegen errors (layout not supported, tile invalid), NVRTC errors, driver errors.
     pub fn load_layout(&self, layout: &Layout, tiles: &KernelTiles) -> Result<Arc<LayoutModule>> {
+        if self.arch.major < 8 {
+            return Err(RuntimeError::Limit {
+                what: "the GPU's compute capability",
+                value: u64::from(self.arch.major * 10 + self.arch.minor),
+                limit: "kivi's decode kernel needs 80 or more (sm_80: A100, Ada, Hopper, Blackwell): it uses \
+                        mma.sync, cp.async and movmatrix"
+                    .into(),
+            });
+        }
         let kernels = LayoutKernels::new(layout, tiles)?;
         let source = generate_module(&kernels.specs)?;
         let cubin = self
@@ -100,6 +119,29 @@ impl Gpu {
             origin: cubin.origin,
             load_time: start.elapsed(),
         }))
+    }
+}
+
+impl Gpu {
+    /// Compiles (or loads from the caches) a stand-alone CUDA C++ program and returns the named `extern "C"`
+    /// kernels, in order. For kivi's own utility kernels (e.g. the benchmark's random fill).
+    ///
+    /// # Errors
+    /// NVRTC errors, driver errors (e.g. a name that is not in the program).
+    pub fn load_program(
+        &self,
+        name: &str,
+        source: &str,
+        kernels: &[&str],
+    ) -> Result<Vec<CudaFunction>> {
+        let cubin = self.compiler.compile(name, source, self.arch)?;
+        let module = self
+            .ctx
+            .load_module(Ptx::from_binary(cubin.image.to_vec()))?;
+        kernels
+            .iter()
+            .map(|k| module.load_function(k).map_err(RuntimeError::from))
+            .collect()
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use half::f16;
-use kivi_codegen::{KernelKind, StorageLayout};
+use kivi_codegen::{DecodePlan, KernelKind, StorageLayout, MAX_SPLITS};
 use kivi_dsl::Layout;
 pub use kivi_reference::CacheExport;
 
@@ -15,8 +15,34 @@ use crate::gpu::{Gpu, LayoutModule};
 /// The largest capacity (tokens per sequence) a cache may have: positions are 32-bit in the kernels.
 pub const MAX_CAPACITY: u32 = 1 << 28;
 
-/// The largest grid y (and z) dimension CUDA accepts.
-const MAX_GRID_Y: u32 = 65535;
+/// Tokens per split below which the automatic split does not go (per-block overheads would dominate).
+const MIN_AUTO_SPLIT: u32 = 512;
+
+/// Tokens per split for a decode over `len` tokens: `fixed` if tuned (non-zero), else an even share of `len`
+/// among the splits that let every (sequence, split) block run in one wave of `slots` resident blocks (never
+/// below [`MIN_AUTO_SPLIT`] tokens unless the sequence is shorter), rounded up to the decode iteration.
+fn split_tokens(fixed: u32, len: u32, seqs: u32, plan: &DecodePlan, slots: u32) -> u32 {
+    if fixed > 0 {
+        return fixed;
+    }
+    let want = wanted_splits(seqs, plan, slots);
+    let it = plan.iter_tokens;
+    let share = len.max(1).div_ceil(want).div_ceil(it) * it;
+    share.max(MIN_AUTO_SPLIT.min(len.max(1).div_ceil(it) * it))
+}
+
+fn wanted_splits(seqs: u32, plan: &DecodePlan, slots: u32) -> u32 {
+    (slots / (seqs * plan.head_tiles)).clamp(1, MAX_SPLITS)
+}
+
+/// The most splits any decode step of a cache of `capacity` tokens can have (sizes the split-K scratch).
+fn max_splits(fixed: u32, capacity: u32, seqs: u32, plan: &DecodePlan, slots: u32) -> u32 {
+    if fixed > 0 {
+        capacity.div_ceil(fixed)
+    } else {
+        wanted_splits(seqs, plan, slots).min(capacity.div_ceil(plan.iter_tokens))
+    }
+}
 
 /// A KIVI KV cache of `batch x num_kv_heads` sequences on one GPU, with preallocated capacity.
 ///
@@ -34,8 +60,7 @@ pub struct KiviCache {
     capacity: u32,
     blocks_per_seq: u32,
     k_codes: CudaSlice<u32>,
-    k_scale: CudaSlice<f16>,
-    k_mn: CudaSlice<f16>,
+    k_params: CudaSlice<f16>,
     k_res: CudaSlice<f16>,
     v_codes: CudaSlice<u32>,
     v_scale: CudaSlice<f16>,
@@ -43,6 +68,10 @@ pub struct KiviCache {
     v_res: CudaSlice<f16>,
     part_acc: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
+    counters: CudaSlice<u32>,
+    plan: DecodePlan,
+    slots: u32,
+    max_splits: u32,
     len: u32,
     quantized_keys: u32,
     quantized_values: u32,
@@ -80,11 +109,12 @@ impl KiviCache {
             });
         }
         let seqs = u64::from(batch) * u64::from(layout.num_kv_heads);
-        if seqs > 65535 {
+        let head_tiles = u64::from(DecodePlan::new(&layout).head_tiles);
+        if seqs * head_tiles > 65535 {
             return Err(RuntimeError::Limit {
-                what: "batch x num_kv_heads",
-                value: seqs,
-                limit: "it must be at most 65535 (the grid's y and z limit)".into(),
+                what: "batch x num_kv_heads x head tiles (ceil(gqa / 16))",
+                value: seqs * head_tiles,
+                limit: "it must be at most 65535 (the grid's y limit)".into(),
             });
         }
         if !Arc::ptr_eq(module.context(), gpu.context()) {
@@ -97,25 +127,39 @@ impl KiviCache {
         let blocks = seqs as usize * blocks_per_seq as usize;
         let stream = gpu.stream().clone();
         let d = storage.head_dim as usize;
-        let max_splits = capacity.div_ceil(
-            module
-                .kernels()
-                .spec(KernelKind::DecodePartial)
-                .tile
-                .split_tokens,
-        ) as usize;
+        let plan = DecodePlan::new(&layout);
+        let split_tile = module.kernels().spec(KernelKind::DecodePartial).tile;
+        // Resident decode blocks on the whole GPU: one wave of them is what the automatic split fills.
+        let per_sm = module
+            .function(KernelKind::DecodePartial)
+            .occupancy_max_active_blocks_per_multiprocessor(split_tile.threads, 0, None)?
+            .max(1);
+        let slots = gpu.sm_count().max(1) * per_sm;
+        let max_splits = max_splits(split_tile.split_tokens, capacity, seqs as u32, &plan, slots);
+        if max_splits > MAX_SPLITS {
+            return Err(RuntimeError::Limit {
+                what: "split-K blocks per sequence (capacity / split_tokens)",
+                value: max_splits.into(),
+                limit: format!(
+                    "the decode kernel merges at most {MAX_SPLITS}: use a larger split_tokens or 0 (automatic)"
+                ),
+            });
+        }
         let rows = seqs as usize * layout.gqa_ratio() as usize;
         Ok(KiviCache {
             k_codes: stream.alloc_zeros(blocks * storage.key_block_words() as usize)?,
-            k_scale: stream.alloc_zeros(blocks * storage.key_block_params() as usize)?,
-            k_mn: stream.alloc_zeros(blocks * storage.key_block_params() as usize)?,
+            k_params: stream.alloc_zeros(blocks * storage.key_block_params() as usize)?,
             k_res: stream.alloc_zeros(seqs as usize * storage.residual_length as usize * d)?,
             v_codes: stream.alloc_zeros(blocks * storage.value_block_words() as usize)?,
             v_scale: stream.alloc_zeros(blocks * storage.value_block_params() as usize)?,
             v_mn: stream.alloc_zeros(blocks * storage.value_block_params() as usize)?,
             v_res: stream.alloc_zeros(seqs as usize * storage.value_ring as usize * d)?,
-            part_acc: stream.alloc_zeros(rows * max_splits * d)?,
-            part_ml: stream.alloc_zeros(rows * max_splits * 2)?,
+            part_acc: stream.alloc_zeros(rows * max_splits as usize * d)?,
+            part_ml: stream.alloc_zeros(rows * max_splits as usize * 2)?,
+            counters: stream.alloc_zeros(seqs as usize)?,
+            plan,
+            slots,
+            max_splits,
             layout,
             storage,
             module,
@@ -127,6 +171,33 @@ impl KiviCache {
             quantized_keys: 0,
             quantized_values: 0,
         })
+    }
+
+    /// The split-K plan of a decode step over `len` tokens per sequence: (tokens per split, number of splits).
+    /// A tuned `split_tokens` in the decode tile is used as is; 0 (the default) shares each sequence among as
+    /// many splits as let all (sequence, split) blocks run in one wave on this GPU (multiprocessors x resident
+    /// blocks per multiprocessor), at least 512 tokens each. Either way the split of a sequence depends only on its length
+    /// and this cache's configuration, never on the data.
+    pub fn split_plan(&self, len: u32) -> (u32, u32) {
+        let tile = self.module.kernels().spec(KernelKind::DecodePartial).tile;
+        let split = split_tokens(tile.split_tokens, len, self.seqs(), &self.plan, self.slots);
+        let splits = len.div_ceil(split);
+        // max_splits bounds every len <= capacity by construction (see max_splits and split_tokens).
+        debug_assert!(splits <= self.max_splits, "{splits} > {}", self.max_splits);
+        (split, splits)
+    }
+
+    /// Empties the cache (length 0) without touching device memory, so it can take a new prefill: what it held
+    /// is never read again (every read is bounded by the new length).
+    pub fn reset(&mut self) {
+        self.len = 0;
+        self.quantized_keys = 0;
+        self.quantized_values = 0;
+    }
+
+    /// The device storage layout.
+    pub fn storage(&self) -> &StorageLayout {
+        &self.storage
     }
 
     /// The layout.
@@ -233,8 +304,8 @@ impl KiviCache {
         let seq_stride = i64::from(len) * d;
         let qk = if len >= r { len - len % r } else { 0 };
         let qv = len.saturating_sub(r);
-        self.quantize_keys(Some(k), seq_stride, 0, qk / r)?;
-        self.quantize_values(Some(v), seq_stride, 0, i32::MAX, 0, qv)?;
+        self.quantize_keys(k, seq_stride, qk / r)?;
+        self.quantize_values(v, seq_stride, qv)?;
         self.store_residual(k, seq_stride, qk, len - qk, Ring::Keys, qk)?;
         self.store_residual(v, seq_stride, qv, len - qv, Ring::Values, qv)?;
         self.len = len;
@@ -298,30 +369,65 @@ impl KiviCache {
         v: &CudaSlice<f16>,
         out: &mut CudaSlice<f16>,
     ) -> Result<()> {
-        let d = i64::from(self.storage.head_dim);
-        let pos = self.len;
-        self.store_residual(k, d, 0, 1, Ring::Keys, pos)?;
-        self.store_residual(v, d, 0, 1, Ring::Values, pos)?;
-        self.len += 1;
-        self.attend(q, out)?;
+        // One launch: append k and v to the rings, attend over all len + 1 tokens (split-K), merge the splits
+        // into `out` and run the flushes of Algorithm 1 that follow the step.
+        let len = self.len + 1;
         let r = self.storage.residual_length;
-        if self.len - self.quantized_keys >= r {
-            let ring_stride = i64::from(r) * d;
-            self.quantize_keys(None, ring_stride, self.quantized_keys / r, 1)?;
+        let flush_key_block = if len - self.quantized_keys >= r {
+            (self.quantized_keys / r) as i32
+        } else {
+            -1
+        };
+        let flush_value_pos = if len - self.quantized_values > r {
+            self.quantized_values as i32
+        } else {
+            -1
+        };
+        let (split, splits) = self.split_plan(len);
+        let partial = self.module.kernels().spec(KernelKind::DecodePartial);
+        let cfg = launch_cfg(
+            (splits, self.seqs() * self.plan.head_tiles, 1),
+            partial.tile.threads,
+        );
+        let f = self.module.function(KernelKind::DecodePartial);
+        let (len_i, qk, qv) = (
+            len as i32,
+            self.quantized_keys as i32,
+            self.quantized_values as i32,
+        );
+        let (bps, split_i, nsplits) = (self.blocks_per_seq as i32, split as i32, splits as i32);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(q)
+            .arg(&mut self.k_codes)
+            .arg(&mut self.k_params)
+            .arg(&mut self.k_res)
+            .arg(&mut self.v_codes)
+            .arg(&mut self.v_scale)
+            .arg(&mut self.v_mn)
+            .arg(&mut self.v_res)
+            .arg(k)
+            .arg(v)
+            .arg(&len_i)
+            .arg(&qk)
+            .arg(&qv)
+            .arg(&bps)
+            .arg(&split_i)
+            .arg(&nsplits)
+            .arg(&mut self.part_acc)
+            .arg(&mut self.part_ml)
+            .arg(&mut self.counters)
+            .arg(out)
+            .arg(&flush_key_block)
+            .arg(&flush_value_pos);
+        // SAFETY: templates/decode_partial.cu.tera; part_acc/part_ml hold max_splits >= splits splits and
+        // counters one zeroed counter per sequence (the kernel resets it); the caller checked q, k, v and out
+        // against the layout and batch; the flushed block and position lie inside the blocks (len <= capacity).
+        unsafe { b.launch(cfg) }?;
+        self.len = len;
+        if flush_key_block >= 0 {
             self.quantized_keys += r;
         }
-        if self.len - self.quantized_values > r {
-            let ring = self.storage.value_ring;
-            let ring_stride = i64::from(ring) * d;
-            let first = self.quantized_values;
-            self.quantize_values(
-                None,
-                ring_stride,
-                (first % ring) as i32,
-                ring as i32,
-                first,
-                1,
-            )?;
+        if flush_value_pos >= 0 {
             self.quantized_values += 1;
         }
         Ok(())
@@ -345,105 +451,73 @@ impl KiviCache {
         Ok(self.stream.clone_dtoh(&out)?)
     }
 
-    /// Quantizes `blocks` key blocks from `src` (`None`: the key residual ring) into blocks `first_block..`.
-    fn quantize_keys(
-        &mut self,
-        src: Option<&CudaSlice<f16>>,
-        seq_stride: i64,
-        first_block: u32,
-        blocks: u32,
-    ) -> Result<()> {
+    /// Quantizes the first `blocks` key blocks of `src` (`[seqs][seq_stride]` fp16) into blocks `0..blocks`.
+    fn quantize_keys(&mut self, src: &CudaSlice<f16>, seq_stride: i64, blocks: u32) -> Result<()> {
         if blocks == 0 {
             return Ok(());
         }
-        let spec = self.module.kernels().spec(KernelKind::QuantizeKeys);
-        let threads = spec.tile.threads;
-        let items = self.storage.head_dim * self.storage.key_groups_per_channel;
-        let (first_block, bps) = (first_block as i32, self.blocks_per_seq as i32);
-        let seqs = self.seqs();
-        let KiviCache {
-            module,
-            stream,
-            k_codes,
-            k_scale,
-            k_mn,
-            k_res,
-            ..
-        } = self;
-        let src = src.unwrap_or(k_res);
-        // Grid y holds at most 65535 blocks: longer prefills launch in slices.
-        for offset in (0..blocks).step_by(MAX_GRID_Y as usize) {
-            let n = (blocks - offset).min(MAX_GRID_Y);
-            let cfg = launch_cfg((items.div_ceil(threads), n, seqs), threads);
-            let offset = offset as i32;
-            let mut b = stream.launch_builder(module.function(KernelKind::QuantizeKeys));
-            b.arg(src)
-                .arg(&seq_stride)
-                .arg(&mut *k_codes)
-                .arg(&mut *k_scale)
-                .arg(&mut *k_mn)
-                .arg(&first_block)
-                .arg(&offset)
-                .arg(&bps);
-            // SAFETY: the argument list matches the kernel's signature (templates/quantize_keys.cu.tera); every
-            // index the kernel forms is inside the buffers allocated in `new` for this layout and capacity.
-            unsafe { b.launch(cfg) }?;
-        }
+        let threads = self
+            .module
+            .kernels()
+            .spec(KernelKind::QuantizeKeys)
+            .tile
+            .threads;
+        let cfg = launch_cfg((blocks, self.seqs(), 1), threads);
+        let (first_block, bps) = (0i32, self.blocks_per_seq as i32);
+        let mut b = self
+            .stream
+            .launch_builder(self.module.function(KernelKind::QuantizeKeys));
+        b.arg(src)
+            .arg(&seq_stride)
+            .arg(&mut self.k_codes)
+            .arg(&mut self.k_params)
+            .arg(&first_block)
+            .arg(&bps);
+        // SAFETY: the argument list matches the kernel's signature (templates/quantize_keys.cu.tera); every
+        // index the kernel forms is inside the buffers allocated in `new` for this layout and capacity.
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
-    /// Quantizes `tokens` value tokens from `src` (`None`: the value residual ring) to positions `dst_pos0..`.
+    /// Quantizes the first `tokens` value tokens of `src` (`[seqs][seq_stride]` fp16) to positions `0..tokens`.
     fn quantize_values(
         &mut self,
-        src: Option<&CudaSlice<f16>>,
+        src: &CudaSlice<f16>,
         seq_stride: i64,
-        src_tok0: i32,
-        src_ring: i32,
-        dst_pos0: u32,
         tokens: u32,
     ) -> Result<()> {
         if tokens == 0 {
             return Ok(());
         }
-        let spec = self.module.kernels().spec(KernelKind::QuantizeValues);
-        let threads = spec.tile.threads;
-        let groups = self.storage.value_groups_per_token;
-        let bps = self.blocks_per_seq as i32;
-        let seqs = self.seqs();
-        let KiviCache {
-            module,
-            stream,
-            v_codes,
-            v_scale,
-            v_mn,
-            v_res,
-            ..
-        } = self;
-        let src = src.unwrap_or(v_res);
-        // At most 2^20 tokens per launch, so that tokens x groups stays far below the kernel's 32-bit indices.
-        const TOKENS_PER_LAUNCH: u32 = 1 << 20;
-        for offset in (0..tokens).step_by(TOKENS_PER_LAUNCH as usize) {
-            let n = (tokens - offset).min(TOKENS_PER_LAUNCH);
-            let cfg = launch_cfg(((n * groups).div_ceil(threads), seqs, 1), threads);
-            let (tok0, pos0, n) = (
-                src_tok0 + offset as i32,
-                (dst_pos0 + offset) as i32,
-                n as i32,
-            );
-            let mut b = stream.launch_builder(module.function(KernelKind::QuantizeValues));
-            b.arg(src)
-                .arg(&seq_stride)
-                .arg(&tok0)
-                .arg(&src_ring)
-                .arg(&mut *v_codes)
-                .arg(&mut *v_scale)
-                .arg(&mut *v_mn)
-                .arg(&pos0)
-                .arg(&n)
-                .arg(&bps);
-            // SAFETY: as in quantize_keys (templates/quantize_values.cu.tera).
-            unsafe { b.launch(cfg) }?;
-        }
+        let threads = self
+            .module
+            .kernels()
+            .spec(KernelKind::QuantizeValues)
+            .tile
+            .threads;
+        let cfg = launch_cfg((tokens.div_ceil(threads / 8), self.seqs(), 1), threads);
+        let (tok0, ring, pos0, count, bps) = (
+            0i32,
+            i32::MAX,
+            0i32,
+            tokens as i32,
+            self.blocks_per_seq as i32,
+        );
+        let mut b = self
+            .stream
+            .launch_builder(self.module.function(KernelKind::QuantizeValues));
+        b.arg(src)
+            .arg(&seq_stride)
+            .arg(&tok0)
+            .arg(&ring)
+            .arg(&mut self.v_codes)
+            .arg(&mut self.v_scale)
+            .arg(&mut self.v_mn)
+            .arg(&pos0)
+            .arg(&count)
+            .arg(&bps);
+        // SAFETY: as in quantize_keys (templates/quantize_values.cu.tera).
+        unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
@@ -482,50 +556,6 @@ impl KiviCache {
         Ok(())
     }
 
-    fn attend(&mut self, q: &CudaSlice<f16>, out: &mut CudaSlice<f16>) -> Result<()> {
-        let partial = self.module.kernels().spec(KernelKind::DecodePartial);
-        let splits = self.len.div_ceil(partial.tile.split_tokens);
-        let cfg = launch_cfg((splits, self.seqs(), 1), partial.tile.threads);
-        let f = self.module.function(KernelKind::DecodePartial);
-        let (len, qk, qv) = (
-            self.len as i32,
-            self.quantized_keys as i32,
-            self.quantized_values as i32,
-        );
-        let (bps, nsplits) = (self.blocks_per_seq as i32, splits as i32);
-        let mut b = self.stream.launch_builder(f);
-        b.arg(q)
-            .arg(&self.k_codes)
-            .arg(&self.k_scale)
-            .arg(&self.k_mn)
-            .arg(&self.k_res)
-            .arg(&self.v_codes)
-            .arg(&self.v_scale)
-            .arg(&self.v_mn)
-            .arg(&self.v_res)
-            .arg(&len)
-            .arg(&qk)
-            .arg(&qv)
-            .arg(&bps)
-            .arg(&nsplits)
-            .arg(&mut self.part_acc)
-            .arg(&mut self.part_ml);
-        // SAFETY: templates/decode_partial.cu.tera; part_acc/part_ml hold capacity / split_tokens splits.
-        unsafe { b.launch(cfg) }?;
-        let combine = self.module.kernels().spec(KernelKind::DecodeCombine);
-        let rows = self.seqs() * self.layout.gqa_ratio();
-        let cfg = launch_cfg((rows, 1, 1), combine.tile.threads);
-        let f = self.module.function(KernelKind::DecodeCombine);
-        let mut b = self.stream.launch_builder(f);
-        b.arg(&self.part_acc)
-            .arg(&self.part_ml)
-            .arg(&nsplits)
-            .arg(out);
-        // SAFETY: templates/decode_combine.cu.tera; out holds rows x head_dim (checked by the caller).
-        unsafe { b.launch(cfg) }?;
-        Ok(())
-    }
-
     /// Copies the cache to the host in the reference code's layouts (the `final_*` tensors of the reference
     /// files; see [`CacheExport`]), for tests and `kivi verify`. Synchronizes the stream.
     ///
@@ -534,10 +564,9 @@ impl KiviCache {
     pub fn export(&self) -> Result<CacheExport> {
         let st = &self.storage;
         let s = &self.stream;
-        let (k_codes, k_scale, k_mn, k_res) = (
+        let (k_codes, k_params, k_res) = (
             s.clone_dtoh(&self.k_codes)?,
-            s.clone_dtoh(&self.k_scale)?,
-            s.clone_dtoh(&self.k_mn)?,
+            s.clone_dtoh(&self.k_params)?,
             s.clone_dtoh(&self.k_res)?,
         );
         let (v_codes, v_scale, v_mn, v_res) = (
@@ -569,47 +598,63 @@ impl KiviCache {
             residual_values: len - qv,
             ..CacheExport::default()
         };
-        let (kwpc, kgpc) = (
-            st.key_words_per_channel as usize,
-            st.key_groups_per_channel as usize,
-        );
         let (kbw, kbp) = (
             st.key_block_words() as usize,
             st.key_block_params() as usize,
         );
-        let (vwpt, vgpt) = (
-            st.value_words_per_token as usize,
-            st.value_groups_per_token as usize,
+        let (vbw, vbp) = (
+            st.value_block_words() as usize,
+            st.value_block_params() as usize,
         );
+        let (kb, vb) = (st.key_bits, st.value_bits);
+        let (kcpw, vcpw) = (32 / kb as usize, 32 / vb as usize);
+        let (kg, vg) = (st.key_group_size as usize, st.value_group_size as usize);
+        let code_at = |words: &[u32], base: usize, pos: kivi_codegen::CodePosition, bits: u32| {
+            (words[base + pos.word] >> pos.bit) & ((1u32 << bits) - 1)
+        };
         let vring = st.value_ring as usize;
         for seq in 0..self.seqs() as usize {
             let block0 = seq * bps;
+            // Keys in the reference layout: codes [D][qk / cpw] packed along tokens, params [D][qk / G].
             for c in 0..d {
-                for w in 0..qk / st.key_codes_per_word as usize {
-                    e.k_code
-                        .push(k_codes[(block0 + w / kwpc) * kbw + c * kwpc + w % kwpc] as i32);
+                for w in 0..qk / kcpw {
+                    let mut word = 0u32;
+                    for j in 0..kcpw {
+                        let t = w * kcpw + j;
+                        let pos = st.key_code_position((t % r) as u32, c as u32);
+                        word |=
+                            code_at(&k_codes, (block0 + t / r) * kbw, pos, kb) << (kb as usize * j);
+                    }
+                    e.k_code.push(word as i32);
                 }
-                for g in 0..qk / st.key_group_size as usize {
-                    let i = (block0 + g / kgpc) * kbp + c * kgpc + g % kgpc;
-                    e.k_scale.push(k_scale[i]);
-                    e.k_mn.push(k_mn[i]);
+                for g in 0..qk / kg {
+                    let t = g * kg;
+                    let (scale, min) = st.key_param_index((t % r) as u32, c as u32);
+                    let base = (block0 + t / r) * kbp;
+                    e.k_scale.push(k_params[base + scale]);
+                    e.k_mn.push(k_params[base + min]);
                 }
             }
             for p in qk..len {
                 let row = (seq * r + p % r) * d;
                 e.k_residual.extend_from_slice(&k_res[row..row + d]);
             }
+            // Values: codes [qv][D / cpw] packed along head_dim, params [qv][D / G].
             for p in 0..qv {
-                let row = (block0 + p / r) * r + p % r;
-                e.v_code.extend(
-                    v_codes[row * vwpt..(row + 1) * vwpt]
-                        .iter()
-                        .map(|&w| w as i32),
-                );
-                e.v_scale
-                    .extend_from_slice(&v_scale[row * vgpt..(row + 1) * vgpt]);
-                e.v_mn
-                    .extend_from_slice(&v_mn[row * vgpt..(row + 1) * vgpt]);
+                let (base, tb) = ((block0 + p / r) * vbw, (p % r) as u32);
+                for w in 0..d / vcpw {
+                    let mut word = 0u32;
+                    for j in 0..vcpw {
+                        let pos = st.value_code_position(tb, (w * vcpw + j) as u32);
+                        word |= code_at(&v_codes, base, pos, vb) << (vb as usize * j);
+                    }
+                    e.v_code.push(word as i32);
+                }
+                for g in 0..d / vg {
+                    let i = (block0 + p / r) * vbp + st.value_param_index(tb, (g * vg) as u32);
+                    e.v_scale.push(v_scale[i]);
+                    e.v_mn.push(v_mn[i]);
+                }
             }
             for p in qv..len {
                 let row = (seq * vring + p % vring) * d;
@@ -624,4 +669,46 @@ impl KiviCache {
 enum Ring {
     Keys,
     Values,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(spec: &str) -> DecodePlan {
+        DecodePlan::new(&kivi_dsl::parse_spec(spec).unwrap())
+    }
+
+    #[test]
+    fn the_automatic_split_fills_one_wave_and_covers_the_sequence() {
+        let p = plan("kivi-2, llama-3-8b");
+        let slots = 132 * 4;
+        for (seqs, len) in [
+            (64u32, 32768u32),
+            (256, 32768),
+            (8, 131072),
+            (2048, 2048),
+            (1, 1),
+            (3, 1300),
+        ] {
+            let split = split_tokens(0, len, seqs, &p, slots);
+            let splits = len.div_ceil(split);
+            assert_eq!(split % p.iter_tokens, 0, "{seqs} x {len}");
+            assert!(splits * split >= len);
+            assert!(
+                splits <= max_splits(0, len, seqs, &p, slots),
+                "{seqs} x {len}"
+            );
+            // One wave when the batch alone does not fill the GPU; at least 512 tokens a split otherwise.
+            if seqs < slots {
+                assert!(seqs * splits <= slots, "{seqs} x {len}: {splits} splits");
+            }
+            assert!(split >= MIN_AUTO_SPLIT.min(len.div_ceil(p.iter_tokens) * p.iter_tokens));
+        }
+        // 8 sequences of 128k tokens on 528 slots: 66 splits of 2016 tokens.
+        assert_eq!(split_tokens(0, 131072, 8, &p, slots), 2016);
+        // A tuned split is used as is.
+        assert_eq!(split_tokens(1024, 131072, 8, &p, slots), 1024);
+        assert_eq!(max_splits(1024, 131072, 8, &p, slots), 128);
+    }
 }

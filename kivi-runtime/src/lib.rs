@@ -5,6 +5,7 @@
 //! The runtime takes tile configurations from whoever asks ([`kivi_codegen::KernelTiles::heuristic`] now, the
 //! autotuner later); it never edits CUDA text.
 
+pub mod bench;
 mod compile;
 mod error;
 mod gpu;

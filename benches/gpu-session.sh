@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One GPU-machine session: verify, bench, tests, sanitizers. Run from the repository root on the GPU machine
+# after `../shared/gpu/pack.sh tests/data` here (the .gpu folder travels). Logs go to $OUT (or ./gpu-out).
+# Stages are chosen with the first argument: all (default), verify, bench, tests, sanitize.
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64 KIVI_DATA=tests/data KIVI_CACHE_DIR=/tmp/kivi-cache KIVI_BIN=.gpu/bin/kivi
+export PATH=/usr/local/cuda/bin:$PATH
+what=${1:-all}
+summary=()
+stage() { # name, timeout seconds, command...
+    local name=$1 limit=$2; shift 2
+    echo "=== $name: $*" | tee "$OUT/$name.log"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >>"$OUT/$name.log" 2>&1
+    local rc=$?
+    summary+=("$name rc=$rc $((SECONDS - t0))s")
+    tail -n 25 "$OUT/$name.log"
+}
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw --format=csv > "$OUT/nvidia-smi.csv" 2>&1
+case $what in all|verify) stage verify 300 .gpu/bin/kivi verify ;; esac
+case $what in all|bench) stage bench 300 .gpu/bin/kivi bench --out "$OUT/bench.md" ;; esac
+case $what in all|tests) stage tests 300 .gpu/run-tests.sh ;; esac
+case $what in all|sanitize)
+    stage memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/kivi verify \
+        --spec "kivi-2, llama-3-8b" --spec "kivi-2, num_heads: 8, num_kv_heads: 1, head_dim: 128" \
+        --prefill 1,31,129,300 --batch 1,3 --steps 140
+    stage racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 .gpu/bin/kivi verify \
+        --spec "kivi-2, llama-3-8b" --prefill 129,300 --batch 1 --steps 20
+    ;;
+esac
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"

@@ -1,0 +1,301 @@
+//! Timing helpers shared by `kivi bench`, the criterion benches and the autotuner: device-side random inputs,
+//! rotating cache copies (so that the L2 cache does not flatter small shapes) and CUDA-event timings.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use half::f16;
+
+use crate::error::{Result, RuntimeError};
+use crate::gpu::{Gpu, LayoutModule};
+use crate::kv_cache::KiviCache;
+
+const FILL_SOURCE: &str = r#"
+extern "C" __global__ void kivi_fill_random(unsigned short* out, long long n, unsigned int seed, float amplitude) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        unsigned int h = (unsigned int)i * 2654435761u ^ (unsigned int)(i >> 32) * 40503u ^ seed;
+        h ^= h >> 16; h *= 0x7feb352du; h ^= h >> 15; h *= 0x846ca68bu; h ^= h >> 16;
+        // Sum of two uniforms: a triangular distribution on (-amplitude, amplitude), never constant.
+        const float u = ((h & 0xffffu) + (h >> 16)) * (1.0f / 65536.0f) - 1.0f;
+        unsigned short bits;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(u * amplitude));
+        out[i] = bits;
+    }
+}
+"#;
+
+/// Fills device buffers with pseudo-random fp16 numbers in (-amplitude, amplitude), on the device (a hash of
+/// the index and a seed: no host data, so multi-gigabyte inputs cost milliseconds).
+pub struct RandomFill {
+    gpu_stream: Arc<cudarc::driver::CudaStream>,
+    kernel: CudaFunction,
+    sm_count: u32,
+}
+
+impl RandomFill {
+    /// Compiles (or loads from the caches) the fill kernel.
+    ///
+    /// # Errors
+    /// NVRTC or driver errors.
+    pub fn new(gpu: &Gpu) -> Result<Self> {
+        let mut k = gpu.load_program("kivi_fill_random_v1", FILL_SOURCE, &["kivi_fill_random"])?;
+        Ok(RandomFill {
+            gpu_stream: gpu.stream().clone(),
+            kernel: k.remove(0),
+            sm_count: gpu.sm_count(),
+        })
+    }
+
+    /// Fills `buf` (asynchronously, on the GPU's stream).
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub fn fill(&self, buf: &mut CudaSlice<f16>, seed: u32, amplitude: f32) -> Result<()> {
+        let n = buf.len() as i64;
+        let cfg = LaunchConfig {
+            grid_dim: (self.sm_count * 8, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.gpu_stream.launch_builder(&self.kernel);
+        b.arg(buf).arg(&n).arg(&seed).arg(&amplitude);
+        // SAFETY: the kernel writes n = buf.len() fp16 elements of buf.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// A new device buffer of `n` random fp16 numbers.
+    ///
+    /// # Errors
+    /// Driver errors (e.g. out of memory).
+    pub fn random(&self, n: usize, seed: u32, amplitude: f32) -> Result<CudaSlice<f16>> {
+        // SAFETY: every element is written by `fill` before anything reads it (same stream).
+        let mut buf = unsafe { self.gpu_stream.alloc::<f16>(n) }?;
+        self.fill(&mut buf, seed, amplitude)?;
+        Ok(buf)
+    }
+}
+
+/// Summary of repeated timings, in milliseconds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timing {
+    /// Median.
+    pub median_ms: f64,
+    /// Fastest.
+    pub min_ms: f64,
+    /// Slowest.
+    pub max_ms: f64,
+    /// How many timings.
+    pub samples: usize,
+}
+
+impl Timing {
+    /// The summary of `samples` (milliseconds); `None` if empty.
+    pub fn of(mut samples: Vec<f64>) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        samples.sort_by(f64::total_cmp);
+        let n = samples.len();
+        let median_ms = if n % 2 == 1 {
+            samples[n / 2]
+        } else {
+            0.5 * (samples[n / 2 - 1] + samples[n / 2])
+        };
+        Some(Timing {
+            median_ms,
+            min_ms: samples[0],
+            max_ms: samples[n - 1],
+            samples: n,
+        })
+    }
+}
+
+/// The L2 cache size of the GPU in bytes.
+///
+/// # Errors
+/// Driver errors.
+pub fn l2_bytes(gpu: &Gpu) -> Result<u64> {
+    Ok(gpu
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as u64)
+}
+
+/// Decode steps of one shape over several cache copies, for timing: every copy is prefilled with `context - 1`
+/// random tokens, so that a step attends over `context` tokens; step i runs on copy i % copies.
+pub struct DecodeBench {
+    caches: Vec<KiviCache>,
+    q: Vec<CudaSlice<f16>>,
+    k: Vec<CudaSlice<f16>>,
+    v: Vec<CudaSlice<f16>>,
+    out: Vec<CudaSlice<f16>>,
+    next: usize,
+}
+
+impl DecodeBench {
+    /// Builds `copies` caches of `batch` sequences for `module`'s layout, each with room for `context +
+    /// extra_steps` tokens, prefilled with `context - 1` random tokens (keys and values uniform-ish in (-2, 2),
+    /// queries in (-1, 1)).
+    ///
+    /// # Errors
+    /// [`RuntimeError::Limit`] for context 0 or copies 0; driver errors (e.g. out of memory).
+    pub fn new(
+        gpu: &Gpu,
+        module: Arc<LayoutModule>,
+        batch: u32,
+        context: u32,
+        copies: usize,
+        extra_steps: u32,
+    ) -> Result<Self> {
+        if context == 0 || copies == 0 {
+            return Err(RuntimeError::Limit {
+                what: if context == 0 { "context" } else { "copies" },
+                value: 0,
+                limit: "it must be at least 1".into(),
+            });
+        }
+        let fill = RandomFill::new(gpu)?;
+        let layout = module.kernels().layout;
+        let d = layout.keys.head_dim as usize;
+        let kv = batch as usize * layout.num_kv_heads as usize;
+        let heads = batch as usize * layout.num_heads as usize;
+        let prefill = (context - 1) as usize;
+        let mut caches = Vec::with_capacity(copies);
+        let (mut q, mut k, mut v, mut out) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        {
+            // One random prefill source, reused by every copy (each copy still has its own memory).
+            let src_k = fill.random((kv * prefill).max(1) * d, 11, 2.0)?;
+            let src_v = fill.random((kv * prefill).max(1) * d, 12, 2.0)?;
+            for c in 0..copies {
+                let mut cache =
+                    KiviCache::new(gpu, module.clone(), batch, context + extra_steps.max(1))?;
+                if prefill > 0 {
+                    cache.prefill(&src_k, &src_v, prefill as u32)?;
+                }
+                caches.push(cache);
+                let seed = 100 + 4 * c as u32;
+                q.push(fill.random(heads * d, seed, 1.0)?);
+                k.push(fill.random(kv * d, seed + 1, 2.0)?);
+                v.push(fill.random(kv * d, seed + 2, 2.0)?);
+                out.push(fill.random(heads * d, seed + 3, 1.0)?);
+            }
+        }
+        gpu.stream().synchronize()?;
+        Ok(DecodeBench {
+            caches,
+            q,
+            k,
+            v,
+            out,
+            next: 0,
+        })
+    }
+
+    /// The cache copy the next step runs on.
+    pub fn next_cache(&self) -> &KiviCache {
+        &self.caches[self.next]
+    }
+
+    /// Runs one decode step on the next copy (asynchronously).
+    ///
+    /// # Errors
+    /// As [`KiviCache::decode_step`] (e.g. a full cache).
+    pub fn step(&mut self) -> Result<()> {
+        let i = self.next;
+        self.caches[i].decode_step(&self.q[i], &self.k[i], &self.v[i], &mut self.out[i])?;
+        self.next = (i + 1) % self.caches.len();
+        Ok(())
+    }
+
+    /// Times `iters` steps after `warmup` untimed ones: one CUDA-event pair around each step (milliseconds).
+    ///
+    /// # Errors
+    /// As [`DecodeBench::step`], and driver errors.
+    pub fn time(&mut self, gpu: &Gpu, warmup: usize, iters: usize) -> Result<Vec<f64>> {
+        let stream = gpu.stream().clone();
+        for _ in 0..warmup {
+            self.step()?;
+        }
+        let ctx = gpu.context();
+        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let mut events = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let start = ctx.new_event(flags)?;
+            let end = ctx.new_event(flags)?;
+            start.record(&stream)?;
+            self.step()?;
+            end.record(&stream)?;
+            events.push((start, end));
+        }
+        stream.synchronize()?;
+        events
+            .iter()
+            .map(|(s, e)| Ok(f64::from(s.elapsed_ms(e)?)))
+            .collect()
+    }
+}
+
+/// Prefill timings of one shape: a cache of `batch` sequences, `context` random tokens per sequence (per KV
+/// head), quantized `iters` times after `warmup` untimed runs ([`KiviCache::reset`] between runs); returns the
+/// milliseconds of each timed prefill and the cache after the last one.
+///
+/// # Errors
+/// As [`KiviCache::new`] and [`KiviCache::prefill`], and driver errors.
+pub fn time_prefill(
+    gpu: &Gpu,
+    module: Arc<LayoutModule>,
+    batch: u32,
+    context: u32,
+    warmup: usize,
+    iters: usize,
+) -> Result<(Vec<f64>, KiviCache)> {
+    let fill = RandomFill::new(gpu)?;
+    let layout = module.kernels().layout;
+    let n = batch as usize
+        * layout.num_kv_heads as usize
+        * context as usize
+        * layout.keys.head_dim as usize;
+    let k = fill.random(n, 21, 2.0)?;
+    let v = fill.random(n, 22, 2.0)?;
+    let mut cache = KiviCache::new(gpu, module, batch, context)?;
+    let stream = gpu.stream().clone();
+    for _ in 0..warmup {
+        cache.reset();
+        cache.prefill(&k, &v, context)?;
+    }
+    let ctx = gpu.context();
+    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let mut events = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        cache.reset();
+        let start = ctx.new_event(flags)?;
+        let end = ctx.new_event(flags)?;
+        start.record(&stream)?;
+        cache.prefill(&k, &v, context)?;
+        end.record(&stream)?;
+        events.push((start, end));
+    }
+    stream.synchronize()?;
+    let times = events
+        .iter()
+        .map(|(s, e)| Ok(f64::from(s.elapsed_ms(e)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((times, cache))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timing_summaries() {
+        let t = Timing::of(vec![3.0, 1.0, 2.0]).unwrap();
+        assert_eq!(
+            (t.median_ms, t.min_ms, t.max_ms, t.samples),
+            (2.0, 1.0, 3.0, 3)
+        );
+        assert_eq!(Timing::of(vec![4.0, 1.0, 2.0, 3.0]).unwrap().median_ms, 2.5);
+        assert!(Timing::of(Vec::new()).is_none());
+    }
+}
