@@ -31,6 +31,7 @@ pub fn candidates(kind: KernelKind, layout: &Layout) -> Vec<TileConfig> {
                     threads,
                     split_tokens,
                     stages,
+                    min_blocks: 0,
                 };
                 if KernelSpec::new(kind, *layout, tile).is_ok() {
                     out.push(tile);

@@ -317,10 +317,11 @@ pub fn table(results: &[ShapeResult], base: &Baseline) -> String {
             None => ("-".into(), "-".into(), "-".into()),
         };
         s.push_str(&format!(
-            "| {label} | t{} p{} s{} | {us:.1} | {} x {} | {:.1} | {gbps:.0} | {} | {sdpa_s} | {speed} | {pms} | {pg} | {pp} |\n",
+            "| {label} | t{} p{} s{} b{} | {us:.1} | {} x {} | {:.1} | {gbps:.0} | {} | {sdpa_s} | {speed} | {pms} | {pg} | {pp} |\n",
             r.tile.threads,
             r.tile.stages,
             r.tile.split_tokens,
+            r.tile.min_blocks,
             r.split.0,
             r.split.1,
             r.decode_bytes as f64 / 1e6,

@@ -67,8 +67,9 @@ enum Command {
         /// Skip the prefill timing.
         #[arg(long)]
         no_prefill: bool,
-        /// Decode tiles to compare, each THREADS,STAGES,SPLIT (split 0: automatic), separated by ';';
-        /// default: the heuristic one.
+        /// Decode tiles to compare, each THREADS,STAGES,SPLIT[,BLOCKS] (split 0: automatic; BLOCKS: blocks per
+        /// multiprocessor the registers are budgeted for, 0: the compiler's choice, default 512 / THREADS),
+        /// separated by ';'; default: the heuristic one.
         #[arg(long, value_delimiter = ';')]
         decode_tile: Vec<String>,
         /// The FP16 baseline script.
@@ -89,9 +90,10 @@ enum Command {
     },
     /// Check the kernels on the GPU against the CPU reference and the paper's reference files.
     ///
-    /// Without --reference: the presets kivi-2 and kivi-4 with the llama-2-7b, llama-3-8b and smollm2-135m shapes
-    /// over awkward prefill lengths, then every reference file found in KIVI_DATA (or tests/data). With
-    /// --reference FILE: that file only, on the CPU reference, and on the GPU too when there is one.
+    /// Without --reference: the presets (kivi-2 and kivi-4 with the llama-2-7b, llama-3-8b and smollm2-135m
+    /// shapes, MQA with one sequence, 32 heads on one KV head, 1- and 8-bit codes, 16- and 64-element groups,
+    /// head_dim 96) over awkward prefill lengths, then every reference file found in KIVI_DATA (or tests/data).
+    /// With --reference FILE: that file only, on the CPU reference, and on the GPU too when there is one.
     Verify {
         /// A reference file (safetensors, one of the formats in tests/data/README.md).
         #[arg(long)]
@@ -108,7 +110,7 @@ enum Command {
         /// Prefill lengths.
         #[arg(long, value_delimiter = ',', default_values_t = verify::AWKWARD_PREFILLS.to_vec())]
         prefill: Vec<u32>,
-        /// CPU reference only, even where there is a GPU.
+        /// With --reference: check the files on the CPU reference only, even where there is a GPU.
         #[arg(long)]
         cpu_only: bool,
         /// libnvrtc to use (a file or its folder).
@@ -288,23 +290,24 @@ fn compile(
 }
 
 fn parse_tile(text: &str) -> Result<kivi_codegen::TileConfig, String> {
+    let bad =
+        || format!("decode tile {text:?}: expected THREADS,STAGES,SPLIT[,BLOCKS], e.g. 128,3,0,4");
     let n: Vec<u32> = text
         .split(',')
         .map(|p| p.trim().parse::<u32>())
         .collect::<Result<_, _>>()
-        .map_err(|_| {
-            format!("decode tile {text:?}: expected THREADS,STAGES,SPLIT, e.g. 128,3,0")
-        })?;
-    match n[..] {
-        [threads, stages, split_tokens] => Ok(kivi_codegen::TileConfig {
-            threads,
-            split_tokens,
-            stages,
-        }),
-        _ => Err(format!(
-            "decode tile {text:?}: expected THREADS,STAGES,SPLIT, e.g. 128,3,0"
-        )),
-    }
+        .map_err(|_| bad())?;
+    let (threads, stages, split_tokens, min_blocks) = match n[..] {
+        [t, p, s] => (t, p, s, 512 / t.max(1)),
+        [t, p, s, b] => (t, p, s, b),
+        _ => return Err(bad()),
+    };
+    Ok(kivi_codegen::TileConfig {
+        threads,
+        split_tokens,
+        stages,
+        min_blocks,
+    })
 }
 
 fn bench_cmd(
@@ -403,6 +406,10 @@ baseline JSON: {}
 }
 
 fn open_gpu(nvrtc: Option<&Path>) -> Result<Gpu, String> {
+    // The driver first: without it no GPU can run, whatever NVRTC does.
+    if !kivi_runtime::toolkit::driver_present() {
+        return Err(kivi_runtime::RuntimeError::DriverMissing.to_string());
+    }
     let compiler =
         Compiler::new(nvrtc, Compiler::default_cache_dir()).map_err(|e| e.to_string())?;
     Gpu::new(0, Arc::new(compiler)).map_err(|e| e.to_string())
@@ -441,9 +448,10 @@ fn verify_cmd(
                 println!("GPU: {} ({})", g.name(), g.arch().sm());
                 Some(g)
             }
-            Err(e) if references.is_empty() => {
-                return Err(format!("{e} (use --reference FILE to check on the CPU)"))
-            }
+            Err(e) if references.is_empty() => return Err(format!(
+                "{e} (use --reference FILE to check reference files on the CPU, e.g. the bundled \
+                     tests/data/*.safetensors)"
+            )),
             Err(e) => {
                 println!("no GPU ({e}): checking on the CPU reference only");
                 None
@@ -452,7 +460,10 @@ fn verify_cmd(
     };
     let mut checks: Vec<Check> = Vec::new();
     if references.is_empty() {
-        let gpu = gpu.as_ref().ok_or("--cpu-only needs --reference FILE")?;
+        let gpu = gpu.as_ref().ok_or(
+            "--cpu-only checks reference files on the CPU and needs --reference FILE (e.g. the bundled \
+             tests/data/*.safetensors)",
+        )?;
         let list: Vec<String> = if specs.is_empty() {
             verify::VERIFY_PRESETS
                 .iter()

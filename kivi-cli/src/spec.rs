@@ -47,10 +47,15 @@ pub fn resolve(arg: &str) -> Result<ResolvedSpec, String> {
                     layout,
                     text,
                     note: Some(format!(
-                        "the spec names no model shape: using {DEFAULT_MODEL}'s (add a model preset or \
-                         num_heads/num_kv_heads/head_dim to choose)"
+                        "the spec leaves some of num_heads, num_kv_heads and head_dim unset: they come from \
+                         {DEFAULT_MODEL} (add a model preset or set them to choose)"
                     )),
                 }),
+                // The spec is wrong in its own right: report that, in the user's own lines.
+                Err(retry) if retry.line() > 1 => Err(format!(
+                    "{origin}{}\n(the shape fields the spec leaves unset were taken from {DEFAULT_MODEL})",
+                    retry.moved_up(1)
+                )),
                 Err(_) => Err(format!("{origin}{e}")),
             }
         }

@@ -30,8 +30,7 @@ fn gen_prints_every_kernel_of_the_default_preset() {
         "kivi_decode_k2c32_v2t32_r128_d128_fp16_gqa4_t128_p3",
     ] {
         assert!(
-            src.contains(&format!("void __launch_bounds__(128) {name}("))
-                || src.contains(&format!("void __launch_bounds__(128, 4) {name}(")),
+            src.contains(&format!("void __launch_bounds__(128) {name}(")),
             "{name} missing"
         );
     }

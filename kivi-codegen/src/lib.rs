@@ -115,7 +115,8 @@ pub struct KernelSpec {
 
 impl KernelSpec {
     /// A kernel spec, checked: the layout must pass `check_supported`, and the tile must fit the kernel
-    /// (threads a multiple of 32 in 32..=1024, split_tokens >= 1 for decode, shared memory <= 48 KiB).
+    /// (threads a multiple of 32 in 32..=1024; for decode: split_tokens 0 or a multiple of the iteration, 2..=4
+    /// stages, min_blocks x threads <= 2048; shared memory <= 48 KiB).
     ///
     /// # Errors
     /// [`CodegenError::Layout`] or [`CodegenError::Tile`], naming the value and the limit.
@@ -144,6 +145,18 @@ impl KernelSpec {
                 return Err(err(format!("stages {} must be in 2..=4", tile.stages)));
             }
         }
+        if kind == KernelKind::DecodePartial {
+            let smallest = DecodePlan::new(&layout).shared_bytes(1, 2);
+            if smallest > MAX_STATIC_SHARED_BYTES {
+                return Err(CodegenError::Layout(LayoutError::NotYetSupported {
+                    what: format!(
+                        "this layout's decode iteration: even one warp with a 2-stage pipeline needs {smallest} \
+                         bytes of shared memory, more than the {MAX_STATIC_SHARED_BYTES} a kernel gets without \
+                         opt-in (use fewer bits or larger groups at this head_dim)"
+                    ),
+                }));
+            }
+        }
         let shared = spec.shared_bytes();
         if shared > MAX_STATIC_SHARED_BYTES {
             return Err(err(format!(
@@ -155,12 +168,16 @@ impl KernelSpec {
     }
 
     /// The kernel's name: kind, then every parameter that changes its code, e.g.
-    /// `kivi_decode_k2c32_v2t32_r128_d128_fp16_gqa4_t128_p3` (`t` threads, `p` pipeline stages).
+    /// `kivi_decode_k2c32_v2t32_r128_d128_fp16_gqa4_t128_p3_b4` (`t` threads, `p` pipeline stages, `b` blocks
+    /// per multiprocessor the registers are budgeted for).
     pub fn name(&self) -> String {
         let mut name = format!("kivi_{}_{}", self.kind.as_str(), layout_tag(&self.layout));
         let _ = write!(name, "_t{}", self.tile.threads);
         if self.kind == KernelKind::DecodePartial {
             let _ = write!(name, "_p{}", self.tile.stages);
+            if self.tile.min_blocks > 0 {
+                let _ = write!(name, "_b{}", self.tile.min_blocks);
+            }
         }
         name
     }
@@ -229,7 +246,8 @@ impl DecodePlan {
         let merge = 4 * (2 * warps * 16 + self.heads_per_tile * self.head_dim);
         // The combine of the last block of a sequence: a weight per split and a reduction buffer.
         let combine = 4 * (MAX_SPLITS + 64);
-        pipe.max(merge).max(combine)
+        // + the block's "last one done" flag, padded to 16 bytes.
+        pipe.max(merge).max(combine) + 16
     }
 }
 
@@ -394,9 +412,7 @@ fn kernel_context(
                 "head_tiles": plan.head_tiles,
                 "iter_tokens": plan.iter_tokens,
                 "max_splits": MAX_SPLITS,
-                // Blocks per multiprocessor the register allocation aims at: 16 warps (64 K registers / 512
-                // threads = 128 registers each), which the cp.async pipeline needs to keep enough bytes in flight.
-                "min_blocks": (512 / threads).max(1),
+                "min_blocks": spec.tile.min_blocks,
                 "softmax_scale_log2": format!("{scale:.9e}f"),
             })
         }

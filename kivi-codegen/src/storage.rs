@@ -69,7 +69,7 @@ pub struct CodePosition {
 }
 
 impl StorageLayout {
-    /// The storage layout of a layout that passed `check_supported` (bits 1, 2, 4 or 8, groups of at least 8
+    /// The storage layout of a layout that passed `check_supported` (bits 1, 2, 4 or 8, groups of at least 16
     /// dividing R and head_dim, R a multiple of [`StorageLayout::key_chunk_tokens`] and of 16; other layouts
     /// give meaningless numbers).
     pub fn new(layout: &Layout) -> Self {
@@ -218,7 +218,8 @@ impl StorageLayout {
     /// `quantized_keys` and `quantized_values` are quantized: key codes, scales and mins of the quantized keys,
     /// value codes (with their padding, as stored), scales and mins of the quantized values, and every
     /// full-precision key and value (the residual, including the new token). The query heads (2 bytes x
-    /// head_dim each) come on top. This is the byte count `kivi bench` divides by the time.
+    /// head_dim each) come on top. This is the byte count `kivi bench` divides by the time. (With more than 16
+    /// query heads per KV head the kernel reads the cache once per tile of 16 heads; this counts it once.)
     pub fn decode_read_bytes(&self, len: u64, quantized_keys: u64, quantized_values: u64) -> u64 {
         let d = u64::from(self.head_dim);
         let key_codes = quantized_keys * d * u64::from(self.key_bits) / 8;

@@ -159,6 +159,7 @@ fn tiles_are_checked() {
         threads: 1024,
         split_tokens: 0,
         stages: 4,
+        min_blocks: 0,
     };
     let e = KernelSpec::new(KernelKind::DecodePartial, l, big).unwrap_err();
     assert!(e.to_string().contains("shared memory"), "{e}");

@@ -16,6 +16,10 @@ pub struct TileConfig {
     pub split_tokens: u32,
     /// Decode only: cp.async pipeline stages per warp (2..=4); 0 for other kinds.
     pub stages: u32,
+    /// Decode only: the thread blocks per multiprocessor the register allocation must allow
+    /// (`__launch_bounds__`' second argument: 65536 registers / (blocks x threads) per thread at most); 0 leaves
+    /// the compiler free. More blocks hide more latency, fewer registers may spill.
+    pub min_blocks: u32,
 }
 
 impl TileConfig {
@@ -25,6 +29,7 @@ impl TileConfig {
             threads,
             split_tokens: 0,
             stages: 0,
+            min_blocks: 0,
         }
     }
 }
@@ -43,9 +48,10 @@ pub struct KernelTiles {
 }
 
 impl KernelTiles {
-    /// The default when nothing was tuned: 128 threads everywhere; the decode kernel with 4 warps and a 3-stage
-    /// pipeline (fewer stages, then fewer warps, where its shared memory would pass 48 KiB), its split chosen at
-    /// launch.
+    /// The default when nothing was tuned: 128 threads everywhere; the decode kernel with 4 warps, a 3-stage
+    /// pipeline (fewer stages, then fewer warps, where its shared memory would pass 48 KiB), registers left to
+    /// the compiler (on the H200 that beat budgeting them for 16 warps: see docs/BENCHMARKS.md), its split chosen
+    /// at launch.
     pub fn heuristic(layout: &Layout) -> Self {
         let plain = TileConfig::plain(128);
         let plan = DecodePlan::new(layout);
@@ -53,12 +59,14 @@ impl KernelTiles {
             threads: 128,
             split_tokens: 0,
             stages: 3,
+            min_blocks: 0,
         };
         for (threads, stages) in [(128, 3), (128, 2), (64, 3), (64, 2), (32, 2)] {
             decode = TileConfig {
                 threads,
                 split_tokens: 0,
                 stages,
+                min_blocks: 0,
             };
             if plan.shared_bytes(threads / 32, stages) <= MAX_STATIC_SHARED_BYTES {
                 break;

@@ -177,6 +177,13 @@ pub struct SpecError {
 }
 
 impl SpecError {
+    /// The same error for a text that had `lines` lines prepended before parsing (e.g. a default preset): the
+    /// line number is moved up by that much (not below 1).
+    pub fn moved_up(mut self, lines: usize) -> Self {
+        self.line = self.line.saturating_sub(lines).max(1);
+        self
+    }
+
     /// 1-based line of the offending token.
     pub fn line(&self) -> usize {
         self.line

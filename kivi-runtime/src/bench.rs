@@ -261,14 +261,14 @@ pub fn time_prefill(
     let mut cache = KiviCache::new(gpu, module, batch, context)?;
     let stream = gpu.stream().clone();
     for _ in 0..warmup {
-        cache.reset();
+        cache.reset()?;
         cache.prefill(&k, &v, context)?;
     }
     let ctx = gpu.context();
     let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
     let mut events = Vec::with_capacity(iters);
     for _ in 0..iters {
-        cache.reset();
+        cache.reset()?;
         let start = ctx.new_event(flags)?;
         let end = ctx.new_event(flags)?;
         start.record(&stream)?;

@@ -24,7 +24,8 @@ impl Arch {
     /// Parses `sm_90`, `sm90`, `90` or `9.0`.
     ///
     /// # Errors
-    /// [`RuntimeError::State`] for anything else, or an arch below sm_53 (the fp16 conversions need it).
+    /// [`RuntimeError::State`] for anything else, or an arch below sm_80 (kivi's kernels use mma.sync, cp.async and
+    /// movmatrix).
     pub fn parse(text: &str) -> Result<Self> {
         let t = text
             .trim()
@@ -40,12 +41,13 @@ impl Arch {
         };
         match (major, minor) {
             (Some(major), Some(minor))
-                if major.saturating_mul(10).saturating_add(minor) >= 53 && minor < 10 =>
+                if major.saturating_mul(10).saturating_add(minor) >= 80 && minor < 10 =>
             {
                 Ok(Arch { major, minor })
             }
             _ => Err(RuntimeError::State(format!(
-                "arch `{text}` is not a compute capability of sm_53 or newer (write e.g. sm_80, sm_90 or 9.0)"
+                "arch `{text}` is not a compute capability kivi's kernels run on: they need sm_80 or newer \
+                 (mma.sync, cp.async, movmatrix); write e.g. sm_80, sm_90 or 9.0"
             ))),
         }
     }

@@ -15,33 +15,35 @@ use crate::gpu::{Gpu, LayoutModule};
 /// The largest capacity (tokens per sequence) a cache may have: positions are 32-bit in the kernels.
 pub const MAX_CAPACITY: u32 = 1 << 28;
 
-/// Tokens per split below which the automatic split does not go (per-block overheads would dominate).
-const MIN_AUTO_SPLIT: u32 = 512;
+/// Tokens per split the automatic split never goes below (per-block overheads would dominate).
+const MIN_AUTO_SPLIT: u32 = 2048;
 
-/// Tokens per split for a decode over `len` tokens: `fixed` if tuned (non-zero), else an even share of `len`
-/// among the splits that let every (sequence, split) block run in one wave of `slots` resident blocks (never
-/// below [`MIN_AUTO_SPLIT`] tokens unless the sequence is shorter), rounded up to the decode iteration.
-fn split_tokens(fixed: u32, len: u32, seqs: u32, plan: &DecodePlan, slots: u32) -> u32 {
+/// Splits the automatic split aims at for long sequences.
+const AUTO_SPLITS: u32 = 64;
+
+/// Tokens per split for a decode over `len` tokens: `fixed` if tuned (non-zero), else
+/// max(2048, len / 64) rounded up to the decode iteration. Either way a function of the sequence's length and the
+/// tile only, never of the batch or the GPU, so that a sequence gets the same splits, and the same fp32 merge,
+/// alone or in any batch (batch-invariant results).
+fn split_tokens(fixed: u32, len: u32, plan: &DecodePlan) -> u32 {
     if fixed > 0 {
         return fixed;
     }
-    let want = wanted_splits(seqs, plan, slots);
     let it = plan.iter_tokens;
-    let share = len.max(1).div_ceil(want).div_ceil(it) * it;
-    share.max(MIN_AUTO_SPLIT.min(len.max(1).div_ceil(it) * it))
-}
-
-fn wanted_splits(seqs: u32, plan: &DecodePlan, slots: u32) -> u32 {
-    (slots / (seqs * plan.head_tiles)).clamp(1, MAX_SPLITS)
+    len.max(1)
+        .div_ceil(AUTO_SPLITS)
+        .max(MIN_AUTO_SPLIT)
+        .div_ceil(it)
+        * it
 }
 
 /// The most splits any decode step of a cache of `capacity` tokens can have (sizes the split-K scratch).
-fn max_splits(fixed: u32, capacity: u32, seqs: u32, plan: &DecodePlan, slots: u32) -> u32 {
+fn max_splits(fixed: u32, capacity: u32) -> u32 {
     if fixed > 0 {
-        capacity.div_ceil(fixed)
-    } else {
-        wanted_splits(seqs, plan, slots).min(capacity.div_ceil(plan.iter_tokens))
+        return capacity.div_ceil(fixed);
     }
+    // Up to 64 x 2048 tokens: ceil(len / 2048) splits; beyond, a split holds at least len / 64 tokens.
+    capacity.div_ceil(MIN_AUTO_SPLIT).min(AUTO_SPLITS)
 }
 
 /// A KIVI KV cache of `batch x num_kv_heads` sequences on one GPU, with preallocated capacity.
@@ -70,7 +72,6 @@ pub struct KiviCache {
     part_ml: CudaSlice<f32>,
     counters: CudaSlice<u32>,
     plan: DecodePlan,
-    slots: u32,
     max_splits: u32,
     len: u32,
     quantized_keys: u32,
@@ -129,13 +130,7 @@ impl KiviCache {
         let d = storage.head_dim as usize;
         let plan = DecodePlan::new(&layout);
         let split_tile = module.kernels().spec(KernelKind::DecodePartial).tile;
-        // Resident decode blocks on the whole GPU: one wave of them is what the automatic split fills.
-        let per_sm = module
-            .function(KernelKind::DecodePartial)
-            .occupancy_max_active_blocks_per_multiprocessor(split_tile.threads, 0, None)?
-            .max(1);
-        let slots = gpu.sm_count().max(1) * per_sm;
-        let max_splits = max_splits(split_tile.split_tokens, capacity, seqs as u32, &plan, slots);
+        let max_splits = max_splits(split_tile.split_tokens, capacity);
         if max_splits > MAX_SPLITS {
             return Err(RuntimeError::Limit {
                 what: "split-K blocks per sequence (capacity / split_tokens)",
@@ -158,7 +153,6 @@ impl KiviCache {
             part_ml: stream.alloc_zeros(rows * max_splits as usize * 2)?,
             counters: stream.alloc_zeros(seqs as usize)?,
             plan,
-            slots,
             max_splits,
             layout,
             storage,
@@ -174,25 +168,30 @@ impl KiviCache {
     }
 
     /// The split-K plan of a decode step over `len` tokens per sequence: (tokens per split, number of splits).
-    /// A tuned `split_tokens` in the decode tile is used as is; 0 (the default) shares each sequence among as
-    /// many splits as let all (sequence, split) blocks run in one wave on this GPU (multiprocessors x resident
-    /// blocks per multiprocessor), at least 512 tokens each. Either way the split of a sequence depends only on its length
+    /// A tuned `split_tokens` in the decode tile is used as is; 0 (the default) takes max(2048, len / 64) tokens
+    /// per split. Both depend on the length and the tile only, never on the batch or the GPU. Either way the split of a sequence depends only on its length
     /// and this cache's configuration, never on the data.
     pub fn split_plan(&self, len: u32) -> (u32, u32) {
         let tile = self.module.kernels().spec(KernelKind::DecodePartial).tile;
-        let split = split_tokens(tile.split_tokens, len, self.seqs(), &self.plan, self.slots);
+        let split = split_tokens(tile.split_tokens, len, &self.plan);
         let splits = len.div_ceil(split);
         // max_splits bounds every len <= capacity by construction (see max_splits and split_tokens).
         debug_assert!(splits <= self.max_splits, "{splits} > {}", self.max_splits);
         (split, splits)
     }
 
-    /// Empties the cache (length 0) without touching device memory, so it can take a new prefill: what it held
-    /// is never read again (every read is bounded by the new length).
-    pub fn reset(&mut self) {
+    /// Empties the cache (length 0), so it can take a new prefill: what it held is never read again (every read
+    /// is bounded by the new length). Also zeroes the decode kernel's per-sequence completion counters (left
+    /// non-zero only by a launch that failed while running).
+    ///
+    /// # Errors
+    /// Driver errors (the memset is queued on the stream).
+    pub fn reset(&mut self) -> Result<()> {
+        self.stream.memset_zeros(&mut self.counters)?;
         self.len = 0;
         self.quantized_keys = 0;
         self.quantized_values = 0;
+        Ok(())
     }
 
     /// The device storage layout.
@@ -356,7 +355,9 @@ impl KiviCache {
         let before = (self.len, self.quantized_keys, self.quantized_values);
         let result = self.append_attend_flush(q, k, v, out);
         if result.is_err() {
-            // A failed launch leaves the counters where they were, so the flush rules stay consistent.
+            // A launch that could not be queued leaves the host counters (len, quantized keys and values) where
+            // they were, so the flush rules stay consistent; a kernel that fails while running leaves the CUDA
+            // context in error, and `reset` zeroes the device's completion counters.
             (self.len, self.quantized_keys, self.quantized_values) = before;
         }
         result
@@ -608,6 +609,12 @@ impl KiviCache {
         );
         let (kb, vb) = (st.key_bits, st.value_bits);
         let (kcpw, vcpw) = (32 / kb as usize, 32 / vb as usize);
+        if d % vcpw != 0 {
+            return Err(RuntimeError::State(format!(
+                "export: the reference layout packs {vcpw} value codes per 32-bit word along head_dim, and head_dim \
+                 {d} is not a multiple of {vcpw}"
+            )));
+        }
         let (kg, vg) = (st.key_group_size as usize, st.value_group_size as usize);
         let code_at = |words: &[u32], base: usize, pos: kivi_codegen::CodePosition, bits: u32| {
             (words[base + pos.word] >> pos.bit) & ((1u32 << bits) - 1)
@@ -680,35 +687,21 @@ mod tests {
     }
 
     #[test]
-    fn the_automatic_split_fills_one_wave_and_covers_the_sequence() {
+    fn the_automatic_split_depends_on_the_length_only_and_covers_the_sequence() {
         let p = plan("kivi-2, llama-3-8b");
-        let slots = 132 * 4;
-        for (seqs, len) in [
-            (64u32, 32768u32),
-            (256, 32768),
-            (8, 131072),
-            (2048, 2048),
-            (1, 1),
-            (3, 1300),
-        ] {
-            let split = split_tokens(0, len, seqs, &p, slots);
+        for len in [1u32, 31, 1300, 2048, 4096, 32768, 131072, 1 << 20] {
+            let split = split_tokens(0, len, &p);
             let splits = len.div_ceil(split);
-            assert_eq!(split % p.iter_tokens, 0, "{seqs} x {len}");
+            assert_eq!(split % p.iter_tokens, 0, "{len}");
             assert!(splits * split >= len);
-            assert!(
-                splits <= max_splits(0, len, seqs, &p, slots),
-                "{seqs} x {len}"
-            );
-            // One wave when the batch alone does not fill the GPU; at least 512 tokens a split otherwise.
-            if seqs < slots {
-                assert!(seqs * splits <= slots, "{seqs} x {len}: {splits} splits");
-            }
-            assert!(split >= MIN_AUTO_SPLIT.min(len.div_ceil(p.iter_tokens) * p.iter_tokens));
+            assert!(splits <= max_splits(0, len), "{len}");
+            assert!(splits <= AUTO_SPLITS + 1, "{len}: {splits}");
+            assert!(split >= MIN_AUTO_SPLIT, "{len}");
         }
-        // 8 sequences of 128k tokens on 528 slots: 66 splits of 2016 tokens.
-        assert_eq!(split_tokens(0, 131072, 8, &p, slots), 2016);
+        assert_eq!(split_tokens(0, 131072, &p), 2048);
+        assert_eq!(split_tokens(0, 32768, &p), 2048);
         // A tuned split is used as is.
-        assert_eq!(split_tokens(1024, 131072, 8, &p, slots), 1024);
-        assert_eq!(max_splits(1024, 131072, 8, &p, slots), 128);
+        assert_eq!(split_tokens(1024, 131072, &p), 1024);
+        assert_eq!(max_splits(1024, 131072), 128);
     }
 }

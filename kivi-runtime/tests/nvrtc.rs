@@ -54,6 +54,35 @@ fn every_preset_compiles_for_sm80_and_sm90_without_warnings() {
     );
 }
 
+/// Layouts whose decode plan lands at or near the 48 KiB static shared-memory limit: the heuristic tile must
+/// compile (the codegen's byte count matches what NVRTC allocates), or the layout must be refused up front.
+#[test]
+fn layouts_at_the_shared_memory_limit_compile_or_are_refused() {
+    let Some(compiler) = compiler(None) else {
+        return;
+    };
+    let arch = Arch::parse("sm_90").unwrap();
+    for spec in [
+        "kivi-2, llama-3-8b, head_dim: 256",
+        "kivi-2, llama-3-8b, keys: { group_size: 16 }, values: { group_size: 16 }",
+        "kivi-4, llama-3-8b, keys: { bits: 8 }, values: { group_size: 16 }",
+        "kivi-2, smollm2-135m, keys: { bits: 1, group_size: 16 }, values: { bits: 4 }",
+        "kivi-2, num_heads: 16, num_kv_heads: 1, head_dim: 256, keys: { bits: 1, group_size: 16 }, values: { bits: 8, group_size: 16 }",
+    ] {
+        let layout = parse_spec(spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        match LayoutKernels::new(&layout, &KernelTiles::heuristic(&layout)) {
+            Ok(kernels) => {
+                let module = generate_module(&kernels.specs).unwrap();
+                let cubin = compiler
+                    .compile(&module.name, &module.source, arch)
+                    .unwrap_or_else(|e| panic!("{spec}: {e}"));
+                assert!(cubin.log.is_empty(), "{spec}: {}", cubin.log);
+            }
+            Err(e) => assert!(e.to_string().contains("not yet supported"), "{spec}: {e}"),
+        }
+    }
+}
+
 #[test]
 fn disk_cache_serves_a_second_compiler_and_keys_on_arch() {
     let dir = tempfile::tempdir().unwrap();
