@@ -31,7 +31,7 @@ pub fn candidates(kind: KernelKind, layout: &Layout) -> Vec<TileConfig> {
                     threads,
                     split_tokens,
                     stages,
-                    min_blocks: 0,
+                    min_blocks: if decode { 512 / threads } else { 0 },
                 };
                 if KernelSpec::new(kind, *layout, tile).is_ok() {
                     out.push(tile);

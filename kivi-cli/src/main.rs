@@ -448,10 +448,12 @@ fn verify_cmd(
                 println!("GPU: {} ({})", g.name(), g.arch().sm());
                 Some(g)
             }
-            Err(e) if references.is_empty() => return Err(format!(
+            Err(e) if references.is_empty() => {
+                return Err(format!(
                 "{e} (use --reference FILE to check reference files on the CPU, e.g. the bundled \
                      tests/data/*.safetensors)"
-            )),
+            ))
+            }
             Err(e) => {
                 println!("no GPU ({e}): checking on the CPU reference only");
                 None

@@ -27,10 +27,11 @@ fn gen_prints_every_kernel_of_the_default_preset() {
         "kivi_quant_keys_k2c32_v2t32_r128_d128_fp16_gqa4_t128",
         "kivi_quant_values_k2c32_v2t32_r128_d128_fp16_gqa4_t128",
         "kivi_store_residual_k2c32_v2t32_r128_d128_fp16_gqa4_t128",
-        "kivi_decode_k2c32_v2t32_r128_d128_fp16_gqa4_t128_p3",
+        "kivi_decode_k2c32_v2t32_r128_d128_fp16_gqa4_t128_p3_b4",
     ] {
         assert!(
-            src.contains(&format!("void __launch_bounds__(128) {name}(")),
+            src.contains(&format!("void __launch_bounds__(128) {name}("))
+                || src.contains(&format!("void __launch_bounds__(128, 4) {name}(")),
             "{name} missing"
         );
     }
@@ -70,7 +71,7 @@ fn gen_out_writes_one_file_per_kernel_and_reads_kivi_files() {
         .collect();
     assert_eq!(files.len(), 5, "4 kernels + the module: {files:?}");
     assert!(
-        files.contains(&"kivi_decode_k4c32_v4t32_r64_d64_fp16_gqa3_t128_p3.cu".to_string()),
+        files.contains(&"kivi_decode_k4c32_v4t32_r64_d64_fp16_gqa3_t128_p3_b4.cu".to_string()),
         "{files:?}"
     );
 }

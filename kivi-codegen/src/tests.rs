@@ -10,7 +10,7 @@ fn names_spell_the_parameters() {
     let k = LayoutKernels::new(&l, &KernelTiles::heuristic(&l)).unwrap();
     assert_eq!(
         k.spec(KernelKind::DecodePartial).name(),
-        "kivi_decode_k2c32_v2t32_r128_d128_fp16_gqa4_t128_p3"
+        "kivi_decode_k2c32_v2t32_r128_d128_fp16_gqa4_t128_p3_b4"
     );
     assert_eq!(
         k.spec(KernelKind::QuantizeKeys).name(),

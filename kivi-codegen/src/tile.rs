@@ -49,9 +49,9 @@ pub struct KernelTiles {
 
 impl KernelTiles {
     /// The default when nothing was tuned: 128 threads everywhere; the decode kernel with 4 warps, a 3-stage
-    /// pipeline (fewer stages, then fewer warps, where its shared memory would pass 48 KiB), registers left to
-    /// the compiler (on the H200 that beat budgeting them for 16 warps: see docs/BENCHMARKS.md), its split chosen
-    /// at launch.
+    /// pipeline (fewer stages, then fewer warps, where its shared memory would pass 48 KiB), registers budgeted
+    /// for 512 threads per multiprocessor (16 warps: 128 registers each; on the H200 that beat the compiler's own
+    /// choice on the short and the batched shapes, see docs/BENCHMARKS.md), its split chosen at launch.
     pub fn heuristic(layout: &Layout) -> Self {
         let plain = TileConfig::plain(128);
         let plan = DecodePlan::new(layout);
@@ -59,14 +59,14 @@ impl KernelTiles {
             threads: 128,
             split_tokens: 0,
             stages: 3,
-            min_blocks: 0,
+            min_blocks: 4,
         };
         for (threads, stages) in [(128, 3), (128, 2), (64, 3), (64, 2), (32, 2)] {
             decode = TileConfig {
                 threads,
                 split_tokens: 0,
                 stages,
-                min_blocks: 0,
+                min_blocks: 512 / threads,
             };
             if plan.shared_bytes(threads / 32, stages) <= MAX_STATIC_SHARED_BYTES {
                 break;

@@ -18,32 +18,34 @@ pub const MAX_CAPACITY: u32 = 1 << 28;
 /// Tokens per split the automatic split never goes below (per-block overheads would dominate).
 const MIN_AUTO_SPLIT: u32 = 2048;
 
-/// Splits the automatic split aims at for long sequences.
+/// The most splits the automatic split makes.
 const AUTO_SPLITS: u32 = 64;
 
-/// Tokens per split for a decode over `len` tokens: `fixed` if tuned (non-zero), else
-/// max(2048, len / 64) rounded up to the decode iteration. Either way a function of the sequence's length and the
-/// tile only, never of the batch or the GPU, so that a sequence gets the same splits, and the same fp32 merge,
-/// alone or in any batch (batch-invariant results).
+/// The number of splits the automatic split makes for `len` tokens: floor(len / 2048), between 1 and 64 (so a
+/// split never holds fewer than 2048 tokens, and a sequence just past a multiple of 2048 gets no tiny split).
+fn auto_splits(len: u32) -> u32 {
+    (len / MIN_AUTO_SPLIT).clamp(1, AUTO_SPLITS)
+}
+
+/// Tokens per split for a decode over `len` tokens: `fixed` if tuned (non-zero), else `len` shared evenly among
+/// [`auto_splits`] splits, rounded up to the decode iteration. Either way a function of the sequence's length and
+/// the tile only, never of the batch or the GPU, so that a sequence gets the same splits, and the same fp32
+/// merge, alone or in any batch (batch-invariant results).
 fn split_tokens(fixed: u32, len: u32, plan: &DecodePlan) -> u32 {
     if fixed > 0 {
         return fixed;
     }
     let it = plan.iter_tokens;
-    len.max(1)
-        .div_ceil(AUTO_SPLITS)
-        .max(MIN_AUTO_SPLIT)
-        .div_ceil(it)
-        * it
+    len.max(1).div_ceil(auto_splits(len)).div_ceil(it) * it
 }
 
 /// The most splits any decode step of a cache of `capacity` tokens can have (sizes the split-K scratch).
 fn max_splits(fixed: u32, capacity: u32) -> u32 {
     if fixed > 0 {
-        return capacity.div_ceil(fixed);
+        capacity.div_ceil(fixed)
+    } else {
+        auto_splits(capacity)
     }
-    // Up to 64 x 2048 tokens: ceil(len / 2048) splits; beyond, a split holds at least len / 64 tokens.
-    capacity.div_ceil(MIN_AUTO_SPLIT).min(AUTO_SPLITS)
 }
 
 /// A KIVI KV cache of `batch x num_kv_heads` sequences on one GPU, with preallocated capacity.
@@ -168,8 +170,9 @@ impl KiviCache {
     }
 
     /// The split-K plan of a decode step over `len` tokens per sequence: (tokens per split, number of splits).
-    /// A tuned `split_tokens` in the decode tile is used as is; 0 (the default) takes max(2048, len / 64) tokens
-    /// per split. Both depend on the length and the tile only, never on the batch or the GPU. Either way the split of a sequence depends only on its length
+    /// A tuned `split_tokens` in the decode tile is used as is; 0 (the default) shares `len` evenly among
+    /// floor(len / 2048) splits (1 to 64). Both depend on the length and the tile only, never on the batch or
+    /// the GPU. Either way the split of a sequence depends only on its length
     /// and this cache's configuration, never on the data.
     pub fn split_plan(&self, len: u32) -> (u32, u32) {
         let tile = self.module.kernels().spec(KernelKind::DecodePartial).tile;
@@ -689,17 +692,37 @@ mod tests {
     #[test]
     fn the_automatic_split_depends_on_the_length_only_and_covers_the_sequence() {
         let p = plan("kivi-2, llama-3-8b");
-        for len in [1u32, 31, 1300, 2048, 4096, 32768, 131072, 1 << 20] {
+        for len in [
+            1u32,
+            31,
+            1300,
+            2048,
+            2049,
+            4095,
+            4096,
+            4097,
+            32768,
+            131072,
+            1 << 20,
+        ] {
             let split = split_tokens(0, len, &p);
             let splits = len.div_ceil(split);
             assert_eq!(split % p.iter_tokens, 0, "{len}");
             assert!(splits * split >= len);
-            assert!(splits <= max_splits(0, len), "{len}");
-            assert!(splits <= AUTO_SPLITS + 1, "{len}: {splits}");
-            assert!(split >= MIN_AUTO_SPLIT, "{len}");
+            assert_eq!(
+                splits,
+                auto_splits(len),
+                "{len}: the rounding never adds a split"
+            );
+            assert!(splits <= max_splits(0, len.max(2048)), "{len}");
+            assert!(
+                split >= MIN_AUTO_SPLIT.min(len.div_ceil(p.iter_tokens) * p.iter_tokens),
+                "{len}"
+            );
         }
+        // Just past 2048 tokens: one split, not a tiny second one.
+        assert_eq!(split_tokens(0, 2049, &p), 2080);
         assert_eq!(split_tokens(0, 131072, &p), 2048);
-        assert_eq!(split_tokens(0, 32768, &p), 2048);
         // A tuned split is used as is.
         assert_eq!(split_tokens(1024, 131072, &p), 1024);
         assert_eq!(max_splits(1024, 131072), 128);
