@@ -2,8 +2,10 @@
 //!
 //! This crate sits beside the spec -> CUDA -> module chain, above it: it asks `kivi-codegen` which
 //! configurations are valid and (with the autotune issue) will time them through `kivi-runtime` and hand the
-//! winner to the runtime. Today it enumerates and prunes the candidates; timing and the persistent cache come
-//! next. The runtime never depends on this crate.
+//! winner to the runtime. Today it enumerates and prunes the candidates and keeps the persistent tuning cache
+//! ([`cache`]); the timing loop comes next. The runtime never depends on this crate.
+
+pub mod cache;
 
 use kivi_codegen::{KernelKind, KernelSpec, KernelTiles, TileConfig};
 use kivi_dsl::Layout;
@@ -42,6 +44,53 @@ pub fn candidates(kind: KernelKind, layout: &Layout) -> Vec<TileConfig> {
     out
 }
 
+/// The decode candidates worth timing for one shape: [`candidates`] for the decode kernel, each with the register
+/// budget of 512 threads per multiprocessor (`min_blocks` = 512 / threads) and with the compiler's own (0); a
+/// fixed split that would give fewer thread blocks than the GPU has multiprocessors (`sm_count`) is pruned, it
+/// cannot fill the GPU. The heuristic configuration is always first.
+pub fn decode_candidates(
+    layout: &Layout,
+    sequences: u32,
+    context: u32,
+    sm_count: u32,
+) -> Vec<TileConfig> {
+    let heuristic = KernelTiles::heuristic(layout).decode;
+    let mut out = vec![heuristic];
+    let head_tiles = kivi_codegen::DecodePlan::new(layout).head_tiles;
+    for base in candidates(KernelKind::DecodePartial, layout) {
+        for min_blocks in [512 / base.threads, 0] {
+            let tile = TileConfig { min_blocks, ..base };
+            if out.contains(&tile)
+                || KernelSpec::new(KernelKind::DecodePartial, *layout, tile).is_err()
+            {
+                continue;
+            }
+            if tile.split_tokens > 0 {
+                let blocks = u64::from(sequences)
+                    * u64::from(head_tiles)
+                    * u64::from(context.div_ceil(tile.split_tokens));
+                if blocks < u64::from(sm_count) {
+                    continue;
+                }
+            }
+            out.push(tile);
+        }
+    }
+    out
+}
+
+/// The hash that keys tuned results to this build's candidates and code: the candidate list and the generated
+/// module of the layout (so any template or codegen change invalidates old results).
+pub fn candidates_hash(layout: &Layout, candidates: &[TileConfig]) -> u64 {
+    let mut text = format!("{candidates:?}");
+    if let Ok(k) = kivi_codegen::LayoutKernels::new(layout, &KernelTiles::heuristic(layout)) {
+        if let Ok(m) = kivi_codegen::generate_module(&k.specs) {
+            text.push_str(&m.source);
+        }
+    }
+    cache::fnv1a(text.as_bytes())
+}
+
 /// The configuration to use until one is tuned: the codegen's heuristic.
 pub fn default_tiles(layout: &Layout) -> KernelTiles {
     KernelTiles::heuristic(layout)
@@ -66,6 +115,34 @@ mod tests {
             c.contains(&default_tiles(&l).decode),
             "the heuristic is a candidate"
         );
+    }
+
+    #[test]
+    fn decode_candidates_start_with_the_heuristic_and_prune_underfilled_splits() {
+        let l = layout("kivi-2, llama-3-8b");
+        let all = decode_candidates(&l, 64, 32768, 132);
+        assert_eq!(all[0], default_tiles(&l).decode);
+        assert!(all.iter().any(|t| t.min_blocks == 0));
+        assert!(all.iter().any(|t| t.split_tokens == 4096));
+        // One sequence of 4096 tokens: a fixed split of 4096 gives one block for 132 SMs: pruned; automatic kept.
+        let few = decode_candidates(&l, 1, 4096, 132);
+        assert!(few
+            .iter()
+            .all(|t| t.split_tokens == 0 || 4096u32.div_ceil(t.split_tokens) >= 132));
+        assert!(few.iter().any(|t| t.split_tokens == 0));
+        let mut dedup = all.clone();
+        dedup.dedup();
+        assert_eq!(dedup.len(), all.len());
+    }
+
+    #[test]
+    fn the_candidates_hash_follows_the_candidates() {
+        let l = layout("kivi-2, llama-3-8b");
+        let c = decode_candidates(&l, 64, 32768, 132);
+        assert_eq!(candidates_hash(&l, &c), candidates_hash(&l, &c));
+        assert_ne!(candidates_hash(&l, &c), candidates_hash(&l, &c[1..]));
+        let other = layout("kivi-4, llama-3-8b");
+        assert_ne!(candidates_hash(&l, &c), candidates_hash(&other, &c));
     }
 
     #[test]

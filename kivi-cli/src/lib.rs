@@ -3,4 +3,5 @@
 
 pub mod bench;
 pub mod spec;
+pub mod tune;
 pub mod verify;

@@ -88,6 +88,39 @@ enum Command {
         #[arg(long)]
         nvrtc: Option<PathBuf>,
     },
+    /// Tune the decode tile per GPU and shape, and remember the winner in the tuning cache.
+    ///
+    /// Per shape: every candidate configuration (threads, pipeline stages, split size, register budget; the
+    /// heuristic first) is checked against the CPU reference at a small shape and against the heuristic's output at
+    /// the shape, then timed like `kivi bench`; the fastest is stored, keyed by GPU, compute capability, SM count,
+    /// driver and NVRTC versions, layout, candidate set and generated code, and the context and batch buckets
+    /// (powers of two). A shape already in the cache is not tuned again unless --force. `kivi bench` then uses it.
+    Tune {
+        /// Quantization spec the shapes run with (the shape sets the heads and head_dim).
+        #[arg(long, default_value = "kivi-2")]
+        spec: String,
+        /// Shapes B,H,Hkv,D,T; default: the decode-speed issue's five.
+        #[arg(long, value_delimiter = ';')]
+        shapes: Vec<String>,
+        /// Seconds per shape after which no further candidate starts.
+        #[arg(long, default_value_t = 15.0)]
+        budget: f64,
+        /// Timed decode steps per candidate (after 5 untimed).
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Tune again even where the cache has the shape.
+        #[arg(long)]
+        force: bool,
+        /// Print the tuning cache and exit (no GPU needed).
+        #[arg(long)]
+        show: bool,
+        /// The tuning cache file (default: $KIVI_CACHE_DIR/tune.json, else ~/.cache/kivi/tune.json).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// libnvrtc to use (a file or its folder).
+        #[arg(long)]
+        nvrtc: Option<PathBuf>,
+    },
     /// Check the kernels on the GPU against the CPU reference and the paper's reference files.
     ///
     /// Without --reference: the presets (kivi-2 and kivi-4 with the llama-2-7b, llama-3-8b and smollm2-135m
@@ -154,6 +187,25 @@ fn main() -> ExitCode {
             },
             (!no_baseline).then_some((python.as_str(), baseline.as_path())),
             out.as_deref(),
+            nvrtc.as_deref(),
+        ),
+        Command::Tune {
+            spec,
+            shapes,
+            budget,
+            iters,
+            force,
+            show,
+            cache,
+            nvrtc,
+        } => tune_cmd(
+            &spec,
+            &shapes,
+            budget,
+            iters,
+            force,
+            show,
+            cache.as_deref(),
             nvrtc.as_deref(),
         ),
         Command::Verify {
@@ -289,6 +341,104 @@ fn compile(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
+fn tune_cmd(
+    spec: &str,
+    shapes: &[String],
+    budget: f64,
+    iters: usize,
+    force: bool,
+    show: bool,
+    cache: Option<&Path>,
+    nvrtc: Option<&Path>,
+) -> Result<ExitCode, String> {
+    use kivi_cli::bench::{layout_for, Shape, ISSUE_SHAPES};
+    use kivi_cli::tune;
+    let mut tc = tune::open_cache(cache)?;
+    if show {
+        print!("{}", tune::show(&tc));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let shapes: Vec<Shape> = if shapes.is_empty() {
+        ISSUE_SHAPES.to_vec()
+    } else {
+        shapes
+            .iter()
+            .map(|s| Shape::parse(s))
+            .collect::<Result<_, _>>()?
+    };
+    for s in &shapes {
+        layout_for(spec, s)?;
+    }
+    let gpu = open_gpu(nvrtc)?;
+    println!(
+        "kivi tune on {} ({}), spec {spec}, cache {}",
+        gpu.name(),
+        gpu.arch().sm(),
+        tc.path().display()
+    );
+    let mut rows = String::from(
+        "| shape B,H,Hkv,D,T | candidates timed | best tile (threads,stages,split,blocks) | best us | heuristic us | worst us | gain over heuristic | seconds |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for s in &shapes {
+        let layout = layout_for(spec, s)?;
+        let (_, tuned) = tune::tiles_for(&gpu, &tc, &layout, s);
+        if tuned && !force {
+            println!("  {}: in the cache (use --force to tune again)", s.label());
+            continue;
+        }
+        let t0 = std::time::Instant::now();
+        let (e, _) =
+            tune::tune_shape(
+                &gpu,
+                spec,
+                s,
+                budget,
+                5,
+                iters,
+                &mut tc,
+                &mut |i, n, r| match (r.median_us, &r.rejected) {
+                    (Some(us), _) => println!(
+                        "  {} [{}/{n}] {},{},{},{}: {us:.1} us",
+                        s.label(),
+                        i + 1,
+                        r.tile.threads,
+                        r.tile.stages,
+                        r.tile.split_tokens,
+                        r.tile.min_blocks
+                    ),
+                    (None, reason) => println!(
+                        "  {} [{}/{n}] {},{},{},{}: rejected: {}",
+                        s.label(),
+                        i + 1,
+                        r.tile.threads,
+                        r.tile.stages,
+                        r.tile.split_tokens,
+                        r.tile.min_blocks,
+                        reason.as_deref().unwrap_or("")
+                    ),
+                },
+            )?;
+        tc.save()?;
+        rows.push_str(&format!(
+            "| {} | {} | {},{},{},{} | {:.1} | {:.1} | {:.1} | {:.1}% | {:.1} |\n",
+            s.label(),
+            e.candidates,
+            e.tile.threads,
+            e.tile.stages,
+            e.tile.split_tokens,
+            e.tile.min_blocks,
+            e.best_us,
+            e.heuristic_us,
+            e.worst_us,
+            100.0 * (e.heuristic_us / e.best_us - 1.0),
+            t0.elapsed().as_secs_f64()
+        ));
+    }
+    println!("{rows}");
+    Ok(ExitCode::SUCCESS)
+}
+
 fn parse_tile(text: &str) -> Result<kivi_codegen::TileConfig, String> {
     let bad =
         || format!("decode tile {text:?}: expected THREADS,STAGES,SPLIT[,BLOCKS], e.g. 128,3,0,4");
@@ -345,11 +495,30 @@ fn bench_cmd(
             .map(|t| parse_tile(t).map(Some))
             .collect::<Result<_, _>>()?
     };
+    // Without --decode-tile, a tuned tile from the tuning cache where one exists (kivi tune).
+    let tune_cache = kivi_cli::tune::open_cache(None).ok();
     let mut results = Vec::new();
     for (s, tile) in shapes
         .iter()
         .flat_map(|s| tiles.iter().map(move |t| (s, *t)))
     {
+        let tile = match (tile, &tune_cache) {
+            (None, Some(tc)) => {
+                let layout = kivi_cli::bench::layout_for(spec, s)?;
+                match kivi_cli::tune::tiles_for(&gpu, tc, &layout, s) {
+                    (t, true) => {
+                        println!(
+                            "  {}: using the tuned decode tile {:?}",
+                            s.label(),
+                            t.decode
+                        );
+                        Some(t.decode)
+                    }
+                    _ => None,
+                }
+            }
+            (t, _) => t,
+        };
         let opts = kivi_cli::bench::BenchOptions {
             decode_tile: tile,
             ..opts.clone()

@@ -320,6 +320,21 @@ pub fn verify_layout_on_gpu(
     report: &mut dyn FnMut(&Check),
 ) -> Vec<Check> {
     let tiles = KernelTiles::heuristic(layout);
+    verify_tiles_on_gpu(gpu, layout, &tiles, label, prefills, batches, steps, report)
+}
+
+/// [`verify_layout_on_gpu`] with the given tile configurations (the autotuner checks every candidate so).
+#[allow(clippy::too_many_arguments)]
+pub fn verify_tiles_on_gpu(
+    gpu: &Gpu,
+    layout: &Layout,
+    tiles: &KernelTiles,
+    label: &str,
+    prefills: &[u32],
+    batches: &[u32],
+    steps: u32,
+    report: &mut dyn FnMut(&Check),
+) -> Vec<Check> {
     let mut cases = Vec::new();
     for &b in batches {
         for &p in prefills {
@@ -337,7 +352,7 @@ pub fn verify_layout_on_gpu(
             .collect();
         std::thread::scope(|s| {
             let cpu: Vec<_> = inputs.iter().map(|inp| s.spawn(|| cpu_run(inp))).collect();
-            let gpu_runs: Vec<_> = inputs.iter().map(|inp| gpu_run(gpu, inp, &tiles)).collect();
+            let gpu_runs: Vec<_> = inputs.iter().map(|inp| gpu_run(gpu, inp, tiles)).collect();
             for ((inp, g), c) in inputs.iter().zip(gpu_runs).zip(cpu) {
                 let name = format!("{label} batch {} prefill {}", inp.batch, inp.prefill);
                 let result = match both(g, c) {
@@ -369,18 +384,27 @@ pub fn verify_file_on_cpu(
     };
     for case in &file.pack_cases {
         let name = format!("cpu pack {}", case.name);
+        // The reports start with the case name, which the check's name already holds.
+        let detail = |text: String| {
+            text.trim_start_matches(&format!("{}: ", case.name))
+                .to_string()
+        };
         match check_pack(case) {
-            Ok(r) => push(check(name, r.mismatches() == 0, r.to_string())),
+            Ok(r) => push(check(name, r.mismatches() == 0, detail(r.to_string()))),
             Err(e) => push(check(name, false, e.to_string())),
         }
     }
     for case in &file.stream_cases {
         let name = format!("cpu stream {}", case.name);
+        let detail = |text: String| {
+            text.trim_start_matches(&format!("{}: ", case.name))
+                .to_string()
+        };
         match check_stream(case) {
             Ok(r) => push(check(
                 name,
                 r.passes(FILE_STREAM_TOL, FILE_STEP_TOL),
-                r.to_string(),
+                detail(r.to_string()),
             )),
             Err(e) => push(check(name, false, e.to_string())),
         }

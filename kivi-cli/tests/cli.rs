@@ -153,6 +153,24 @@ fn verify_without_a_gpu_says_so() {
 }
 
 #[test]
+fn tune_show_reads_the_cache_and_reports_a_corrupt_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().to_str().unwrap();
+    let o = kivi(&["tune", "--show"], &[("KIVI_CACHE_DIR", cache_dir)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("(0 entries)"), "{}", text(&o.stdout));
+    std::fs::write(dir.path().join("tune.json"), "{ half a file").unwrap();
+    let o = kivi(&["tune", "--show"], &[("KIVI_CACHE_DIR", cache_dir)]);
+    assert!(o.status.success());
+    assert!(
+        text(&o.stderr).contains("not a valid tuning cache"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(text(&o.stdout).contains("(0 entries)"));
+}
+
+#[test]
 fn bench_checks_its_shapes_then_needs_a_gpu() {
     let o = kivi(&["bench", "--shapes", "8,32,8,128"], &[]);
     assert!(!o.status.success());

@@ -192,6 +192,21 @@ impl DecodeBench {
         })
     }
 
+    /// The output buffer of cache copy `copy` (`[batch, num_heads, head_dim]` fp16) after its last step, copied
+    /// to the host (synchronizes).
+    ///
+    /// # Errors
+    /// Driver errors; [`RuntimeError::Limit`] for a copy index out of range.
+    pub fn output_host(&self, copy: usize) -> Result<Vec<f16>> {
+        let out = self.out.get(copy).ok_or(RuntimeError::Limit {
+            what: "cache copy",
+            value: copy as u64,
+            limit: format!("there are {}", self.out.len()),
+        })?;
+        let stream = self.caches[0].module().context().default_stream();
+        Ok(stream.clone_dtoh(out)?)
+    }
+
     /// The cache copy the next step runs on.
     pub fn next_cache(&self) -> &KiviCache {
         &self.caches[self.next]

@@ -20,6 +20,7 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     arch: Arch,
     sm_count: u32,
+    driver_version: i32,
     name: String,
     compiler: Arc<Compiler>,
 }
@@ -41,6 +42,12 @@ impl Gpu {
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as u32;
         let stream = ctx.default_stream();
+        let mut driver_version = 0i32;
+        // SAFETY: cuDriverGetVersion writes one int; the driver is loaded (checked above).
+        let rc = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) };
+        if rc != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+            driver_version = 0;
+        }
         Ok(Gpu {
             ctx,
             stream,
@@ -50,8 +57,14 @@ impl Gpu {
             },
             name,
             sm_count,
+            driver_version,
             compiler,
         })
+    }
+
+    /// The CUDA driver's version as `cuDriverGetVersion` reports it (13000 for CUDA 13.0; 0 if it would not say).
+    pub fn driver_version(&self) -> i32 {
+        self.driver_version
     }
 
     /// Streaming multiprocessors of the device (132 on an H200 SXM).

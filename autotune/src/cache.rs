@@ -1,0 +1,462 @@
+//! The persistent tuning cache: one JSON file of tuned tile configurations, keyed by everything that can change
+//! which configuration wins (autotune issue).
+//!
+//! File format (`kivi-tune-cache`, version [`FORMAT_VERSION`]): `{"format": "kivi-tune-cache", "version": 1,
+//! "entries": {KEY: ENTRY, ...}}`. A file that cannot be read, does not parse, or has another format or version
+//! is reported (see [`TuneCache::load`]'s warning) and treated as empty, never trusted; the next save rebuilds
+//! it. Saves write a temporary file in the same folder and rename it over the old one, so a reader or a second
+//! writer only ever sees a whole file; a save first re-reads the file and keeps the entries other processes
+//! wrote meanwhile (for one key, the last writer wins).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use kivi_codegen::TileConfig;
+use serde::{Deserialize, Serialize};
+
+/// The `format` field of a tuning cache file.
+pub const FORMAT: &str = "kivi-tune-cache";
+/// The `version` field this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Smallest context bucket, tokens.
+pub const MIN_CONTEXT_BUCKET: u32 = 256;
+
+/// The context-length bucket of `tokens`: the next power of two, at least [`MIN_CONTEXT_BUCKET`]. Shapes in one
+/// bucket share a tuning result (a 3000-token and a 4000-token context both tune as 4096).
+pub fn context_bucket(tokens: u32) -> u32 {
+    tokens
+        .max(MIN_CONTEXT_BUCKET)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 31)
+}
+
+/// The batch bucket of `sequences` (batch x KV heads): the next power of two, at least 1.
+pub fn batch_bucket(sequences: u32) -> u32 {
+    sequences
+        .max(1)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 31)
+}
+
+/// FNV-1a, 64 bit: a stable hash for keys (not for security).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Everything a tuned result depends on. Two runs with equal keys may share a result.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TuneKey {
+    /// GPU name, e.g. `NVIDIA H200`.
+    pub gpu: String,
+    /// Compute capability, e.g. `9.0`.
+    pub compute_capability: String,
+    /// Streaming multiprocessors.
+    pub sm_count: u32,
+    /// CUDA driver version as the driver reports it (e.g. 13000).
+    pub driver: i32,
+    /// NVRTC version, e.g. `13.0`.
+    pub nvrtc: String,
+    /// Kernel kind (`decode`, ...).
+    pub kind: String,
+    /// Hash of the layout (its canonical spec text).
+    pub layout_hash: u64,
+    /// Hash of the candidate set and of the generated code it compiles, so a codegen change invalidates results.
+    pub candidates_hash: u64,
+    /// [`context_bucket`] of the tuned context.
+    pub context_bucket: u32,
+    /// [`batch_bucket`] of the tuned number of sequences.
+    pub batch_bucket: u32,
+}
+
+impl fmt::Display for TuneKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "gpu={}|cc={}|sms={}|driver={}|nvrtc={}|kind={}|layout={:016x}|candidates={:016x}|ctx={}|seqs={}",
+            self.gpu,
+            self.compute_capability,
+            self.sm_count,
+            self.driver,
+            self.nvrtc,
+            self.kind,
+            self.layout_hash,
+            self.candidates_hash,
+            self.context_bucket,
+            self.batch_bucket
+        )
+    }
+}
+
+/// A tile configuration as stored (the fields of [`TileConfig`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredTile {
+    /// Threads per block.
+    pub threads: u32,
+    /// Tokens per split (0: automatic).
+    pub split_tokens: u32,
+    /// Pipeline stages.
+    pub stages: u32,
+    /// Blocks per multiprocessor the registers are budgeted for (0: the compiler's choice).
+    pub min_blocks: u32,
+}
+
+impl From<TileConfig> for StoredTile {
+    fn from(t: TileConfig) -> Self {
+        StoredTile {
+            threads: t.threads,
+            split_tokens: t.split_tokens,
+            stages: t.stages,
+            min_blocks: t.min_blocks,
+        }
+    }
+}
+
+impl From<StoredTile> for TileConfig {
+    fn from(t: StoredTile) -> Self {
+        TileConfig {
+            threads: t.threads,
+            split_tokens: t.split_tokens,
+            stages: t.stages,
+            min_blocks: t.min_blocks,
+        }
+    }
+}
+
+/// One tuned result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TuneEntry {
+    /// The winning configuration.
+    pub tile: StoredTile,
+    /// Its median time, microseconds.
+    pub best_us: f64,
+    /// The heuristic configuration's median time, microseconds.
+    pub heuristic_us: f64,
+    /// The slowest candidate's median time, microseconds.
+    pub worst_us: f64,
+    /// Candidates timed.
+    pub candidates: usize,
+    /// The shape it was tuned on: batch, query heads, KV heads, head_dim, context.
+    pub shape: [u32; 5],
+    /// When (seconds since the Unix epoch).
+    pub tuned_at: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileContents {
+    format: String,
+    version: u32,
+    entries: BTreeMap<String, TuneEntry>,
+}
+
+/// The tuning cache of one file.
+#[derive(Clone, Debug, Default)]
+pub struct TuneCache {
+    path: PathBuf,
+    entries: BTreeMap<String, TuneEntry>,
+}
+
+impl TuneCache {
+    /// The default file: `$KIVI_CACHE_DIR/tune.json`, else `$XDG_CACHE_HOME/kivi/tune.json`, else
+    /// `~/.cache/kivi/tune.json`; `None` without any of these variables.
+    pub fn default_path() -> Option<PathBuf> {
+        if let Some(d) = std::env::var_os("KIVI_CACHE_DIR") {
+            return Some(PathBuf::from(d).join("tune.json"));
+        }
+        if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+            return Some(PathBuf::from(d).join("kivi").join("tune.json"));
+        }
+        std::env::var_os("HOME").map(|h| {
+            PathBuf::from(h)
+                .join(".cache")
+                .join("kivi")
+                .join("tune.json")
+        })
+    }
+
+    /// Reads `path`. A missing file is an empty cache; an unreadable, corrupt or foreign-version file is an empty
+    /// cache too, with the reason returned as a warning (the next [`TuneCache::save`] replaces it).
+    pub fn load(path: &Path) -> (Self, Option<String>) {
+        let (entries, warning) = read_entries(path);
+        (
+            TuneCache {
+                path: path.to_path_buf(),
+                entries,
+            },
+            warning,
+        )
+    }
+
+    /// The file this cache reads and writes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The entry of `key`, if tuned.
+    pub fn get(&self, key: &TuneKey) -> Option<&TuneEntry> {
+        self.entries.get(&key.to_string())
+    }
+
+    /// Every entry, by key text.
+    pub fn entries(&self) -> &BTreeMap<String, TuneEntry> {
+        &self.entries
+    }
+
+    /// Sets the entry of `key` (in memory; [`TuneCache::save`] writes it).
+    pub fn insert(&mut self, key: &TuneKey, entry: TuneEntry) {
+        self.entries.insert(key.to_string(), entry);
+    }
+
+    /// Writes the cache atomically (temporary file + rename in the same folder), after merging the entries the
+    /// file holds now that this cache does not (another process's results). Creates the folder.
+    ///
+    /// # Errors
+    /// The message of the failed file operation, with the path.
+    pub fn save(&mut self) -> Result<(), String> {
+        let (on_disk, _) = read_entries(&self.path);
+        for (k, v) in on_disk {
+            self.entries.entry(k).or_insert(v);
+        }
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let contents = FileContents {
+            format: FORMAT.into(),
+            version: FORMAT_VERSION,
+            entries: self.entries.clone(),
+        };
+        let text = serde_json::to_string_pretty(&contents).map_err(|e| e.to_string())?;
+        // Unique per process and per save within it: concurrent writers never share a temporary file.
+        static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let tmp = dir.join(format!(
+            ".tune.{}.{}.tmp",
+            std::process::id(),
+            SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            format!("cannot replace {}: {e}", self.path.display())
+        })
+    }
+}
+
+fn read_entries(path: &Path) -> (BTreeMap<String, TuneEntry>, Option<String>) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (BTreeMap::new(), None),
+        Err(e) => {
+            return (
+                BTreeMap::new(),
+                Some(format!(
+                    "{}: unreadable ({e}); starting an empty tuning cache",
+                    path.display()
+                )),
+            )
+        }
+    };
+    match serde_json::from_str::<FileContents>(&text) {
+        Ok(c) if c.format == FORMAT && c.version == FORMAT_VERSION => (c.entries, None),
+        Ok(c) => (
+            BTreeMap::new(),
+            Some(format!(
+                "{}: a {} file of version {}, not {FORMAT} version {FORMAT_VERSION}; ignoring it (it will be \
+                 rebuilt)",
+                path.display(),
+                c.format,
+                c.version
+            )),
+        ),
+        Err(e) => (
+            BTreeMap::new(),
+            Some(format!(
+                "{}: not a valid tuning cache ({e}); ignoring it (it will be rebuilt)",
+                path.display()
+            )),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ctx: u32) -> TuneKey {
+        TuneKey {
+            gpu: "NVIDIA H200".into(),
+            compute_capability: "9.0".into(),
+            sm_count: 132,
+            driver: 13000,
+            nvrtc: "13.0".into(),
+            kind: "decode".into(),
+            layout_hash: fnv1a(b"kivi-2, llama-3-8b"),
+            candidates_hash: 7,
+            context_bucket: context_bucket(ctx),
+            batch_bucket: batch_bucket(64),
+        }
+    }
+
+    fn entry(us: f64) -> TuneEntry {
+        TuneEntry {
+            tile: StoredTile {
+                threads: 128,
+                split_tokens: 0,
+                stages: 3,
+                min_blocks: 4,
+            },
+            best_us: us,
+            heuristic_us: us * 1.1,
+            worst_us: us * 2.0,
+            candidates: 12,
+            shape: [8, 32, 8, 128, 32768],
+            tuned_at: 0,
+        }
+    }
+
+    #[test]
+    fn buckets_round_up_to_powers_of_two() {
+        assert_eq!(context_bucket(1), 256);
+        assert_eq!(context_bucket(3000), 4096);
+        assert_eq!(context_bucket(4096), 4096);
+        assert_eq!(context_bucket(4097), 8192);
+        assert_eq!(context_bucket(u32::MAX), 1 << 31);
+        assert_eq!(batch_bucket(0), 1);
+        assert_eq!(batch_bucket(64), 64);
+        assert_eq!(batch_bucket(65), 128);
+    }
+
+    #[test]
+    fn keys_differ_in_every_field_and_share_a_bucket() {
+        let k = key(32768);
+        assert_eq!(k.to_string(), key(20000).to_string(), "one context bucket");
+        let variants = [
+            TuneKey {
+                gpu: "NVIDIA H100".into(),
+                ..k.clone()
+            },
+            TuneKey {
+                compute_capability: "8.0".into(),
+                ..k.clone()
+            },
+            TuneKey {
+                sm_count: 114,
+                ..k.clone()
+            },
+            TuneKey {
+                driver: 12090,
+                ..k.clone()
+            },
+            TuneKey {
+                nvrtc: "12.9".into(),
+                ..k.clone()
+            },
+            TuneKey {
+                kind: "quant_keys".into(),
+                ..k.clone()
+            },
+            TuneKey {
+                layout_hash: 1,
+                ..k.clone()
+            },
+            TuneKey {
+                candidates_hash: 8,
+                ..k.clone()
+            },
+            TuneKey {
+                context_bucket: 65536,
+                ..k.clone()
+            },
+            TuneKey {
+                batch_bucket: 128,
+                ..k.clone()
+            },
+        ];
+        for v in &variants {
+            assert_ne!(v.to_string(), k.to_string(), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn save_and_load_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("tune.json");
+        let (mut c, w) = TuneCache::load(&path);
+        assert!(w.is_none() && c.entries().is_empty());
+        c.insert(&key(4096), entry(50.0));
+        c.save().unwrap();
+        let (again, w) = TuneCache::load(&path);
+        assert!(w.is_none(), "{w:?}");
+        assert_eq!(again.get(&key(4096)), Some(&entry(50.0)));
+        assert!(again.get(&key(65536)).is_none());
+    }
+
+    #[test]
+    fn corrupt_or_foreign_files_are_reported_and_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tune.json");
+        for (text, expect) in [
+            ("{ not json", "not a valid tuning cache"),
+            (
+                r#"{"format": "kivi-tune-cache", "version": 99, "entries": {}}"#,
+                "version 99",
+            ),
+            (
+                r#"{"format": "something-else", "version": 1, "entries": {}}"#,
+                "something-else",
+            ),
+            (
+                r#"{"format": "kivi-tune-cache", "version": 1, "entries": {"k": {"tile": 3}}}"#,
+                "not a valid",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let (mut c, w) = TuneCache::load(&path);
+            let w = w.expect("a warning");
+            assert!(w.contains(expect), "{w}");
+            assert!(c.entries().is_empty());
+            c.insert(&key(4096), entry(10.0));
+            c.save().unwrap();
+            let (rebuilt, w) = TuneCache::load(&path);
+            assert!(w.is_none(), "{w:?}");
+            assert_eq!(rebuilt.entries().len(), 1);
+        }
+    }
+
+    #[test]
+    fn concurrent_writers_leave_a_valid_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tune.json");
+        std::thread::scope(|s| {
+            for w in 0..8u32 {
+                let path = path.clone();
+                s.spawn(move || {
+                    for i in 0..20u32 {
+                        let (mut c, warning) = TuneCache::load(&path);
+                        assert!(
+                            warning.is_none(),
+                            "a reader saw a partial file: {warning:?}"
+                        );
+                        c.insert(&key(256 << (i % 8)), entry(f64::from(w * 100 + i)));
+                        c.save().unwrap();
+                    }
+                });
+            }
+        });
+        let (c, w) = TuneCache::load(&path);
+        assert!(w.is_none(), "{w:?}");
+        assert!(!c.entries().is_empty());
+        // No temporary file is left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+    }
+}
