@@ -158,7 +158,11 @@ fn tune_show_reads_the_cache_and_reports_a_corrupt_one() {
     let cache_dir = dir.path().to_str().unwrap();
     let o = kivi(&["tune", "--show"], &[("KIVI_CACHE_DIR", cache_dir)]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    assert!(text(&o.stdout).contains("(0 entries)"), "{}", text(&o.stdout));
+    assert!(
+        text(&o.stdout).contains("(0 entries)"),
+        "{}",
+        text(&o.stdout)
+    );
     std::fs::write(dir.path().join("tune.json"), "{ half a file").unwrap();
     let o = kivi(&["tune", "--show"], &[("KIVI_CACHE_DIR", cache_dir)]);
     assert!(o.status.success());
