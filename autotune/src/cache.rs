@@ -104,6 +104,17 @@ pub struct StoredTile {
     pub min_blocks: u32,
 }
 
+impl fmt::Display for StoredTile {
+    /// `threads,stages,split_tokens,min_blocks`, the form `kivi bench --decode-tile` takes.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{},{},{},{}",
+            self.threads, self.stages, self.split_tokens, self.min_blocks
+        )
+    }
+}
+
 impl From<TileConfig> for StoredTile {
     fn from(t: TileConfig) -> Self {
         StoredTile {

@@ -81,6 +81,26 @@ impl Shape {
     }
 }
 
+/// The shapes to run: `texts` parsed (see [`Shape::parse`]), or the decode-speed issue's five when empty; each
+/// checked against `quant` (its layout must be valid and supported) before any GPU work.
+///
+/// # Errors
+/// The first shape that does not parse or does not make a supported layout.
+pub fn shapes_for(quant: &str, texts: &[String]) -> Result<Vec<Shape>, String> {
+    let shapes: Vec<Shape> = if texts.is_empty() {
+        ISSUE_SHAPES.to_vec()
+    } else {
+        texts
+            .iter()
+            .map(|s| Shape::parse(s))
+            .collect::<Result<_, _>>()?
+    };
+    for s in &shapes {
+        layout_for(quant, s)?;
+    }
+    Ok(shapes)
+}
+
 /// The layout a shape runs with: `quant` (a quantization spec such as `kivi-2`) plus the shape's heads.
 ///
 /// # Errors

@@ -352,24 +352,14 @@ fn tune_cmd(
     cache: Option<&Path>,
     nvrtc: Option<&Path>,
 ) -> Result<ExitCode, String> {
-    use kivi_cli::bench::{layout_for, Shape, ISSUE_SHAPES};
+    use kivi_cli::bench::{layout_for, shapes_for};
     use kivi_cli::tune;
     let mut tc = tune::open_cache(cache)?;
     if show {
         print!("{}", tune::show(&tc));
         return Ok(ExitCode::SUCCESS);
     }
-    let shapes: Vec<Shape> = if shapes.is_empty() {
-        ISSUE_SHAPES.to_vec()
-    } else {
-        shapes
-            .iter()
-            .map(|s| Shape::parse(s))
-            .collect::<Result<_, _>>()?
-    };
-    for s in &shapes {
-        layout_for(spec, s)?;
-    }
+    let shapes = shapes_for(spec, shapes)?;
     let gpu = open_gpu(nvrtc)?;
     println!(
         "kivi tune on {} ({}), spec {spec}, cache {}",
@@ -421,13 +411,10 @@ fn tune_cmd(
             )?;
         tc.save()?;
         rows.push_str(&format!(
-            "| {} | {} | {},{},{},{} | {:.1} | {:.1} | {:.1} | {:.1}% | {:.1} |\n",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1}% | {:.1} |\n",
             s.label(),
             e.candidates,
-            e.tile.threads,
-            e.tile.stages,
-            e.tile.split_tokens,
-            e.tile.min_blocks,
+            e.tile,
             e.best_us,
             e.heuristic_us,
             e.worst_us,
@@ -469,18 +456,8 @@ fn bench_cmd(
     out: Option<&Path>,
     nvrtc: Option<&Path>,
 ) -> Result<ExitCode, String> {
-    use kivi_cli::bench::{run_baseline, run_shape, table, Baseline, Shape, ISSUE_SHAPES};
-    let shapes: Vec<Shape> = if shapes.is_empty() {
-        ISSUE_SHAPES.to_vec()
-    } else {
-        shapes
-            .iter()
-            .map(|s| Shape::parse(s))
-            .collect::<Result<_, _>>()?
-    };
-    for s in &shapes {
-        kivi_cli::bench::layout_for(spec, s)?;
-    }
+    use kivi_cli::bench::{run_baseline, run_shape, shapes_for, table, Baseline};
+    let shapes = shapes_for(spec, shapes)?;
     let gpu = open_gpu(nvrtc)?;
     println!(
         "kivi bench on {} ({}), spec {spec}",

@@ -227,16 +227,13 @@ pub fn show(cache: &TuneCache) -> String {
     for (k, e) in cache.entries() {
         let sh = e.shape;
         s.push_str(&format!(
-            "| {},{},{},{},{} | {},{},{},{} | {:.1} | {:.1} | {:.1} | {} | {k} |\n",
+            "| {},{},{},{},{} | {} | {:.1} | {:.1} | {:.1} | {} | {k} |\n",
             sh[0],
             sh[1],
             sh[2],
             sh[3],
             sh[4],
-            e.tile.threads,
-            e.tile.stages,
-            e.tile.split_tokens,
-            e.tile.min_blocks,
+            e.tile,
             e.best_us,
             e.heuristic_us,
             e.worst_us,
