@@ -2,6 +2,7 @@
 //! the GPU tests).
 
 pub mod bench;
+pub mod eval;
 pub mod spec;
 pub mod tune;
 pub mod verify;

@@ -121,6 +121,23 @@ enum Command {
         #[arg(long)]
         nvrtc: Option<PathBuf>,
     },
+    /// The attention-output error of layouts on captured q/k/v, against exact attention (CPU, no GPU needed).
+    ///
+    /// For a reference-format file (e.g. tests/data/real_kv_smollm2_135m.safetensors, or your own capture with
+    /// step_out_fp32_unquantized): each layout replays every stream through the CPU reference; the table gives the
+    /// relative L2 error per stream (layer), pooled over all, and the worst single (batch, head, step); an FP8
+    /// e4m3 cache with one scale per head is a comparison row.
+    Eval {
+        /// The file of captured q/k/v.
+        #[arg(long)]
+        reference: PathBuf,
+        /// Quantization specs to compare (repeatable); the file sets the heads and head_dim.
+        #[arg(long, default_values_t = ["kivi-2".to_string(), "kivi-4".to_string()])]
+        layout: Vec<String>,
+        /// Leave out the FP8 row.
+        #[arg(long)]
+        no_fp8: bool,
+    },
     /// Check the kernels on the GPU against the CPU reference and the paper's reference files.
     ///
     /// Without --reference: the presets (kivi-2 and kivi-4 with the llama-2-7b, llama-3-8b and smollm2-135m
@@ -208,6 +225,14 @@ fn main() -> ExitCode {
             cache.as_deref(),
             nvrtc.as_deref(),
         ),
+        Command::Eval {
+            reference,
+            layout,
+            no_fp8,
+        } => kivi_cli::eval::eval_file(&reference, &layout, !no_fp8).map(|rows| {
+            println!("{}", kivi_cli::eval::table(&rows));
+            ExitCode::SUCCESS
+        }),
         Command::Verify {
             reference,
             spec,

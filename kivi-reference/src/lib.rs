@@ -6,6 +6,8 @@
 //! - [`quant`]: quantize one group, pack/unpack codes, per-channel keys and per-token values, dequantize.
 //! - [`cache`]: [`RefCache`], the streaming KV cache (prefill, decode steps with attention, flushes) and
 //!   [`attention_exact`], unquantized attention.
+//! - [`eval`]: the quantization error of any layout (and of an FP8 cache) on captured q/k/v, against exact
+//!   attention.
 //! - [`files`]: loaders for the reference data files (`tests/data/*.safetensors`) and [`check_stream`] /
 //!   [`check_pack`], which replay a file's case through this crate and report how well it matches.
 //!
@@ -16,6 +18,7 @@
 
 pub mod cache;
 pub mod error;
+pub mod eval;
 pub mod files;
 pub mod quant;
 
