@@ -150,13 +150,16 @@ pub struct TuneEntry {
     pub worst_us: f64,
     /// Candidates timed.
     pub candidates: usize,
+    /// Whether every candidate was tried (false when the time budget ran out first: `kivi tune` tries again).
+    #[serde(default)]
+    pub complete: bool,
     /// The shape it was tuned on: batch, query heads, KV heads, head_dim, context.
     pub shape: [u32; 5],
     /// When (seconds since the Unix epoch).
     pub tuned_at: u64,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 struct FileContents {
     format: String,
     version: u32,
@@ -168,6 +171,8 @@ struct FileContents {
 pub struct TuneCache {
     path: PathBuf,
     entries: BTreeMap<String, TuneEntry>,
+    /// Keys set by this process since loading: a save writes these over what the file holds then.
+    inserted: std::collections::BTreeSet<String>,
 }
 
 impl TuneCache {
@@ -196,6 +201,7 @@ impl TuneCache {
             TuneCache {
                 path: path.to_path_buf(),
                 entries,
+                inserted: Default::default(),
             },
             warning,
         )
@@ -216,21 +222,41 @@ impl TuneCache {
         &self.entries
     }
 
-    /// Sets the entry of `key` (in memory; [`TuneCache::save`] writes it).
-    pub fn insert(&mut self, key: &TuneKey, entry: TuneEntry) {
+    /// Sets the entry of `key` (in memory; [`TuneCache::save`] writes it). An entry with a time that is not a
+    /// finite number is refused (JSON cannot hold it).
+    ///
+    /// # Errors
+    /// The offending time.
+    pub fn insert(&mut self, key: &TuneKey, entry: TuneEntry) -> Result<(), String> {
+        for (what, v) in [
+            ("best", entry.best_us),
+            ("heuristic", entry.heuristic_us),
+            ("worst", entry.worst_us),
+        ] {
+            if !v.is_finite() {
+                return Err(format!("{what} time {v} us is not a finite number"));
+            }
+        }
         self.entries.insert(key.to_string(), entry);
+        self.inserted.insert(key.to_string());
+        Ok(())
     }
 
-    /// Writes the cache atomically (temporary file + rename in the same folder), after merging the entries the
-    /// file holds now that this cache does not (another process's results). Creates the folder.
+    /// Writes the cache atomically (temporary file + rename in the same folder): the entries the file holds now
+    /// (other processes' results included), with the ones this process inserted written over them. Creates the
+    /// folder. Without a file lock, two saves in the same instant can still lose one of their new entries; the
+    /// file is always whole. (No fsync: a power cut can lose the last save, not corrupt the file's old state.)
     ///
     /// # Errors
     /// The message of the failed file operation, with the path.
     pub fn save(&mut self) -> Result<(), String> {
-        let (on_disk, _) = read_entries(&self.path);
-        for (k, v) in on_disk {
-            self.entries.entry(k).or_insert(v);
+        let (mut merged, _) = read_entries(&self.path);
+        for k in &self.inserted {
+            if let Some(v) = self.entries.get(k) {
+                merged.insert(k.clone(), v.clone());
+            }
         }
+        self.entries = merged;
         let dir = self
             .path
             .parent()
@@ -251,7 +277,10 @@ impl TuneCache {
             std::process::id(),
             SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        std::fs::write(&tmp, text).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            format!("cannot write {}: {e}", tmp.display())
+        })?;
         std::fs::rename(&tmp, &self.path).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             format!("cannot replace {}: {e}", self.path.display())
@@ -273,26 +302,59 @@ fn read_entries(path: &Path) -> (BTreeMap<String, TuneEntry>, Option<String>) {
             )
         }
     };
-    match serde_json::from_str::<FileContents>(&text) {
-        Ok(c) if c.format == FORMAT && c.version == FORMAT_VERSION => (c.entries, None),
-        Ok(c) => (
+    let value: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                BTreeMap::new(),
+                Some(format!(
+                    "{}: not a valid tuning cache ({e}); ignoring it (it will be rebuilt)",
+                    path.display()
+                )),
+            )
+        }
+    };
+    let format = value.get("format").and_then(|v| v.as_str()).unwrap_or("");
+    let version = value.get("version").and_then(|v| v.as_u64());
+    if format != FORMAT || version != Some(u64::from(FORMAT_VERSION)) {
+        return (
             BTreeMap::new(),
             Some(format!(
                 "{}: a {} file of version {}, not {FORMAT} version {FORMAT_VERSION}; ignoring it (it will be \
                  rebuilt)",
                 path.display(),
-                c.format,
-                c.version
+                if format.is_empty() { "non-kivi" } else { format },
+                version.map_or("?".to_string(), |v| v.to_string())
             )),
-        ),
-        Err(e) => (
+        );
+    }
+    let Some(raw) = value.get("entries").and_then(|v| v.as_object()) else {
+        return (
             BTreeMap::new(),
             Some(format!(
-                "{}: not a valid tuning cache ({e}); ignoring it (it will be rebuilt)",
+                "{}: not a valid tuning cache (no entries object); ignoring it (it will be rebuilt)",
                 path.display()
             )),
-        ),
+        );
+    };
+    // One bad entry is dropped, not the whole file.
+    let mut entries = BTreeMap::new();
+    let mut bad = 0;
+    for (k, v) in raw {
+        match serde_json::from_value::<TuneEntry>(v.clone()) {
+            Ok(e) => {
+                entries.insert(k.clone(), e);
+            }
+            Err(_) => bad += 1,
+        }
     }
+    let warning = (bad > 0).then(|| {
+        format!(
+            "{}: {bad} entries are not valid tuning results; ignoring them (they will be dropped on the next save)",
+            path.display()
+        )
+    });
+    (entries, warning)
 }
 
 #[cfg(test)]
@@ -326,6 +388,7 @@ mod tests {
             heuristic_us: us * 1.1,
             worst_us: us * 2.0,
             candidates: 12,
+            complete: true,
             shape: [8, 32, 8, 128, 32768],
             tuned_at: 0,
         }
@@ -400,7 +463,7 @@ mod tests {
         let path = dir.path().join("sub").join("tune.json");
         let (mut c, w) = TuneCache::load(&path);
         assert!(w.is_none() && c.entries().is_empty());
-        c.insert(&key(4096), entry(50.0));
+        c.insert(&key(4096), entry(50.0)).unwrap();
         c.save().unwrap();
         let (again, w) = TuneCache::load(&path);
         assert!(w.is_none(), "{w:?}");
@@ -424,7 +487,7 @@ mod tests {
             ),
             (
                 r#"{"format": "kivi-tune-cache", "version": 1, "entries": {"k": {"tile": 3}}}"#,
-                "not a valid",
+                "1 entries are not valid tuning results",
             ),
         ] {
             std::fs::write(&path, text).unwrap();
@@ -432,12 +495,37 @@ mod tests {
             let w = w.expect("a warning");
             assert!(w.contains(expect), "{w}");
             assert!(c.entries().is_empty());
-            c.insert(&key(4096), entry(10.0));
+            c.insert(&key(4096), entry(10.0)).unwrap();
             c.save().unwrap();
             let (rebuilt, w) = TuneCache::load(&path);
             assert!(w.is_none(), "{w:?}");
             assert_eq!(rebuilt.entries().len(), 1);
         }
+    }
+
+    #[test]
+    fn a_save_does_not_roll_back_what_another_process_tuned_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tune.json");
+        let (mut seed, _) = TuneCache::load(&path);
+        seed.insert(&key(4096), entry(50.0)).unwrap();
+        seed.save().unwrap();
+        let (mut a, _) = TuneCache::load(&path); // A loads k1 = 50
+        let (mut b, _) = TuneCache::load(&path);
+        b.insert(&key(4096), entry(40.0)).unwrap(); // B re-tunes k1
+        b.save().unwrap();
+        a.insert(&key(65536), entry(70.0)).unwrap(); // A tunes another shape
+        a.save().unwrap();
+        let (c, _) = TuneCache::load(&path);
+        assert_eq!(
+            c.get(&key(4096)).unwrap().best_us,
+            40.0,
+            "B's newer k1 survives A's save"
+        );
+        assert_eq!(c.get(&key(65536)).unwrap().best_us, 70.0);
+        let mut nan = entry(1.0);
+        nan.worst_us = f64::NAN;
+        assert!(a.insert(&key(1 << 20), nan).is_err());
     }
 
     #[test]
@@ -454,7 +542,8 @@ mod tests {
                             warning.is_none(),
                             "a reader saw a partial file: {warning:?}"
                         );
-                        c.insert(&key(256 << (i % 8)), entry(f64::from(w * 100 + i)));
+                        c.insert(&key(256 << (i % 8)), entry(f64::from(w * 100 + i)))
+                            .unwrap();
                         c.save().unwrap();
                     }
                 });

@@ -16,18 +16,32 @@ pub struct EvalRow {
     pub streams: BTreeMap<String, EvalError>,
 }
 
-/// The streams of `file` that hold exact outputs, one per config (real-model files store each layer's inputs once
-/// per reference variant; the inputs are the same).
+/// The streams of `file` that hold exact outputs, once per distinct input (real-model files store each layer's
+/// inputs once per reference variant, as `{config}.{variant}`). A stream is labelled by its name without a
+/// trailing `.kivi*` variant (so `qwen2.5-0.5b_l0.kivi2` is `qwen2.5-0.5b_l0`).
 fn distinct_streams(file: &ReferenceFile) -> Vec<(String, &StreamCase)> {
-    let mut seen = BTreeMap::new();
+    let mut out: Vec<(String, &StreamCase)> = Vec::new();
     for c in &file.stream_cases {
         if c.step_out_unquantized.is_empty() {
             continue;
         }
-        let base = c.name.split('.').next().unwrap_or(&c.name).to_string();
-        seen.entry(base).or_insert(c);
+        let same_inputs = |o: &StreamCase| {
+            o.prefill_k == c.prefill_k
+                && o.prefill_v == c.prefill_v
+                && o.step_q == c.step_q
+                && o.step_k == c.step_k
+                && o.step_v == c.step_v
+        };
+        if out.iter().any(|(_, o)| same_inputs(o)) {
+            continue;
+        }
+        let label = match c.name.rsplit_once('.') {
+            Some((base, variant)) if variant.starts_with("kivi") => base.to_string(),
+            _ => c.name.clone(),
+        };
+        out.push((label, c));
     }
-    seen.into_iter().collect()
+    out
 }
 
 /// Evaluates every layout spec (a quantization spec such as `kivi-2` or `kivi-4, keys: { group_size: 64 }`; the

@@ -397,8 +397,7 @@ fn tune_cmd(
     );
     for s in &shapes {
         let layout = layout_for(spec, s)?;
-        let (_, tuned) = tune::tiles_for(&gpu, &tc, &layout, s);
-        if tuned && !force {
+        if tune::tuned_completely(&gpu, &tc, &layout, s) && !force {
             println!("  {}: in the cache (use --force to tune again)", s.label());
             continue;
         }

@@ -2,12 +2,13 @@
 //! tuning cache (autotune issue). `kivi bench` (and any caller of [`tiles_for`]) uses a tuned entry when one
 //! exists.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
 use kivi_autotune::cache::{batch_bucket, context_bucket, fnv1a, TuneCache, TuneEntry, TuneKey};
-use kivi_autotune::{candidates_hash, decode_candidates};
-use kivi_codegen::{KernelTiles, TileConfig};
+use kivi_autotune::{candidates, candidates_hash, decode_candidates};
+use kivi_codegen::{DecodePlan, KernelKind, KernelTiles, TileConfig};
 use kivi_dsl::Layout;
 use kivi_runtime::bench::DecodeBench;
 use kivi_runtime::Gpu;
@@ -19,10 +20,22 @@ use crate::verify::{rel_l2, verify_tiles_on_gpu};
 /// shape (they differ only in the fp32 order of the split-K merge).
 pub const CANDIDATE_TOL: f64 = 2e-3;
 
-/// The cache key of a shape's decode tuning on `gpu`.
-pub fn key_for(gpu: &Gpu, layout: &Layout, shape: &Shape, candidates: &[TileConfig]) -> TuneKey {
+/// Sequences (batch x KV heads) of a shape, or an error naming the overflow.
+fn sequences(shape: &Shape) -> Result<u32, String> {
+    shape.batch.checked_mul(shape.num_kv_heads).ok_or_else(|| {
+        format!(
+            "shape {}: batch x num_kv_heads overflows 32 bits",
+            shape.label()
+        )
+    })
+}
+
+/// The cache key of a shape's decode tuning on `gpu`. The candidate hash is over the layout's whole decode
+/// candidate set (not the shape-pruned one), so every shape of a bucket shares the key.
+pub fn key_for(gpu: &Gpu, layout: &Layout, shape: &Shape) -> Result<TuneKey, String> {
+    let all = candidates(KernelKind::DecodePartial, layout);
     let nvrtc = gpu.compiler().nvrtc().version;
-    TuneKey {
+    Ok(TuneKey {
         gpu: gpu.name().to_string(),
         compute_capability: format!("{}.{}", gpu.arch().major, gpu.arch().minor),
         sm_count: gpu.sm_count(),
@@ -30,14 +43,15 @@ pub fn key_for(gpu: &Gpu, layout: &Layout, shape: &Shape, candidates: &[TileConf
         nvrtc: format!("{}.{}", nvrtc.0, nvrtc.1),
         kind: "decode".into(),
         layout_hash: fnv1a(layout.to_spec().as_bytes()),
-        candidates_hash: candidates_hash(layout, candidates),
+        candidates_hash: candidates_hash(layout, &all),
         context_bucket: context_bucket(shape.context),
-        batch_bucket: batch_bucket(shape.batch * shape.num_kv_heads),
-    }
+        batch_bucket: batch_bucket(sequences(shape)?),
+    })
 }
 
 /// The tiles to run `layout` with at `shape`: the heuristic, with the decode tile of a tuned entry when the cache
-/// has one for this GPU, layout, code and shape bucket. Returns the tiles and whether they were tuned.
+/// has one for this GPU, layout, code and shape bucket and its split still fills the GPU at this exact shape.
+/// Returns the tiles and whether they were tuned.
 pub fn tiles_for(
     gpu: &Gpu,
     cache: &TuneCache,
@@ -45,19 +59,52 @@ pub fn tiles_for(
     shape: &Shape,
 ) -> (KernelTiles, bool) {
     let mut tiles = KernelTiles::heuristic(layout);
-    let candidates = decode_candidates(
-        layout,
-        shape.batch * shape.num_kv_heads,
-        shape.context,
-        gpu.sm_count(),
-    );
-    match cache.get(&key_for(gpu, layout, shape, &candidates)) {
+    let (Ok(key), Ok(seqs)) = (key_for(gpu, layout, shape), sequences(shape)) else {
+        return (tiles, false);
+    };
+    match cache.get(&key) {
         Some(e) => {
-            tiles.decode = e.tile.into();
+            let tile: TileConfig = e.tile.into();
+            let blocks = u64::from(seqs)
+                * u64::from(DecodePlan::new(layout).head_tiles)
+                * u64::from(shape.context.div_ceil(tile.split_tokens.max(1)));
+            if tile.split_tokens > 0 && blocks < u64::from(gpu.sm_count()) {
+                return (tiles, false);
+            }
+            tiles.decode = tile;
             (tiles, true)
         }
         None => (tiles, false),
     }
+}
+
+/// Whether the cache holds a complete tuning of this shape's bucket (every candidate tried).
+pub fn tuned_completely(gpu: &Gpu, cache: &TuneCache, layout: &Layout, shape: &Shape) -> bool {
+    key_for(gpu, layout, shape)
+        .ok()
+        .and_then(|k| cache.get(&k).map(|e| e.complete))
+        .unwrap_or(false)
+}
+
+/// Candidates in the order they are tried: the heuristic first, then round-robin over thread counts, so that a
+/// budget that runs out has still seen every block size.
+fn interleaved(c: Vec<TileConfig>) -> Vec<TileConfig> {
+    let Some((first, rest)) = c.split_first() else {
+        return c;
+    };
+    let mut by_threads: BTreeMap<u32, std::collections::VecDeque<TileConfig>> = BTreeMap::new();
+    for t in rest {
+        by_threads.entry(t.threads).or_default().push_back(*t);
+    }
+    let mut out = vec![*first];
+    while by_threads.values().any(|q| !q.is_empty()) {
+        for q in by_threads.values_mut() {
+            if let Some(t) = q.pop_front() {
+                out.push(t);
+            }
+        }
+    }
+    out
 }
 
 /// The decode output of one step at `shape` with `tiles` (fixed random inputs: equal for every candidate).
@@ -108,14 +155,19 @@ pub fn tune_shape(
     progress: &mut dyn FnMut(usize, usize, &CandidateResult),
 ) -> Result<(TuneEntry, Vec<CandidateResult>), String> {
     let start = Instant::now();
+    if !(budget_s.is_finite() && budget_s >= 0.0) {
+        return Err(format!(
+            "budget {budget_s} s: give a number of seconds >= 0"
+        ));
+    }
     let layout = layout_for(quant, shape)?;
-    let candidates = decode_candidates(
+    let candidates = interleaved(decode_candidates(
         &layout,
-        shape.batch * shape.num_kv_heads,
+        sequences(shape)?,
         shape.context,
         gpu.sm_count(),
-    );
-    let key = key_for(gpu, &layout, shape, &candidates);
+    ));
+    let key = key_for(gpu, &layout, shape)?;
     let heuristic = KernelTiles::heuristic(&layout);
     let reference = one_step_output(gpu, &layout, &heuristic, shape)?;
     let mut results: Vec<CandidateResult> = Vec::new();
@@ -197,6 +249,7 @@ pub fn tune_shape(
         heuristic_us: timed[0].1,
         worst_us,
         candidates: timed.len(),
+        complete: results.len() == candidates.len(),
         shape: [
             shape.batch,
             shape.num_heads,
@@ -208,7 +261,7 @@ pub fn tune_shape(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
-    cache.insert(&key, entry.clone());
+    cache.insert(&key, entry.clone())?;
     Ok((entry, results))
 }
 
@@ -266,6 +319,19 @@ mod tests {
     use kivi_autotune::cache::StoredTile;
 
     #[test]
+    fn candidates_interleave_block_sizes_after_the_heuristic() {
+        let t = |threads, split_tokens| TileConfig {
+            threads,
+            split_tokens,
+            stages: 3,
+            min_blocks: 0,
+        };
+        let order = interleaved(vec![t(128, 0), t(64, 0), t(64, 512), t(128, 512), t(256, 0)]);
+        assert_eq!(order, vec![t(128, 0), t(64, 0), t(128, 512), t(256, 0), t(64, 512)]);
+        assert!(interleaved(Vec::new()).is_empty());
+    }
+
+    #[test]
     fn show_lists_entries() {
         let dir = tempfile::tempdir().unwrap();
         let (mut c, _) = TuneCache::load(&dir.path().join("tune.json"));
@@ -295,10 +361,12 @@ mod tests {
                 heuristic_us: 12.5,
                 worst_us: 30.0,
                 candidates: 9,
+                complete: true,
                 shape: [8, 32, 8, 128, 4096],
                 tuned_at: 0,
             },
-        );
+        )
+        .unwrap();
         let t = show(&c);
         assert!(
             t.contains("| 8,32,8,128,4096 | 64,4,0,8 | 10.0 | 12.5 | 30.0 | 9 |"),
