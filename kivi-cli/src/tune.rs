@@ -326,8 +326,17 @@ mod tests {
             stages: 3,
             min_blocks: 0,
         };
-        let order = interleaved(vec![t(128, 0), t(64, 0), t(64, 512), t(128, 512), t(256, 0)]);
-        assert_eq!(order, vec![t(128, 0), t(64, 0), t(128, 512), t(256, 0), t(64, 512)]);
+        let order = interleaved(vec![
+            t(128, 0),
+            t(64, 0),
+            t(64, 512),
+            t(128, 512),
+            t(256, 0),
+        ]);
+        assert_eq!(
+            order,
+            vec![t(128, 0), t(64, 0), t(128, 512), t(256, 0), t(64, 512)]
+        );
         assert!(interleaved(Vec::new()).is_empty());
     }
 
