@@ -56,7 +56,6 @@ pub fn decode_candidates(
 ) -> Vec<TileConfig> {
     let heuristic = KernelTiles::heuristic(layout).decode;
     let mut out = vec![heuristic];
-    let head_tiles = kivi_codegen::DecodePlan::new(layout).head_tiles;
     for base in candidates(KernelKind::DecodePartial, layout) {
         for min_blocks in [512 / base.threads, 0] {
             let tile = TileConfig { min_blocks, ..base };
@@ -65,18 +64,30 @@ pub fn decode_candidates(
             {
                 continue;
             }
-            if tile.split_tokens > 0 {
-                let blocks = u64::from(sequences)
-                    * u64::from(head_tiles)
-                    * u64::from(context.div_ceil(tile.split_tokens));
-                if blocks < u64::from(sm_count) {
-                    continue;
-                }
+            if fills_gpu(layout, tile, sequences, context, sm_count) {
+                out.push(tile);
             }
-            out.push(tile);
         }
     }
     out
+}
+
+/// Whether a decode tile gives at least one thread block per multiprocessor (`sm_count`) for `sequences`
+/// sequences of `context` tokens: always for the automatic split (0), else sequences x head tiles x splits.
+pub fn fills_gpu(
+    layout: &Layout,
+    tile: TileConfig,
+    sequences: u32,
+    context: u32,
+    sm_count: u32,
+) -> bool {
+    if tile.split_tokens == 0 {
+        return true;
+    }
+    let blocks = u64::from(sequences)
+        * u64::from(kivi_codegen::DecodePlan::new(layout).head_tiles)
+        * u64::from(context.div_ceil(tile.split_tokens));
+    blocks >= u64::from(sm_count)
 }
 
 /// The hash that keys tuned results to this build's candidates and code: the candidate list and the generated

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use kivi_autotune::cache::{batch_bucket, context_bucket, fnv1a, TuneCache, TuneEntry, TuneKey};
-use kivi_autotune::{candidates, candidates_hash, decode_candidates};
-use kivi_codegen::{DecodePlan, KernelKind, KernelTiles, TileConfig};
+use kivi_autotune::{candidates, candidates_hash, decode_candidates, fills_gpu};
+use kivi_codegen::{KernelKind, KernelTiles, TileConfig};
 use kivi_dsl::Layout;
 use kivi_runtime::bench::DecodeBench;
 use kivi_runtime::Gpu;
@@ -65,10 +65,7 @@ pub fn tiles_for(
     match cache.get(&key) {
         Some(e) => {
             let tile: TileConfig = e.tile.into();
-            let blocks = u64::from(seqs)
-                * u64::from(DecodePlan::new(layout).head_tiles)
-                * u64::from(shape.context.div_ceil(tile.split_tokens.max(1)));
-            if tile.split_tokens > 0 && blocks < u64::from(gpu.sm_count()) {
+            if !fills_gpu(layout, tile, seqs, shape.context, gpu.sm_count()) {
                 return (tiles, false);
             }
             tiles.decode = tile;

@@ -384,32 +384,35 @@ pub fn verify_file_on_cpu(
     };
     for case in &file.pack_cases {
         let name = format!("cpu pack {}", case.name);
-        // The reports start with the case name, which the check's name already holds.
-        let detail = |text: String| {
-            text.trim_start_matches(&format!("{}: ", case.name))
-                .to_string()
-        };
         match check_pack(case) {
-            Ok(r) => push(check(name, r.mismatches() == 0, detail(r.to_string()))),
+            Ok(r) => push(check(
+                name,
+                r.mismatches() == 0,
+                without_case_name(&r.to_string(), &case.name),
+            )),
             Err(e) => push(check(name, false, e.to_string())),
         }
     }
     for case in &file.stream_cases {
         let name = format!("cpu stream {}", case.name);
-        let detail = |text: String| {
-            text.trim_start_matches(&format!("{}: ", case.name))
-                .to_string()
-        };
         match check_stream(case) {
             Ok(r) => push(check(
                 name,
                 r.passes(FILE_STREAM_TOL, FILE_STEP_TOL),
-                detail(r.to_string()),
+                without_case_name(&r.to_string(), &case.name),
             )),
             Err(e) => push(check(name, false, e.to_string())),
         }
     }
     Ok(checks)
+}
+
+/// A report's text without its leading `name: ` (the check's own name already holds the case name).
+fn without_case_name(report: &str, name: &str) -> String {
+    report
+        .strip_prefix(&format!("{name}: "))
+        .unwrap_or(report)
+        .to_string()
 }
 
 fn stream_inputs(case: &StreamCase) -> Result<RunInputs, String> {
