@@ -144,9 +144,13 @@ impl KernelSpec {
             if !(2..=4).contains(&tile.stages) {
                 return Err(err(format!("stages {} must be in 2..=4", tile.stages)));
             }
-        }
-        if kind == KernelKind::DecodePartial {
-            let smallest = DecodePlan::new(&layout).shared_bytes(1, 2);
+            if u64::from(tile.min_blocks) * u64::from(tile.threads) > 2048 {
+                return Err(err(format!(
+                    "min_blocks {} x threads {} passes the 2048 threads a multiprocessor holds",
+                    tile.min_blocks, tile.threads
+                )));
+            }
+            let smallest = plan.shared_bytes(1, 2);
             if smallest > MAX_STATIC_SHARED_BYTES {
                 return Err(CodegenError::Layout(LayoutError::NotYetSupported {
                     what: format!(

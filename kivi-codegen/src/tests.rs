@@ -155,6 +155,12 @@ fn tiles_are_checked() {
         ..KernelTiles::heuristic(&l).decode
     };
     assert!(KernelSpec::new(KernelKind::DecodePartial, l, stages).is_err());
+    let blocks = TileConfig {
+        min_blocks: 32,
+        ..KernelTiles::heuristic(&l).decode
+    };
+    let e = KernelSpec::new(KernelKind::DecodePartial, l, blocks).unwrap_err();
+    assert!(e.to_string().contains("min_blocks 32 x threads 128"), "{e}");
     let big = TileConfig {
         threads: 1024,
         split_tokens: 0,
