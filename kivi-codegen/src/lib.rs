@@ -127,7 +127,7 @@ impl KernelSpec {
             kernel: spec.name(),
             message,
         };
-        if tile.threads < 32 || tile.threads > 1024 || tile.threads % 32 != 0 {
+        if tile.threads < 32 || tile.threads > 1024 || !tile.threads.is_multiple_of(32) {
             return Err(err(format!(
                 "threads {} must be a multiple of 32 in 32..=1024",
                 tile.threads
@@ -135,7 +135,7 @@ impl KernelSpec {
         }
         if kind == KernelKind::DecodePartial {
             let plan = DecodePlan::new(&layout);
-            if tile.split_tokens % plan.iter_tokens != 0 {
+            if !tile.split_tokens.is_multiple_of(plan.iter_tokens) {
                 return Err(err(format!(
                     "split_tokens {} must be a multiple of {} (the decode iteration) or 0 (chosen at launch)",
                     tile.split_tokens, plan.iter_tokens
@@ -329,15 +329,7 @@ pub struct ModuleSource {
 /// [`CodegenError::Template`] if a template fails (a kivi bug); the specs are already checked by
 /// [`KernelSpec::new`].
 pub fn generate_module(specs: &[KernelSpec]) -> Result<ModuleSource, CodegenError> {
-    let mut tera = Tera::default();
-    tera.add_raw_template("prelude", PRELUDE)
-        .map_err(|e| template_error("prelude", &e))?;
-    tera.add_raw_template("quant_common", QUANT_COMMON)
-        .map_err(|e| template_error("quant_common", &e))?;
-    for (kind, text) in TEMPLATES {
-        tera.add_raw_template(kind.as_str(), text)
-            .map_err(|e| template_error(kind.as_str(), &e))?;
-    }
+    let tera = templates()?;
     let layout = specs
         .first()
         .map(|s| s.layout)
@@ -371,6 +363,32 @@ pub fn generate_module(specs: &[KernelSpec]) -> Result<ModuleSource, CodegenErro
         name: module_name,
         source,
         kernels,
+    })
+}
+
+/// The templates, parsed once per process (parsing them is most of a module's generation time).
+fn templates() -> Result<&'static Tera, CodegenError> {
+    static TERA: std::sync::OnceLock<Result<Tera, (String, String)>> = std::sync::OnceLock::new();
+    TERA.get_or_init(|| {
+        let err = |name: &str, e: &tera::Error| match template_error(name, e) {
+            CodegenError::Template { template, message } => (template, message),
+            other => (name.to_string(), other.to_string()),
+        };
+        let mut tera = Tera::default();
+        tera.add_raw_template("prelude", PRELUDE)
+            .map_err(|e| err("prelude", &e))?;
+        tera.add_raw_template("quant_common", QUANT_COMMON)
+            .map_err(|e| err("quant_common", &e))?;
+        for (kind, text) in TEMPLATES {
+            tera.add_raw_template(kind.as_str(), text)
+                .map_err(|e| err(kind.as_str(), &e))?;
+        }
+        Ok(tera)
+    })
+    .as_ref()
+    .map_err(|(template, message)| CodegenError::Template {
+        template: template.clone(),
+        message: message.clone(),
     })
 }
 

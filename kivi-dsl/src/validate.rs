@@ -76,7 +76,7 @@ impl Layout {
                 field: "num_kv_heads",
             });
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(LayoutError::HeadsNotMultiple {
                 num_heads: self.num_heads,
                 num_kv_heads: self.num_kv_heads,
@@ -119,14 +119,14 @@ impl Layout {
             });
         }
         match t.axis {
-            QuantAxis::PerChannel if self.residual_length % g != 0 => {
+            QuantAxis::PerChannel if !self.residual_length.is_multiple_of(g) => {
                 Err(LayoutError::ResidualNotMultipleOfGroup {
                     tensor: if tensor == "keys" { "key" } else { "value" },
                     residual_length: self.residual_length,
                     group_size: g,
                 })
             }
-            QuantAxis::PerToken if t.head_dim % g != 0 => {
+            QuantAxis::PerToken if !t.head_dim.is_multiple_of(g) => {
                 Err(LayoutError::HeadDimNotMultipleOfGroup {
                     tensor,
                     head_dim: t.head_dim,
@@ -213,7 +213,7 @@ impl Layout {
             return unsupported(format!("sink_tokens {} (only 0)", self.sink_tokens));
         }
         let unit = (64 / self.keys.bits).max(16);
-        if self.residual_length % unit != 0 {
+        if !self.residual_length.is_multiple_of(unit) {
             return unsupported(format!(
                 "residual_length {} with {}-bit keys (a flush block must hold whole key chunks and value tiles: \
                  use a multiple of {unit})",

@@ -155,7 +155,7 @@ fn check_attention_args(q: usize, k: usize, v: usize, head_dim: usize) -> Result
     if q != head_dim {
         return Err(RefError::shape("query [D]", head_dim, q));
     }
-    if k == 0 || k % head_dim != 0 {
+    if k == 0 || !k.is_multiple_of(head_dim) {
         return Err(RefError::Invalid(format!(
             "keys: {k} elements is not a positive multiple of D={head_dim}"
         )));
@@ -270,13 +270,13 @@ impl RefCache {
         }
         let k_group = k.group_elems(layout.residual_length) as usize;
         let v_group = v.group_elems(layout.residual_length) as usize;
-        if k_group == 0 || r % k_group != 0 || r % codes_per_word(k.bits) != 0 {
+        if k_group == 0 || !r.is_multiple_of(k_group) || !r.is_multiple_of(codes_per_word(k.bits)) {
             return Err(RefError::unsupported(format!(
                 "residual_length {r} not a multiple of the key group {k_group} and of {} codes per word",
                 codes_per_word(k.bits)
             )));
         }
-        if v_group == 0 || d % v_group != 0 || d % codes_per_word(v.bits) != 0 {
+        if v_group == 0 || !d.is_multiple_of(v_group) || !d.is_multiple_of(codes_per_word(v.bits)) {
             return Err(RefError::unsupported(format!(
                 "head_dim {d} not a multiple of the value group {v_group} and of {} codes per word",
                 codes_per_word(v.bits)

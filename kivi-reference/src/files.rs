@@ -379,7 +379,7 @@ fn bits_from_words(t: &Tensors, name: &str, elems: usize, words: usize) -> Resul
         msg: format!("`{name}`: {elems} codes in {words} words is not 32/bits codes per word for bits 1, 2, 4, 8"),
     }
     };
-    if words == 0 || elems % words != 0 {
+    if words == 0 || !elems.is_multiple_of(words) {
         return Err(bad());
     }
     let cpw = elems / words;

@@ -163,7 +163,7 @@ pub fn dequantize(code: u8, scale: f16, mn: f16) -> f32 {
 pub fn pack_codes(codes: &[u8], bits: u32) -> Result<Vec<u32>, RefError> {
     check_bits(bits)?;
     let cpw = codes_per_word(bits);
-    if codes.len() % cpw != 0 {
+    if !codes.len().is_multiple_of(cpw) {
         return Err(RefError::Invalid(format!(
             "{} codes cannot be packed into whole words of {cpw} {bits}-bit codes",
             codes.len()
@@ -279,7 +279,7 @@ pub fn quantize_keys_per_channel(
     check_bits(bits)?;
     check_dims("keys", k.len(), tokens, head_dim)?;
     let cpw = codes_per_word(bits);
-    if group == 0 || tokens % group != 0 || tokens % cpw != 0 {
+    if group == 0 || !tokens.is_multiple_of(group) || !tokens.is_multiple_of(cpw) {
         return Err(RefError::Invalid(format!(
             "keys: {tokens} tokens must be a multiple of the group size {group} and of {cpw} codes per word"
         )));
@@ -379,7 +379,7 @@ pub fn quantize_values_per_token(
 
 fn check_value_dims(head_dim: usize, bits: u32, group: usize) -> Result<(), RefError> {
     let cpw = codes_per_word(bits);
-    if group == 0 || head_dim % group != 0 || head_dim % cpw != 0 {
+    if group == 0 || !head_dim.is_multiple_of(group) || !head_dim.is_multiple_of(cpw) {
         return Err(RefError::Invalid(format!(
             "values: head_dim {head_dim} must be a multiple of the group size {group} and of {cpw} codes per word"
         )));
