@@ -184,6 +184,21 @@ fn heuristic_fits_every_supported_shape() {
 }
 
 #[test]
+fn heuristic_budgets_registers_only_where_the_accumulator_fits() {
+    // head_dim 128, 4 heads per KV head: 8 x 1 x 4 = 32 accumulator registers: 128 registers per thread.
+    let l = layout("kivi-2, llama-3-8b");
+    let t = KernelTiles::heuristic(&l).decode;
+    assert_eq!(t.min_blocks * t.threads, 512, "{t:?}");
+    // head_dim 128, 16 heads per KV head: 8 x 2 x 4 = 64: still budgeted.
+    let l = layout("kivi-2, num_heads: 32, num_kv_heads: 2, head_dim: 128");
+    let t = KernelTiles::heuristic(&l).decode;
+    assert_eq!(t.min_blocks * t.threads, 512, "{t:?}");
+    // head_dim 256 with 16 heads on one KV head: 16 x 2 x 4 = 128: the compiler's own choice.
+    let l = layout("kivi-2, num_heads: 16, num_kv_heads: 1, head_dim: 256");
+    assert_eq!(KernelTiles::heuristic(&l).decode.min_blocks, 0);
+}
+
+#[test]
 fn unsupported_layouts_are_refused() {
     let l = layout("kivi-2, llama-2-7b, keys: { bits: 3 }");
     let e = KernelSpec::new(

@@ -49,24 +49,29 @@ pub struct KernelTiles {
 
 impl KernelTiles {
     /// The default when nothing was tuned: 128 threads everywhere; the decode kernel with 4 warps, a 3-stage
-    /// pipeline (fewer stages, then fewer warps, where its shared memory would pass 48 KiB), registers budgeted
-    /// for 512 threads per multiprocessor (16 warps: 128 registers each; on the H200 that beat the compiler's own
-    /// choice on the short and the batched shapes, see docs/BENCHMARKS.md), its split chosen at launch.
+    /// pipeline (fewer stages, then fewer warps, where its shared memory would pass 48 KiB), its split chosen at
+    /// launch, and registers budgeted for 512 threads per multiprocessor (16 warps: 128 registers each; on the
+    /// H200 that beat the compiler's own choice on the short and the batched shapes, see docs/BENCHMARKS.md)
+    /// where the output accumulator fits that budget (head_dim / 16 x ceil(heads per tile / 8) x 4 <= 64 fp32
+    /// registers), else the compiler's own choice (at head_dim 256 with 16 heads, 128 registers spilled 1.2 KB
+    /// per thread and ran 1.85x slower on the H200).
     pub fn heuristic(layout: &Layout) -> Self {
         let plain = TileConfig::plain(128);
         let plan = DecodePlan::new(layout);
+        let accumulator = plan.head_dim / 16 * plan.heads_per_tile.div_ceil(8) * 4;
+        let budget = |threads: u32| if accumulator <= 64 { 512 / threads } else { 0 };
         let mut decode = TileConfig {
             threads: 128,
             split_tokens: 0,
             stages: 3,
-            min_blocks: 4,
+            min_blocks: budget(128),
         };
         for (threads, stages) in [(128, 3), (128, 2), (64, 3), (64, 2), (32, 2)] {
             decode = TileConfig {
                 threads,
                 split_tokens: 0,
                 stages,
-                min_blocks: 512 / threads,
+                min_blocks: budget(threads),
             };
             if plan.shared_bytes(threads / 32, stages) <= MAX_STATIC_SHARED_BYTES {
                 break;
