@@ -244,19 +244,13 @@ impl TuneCache {
 
     /// Writes the cache atomically (temporary file + rename in the same folder): the entries the file holds now
     /// (other processes' results included), with the ones this process inserted written over them. Creates the
-    /// folder. Without a file lock, two saves in the same instant can still lose one of their new entries; the
-    /// file is always whole. (No fsync: a power cut can lose the last save, not corrupt the file's old state.)
+    /// folder. Saves of all processes are serialized by an exclusive lock on `<file>.lock` beside the cache (an
+    /// advisory OS file lock, released when the save ends), so concurrent tuners lose no entry; readers never wait
+    /// and always see a whole file. (No fsync: a power cut can lose the last save, not corrupt the file's old state.)
     ///
     /// # Errors
     /// The message of the failed file operation, with the path.
     pub fn save(&mut self) -> Result<(), String> {
-        let (mut merged, _) = read_entries(&self.path);
-        for k in &self.inserted {
-            if let Some(v) = self.entries.get(k) {
-                merged.insert(k.clone(), v.clone());
-            }
-        }
-        self.entries = merged;
         let dir = self
             .path
             .parent()
@@ -264,6 +258,24 @@ impl TuneCache {
             .unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let mut lock_name = self.path.as_os_str().to_owned();
+        lock_name.push(".lock");
+        let lock_path = std::path::PathBuf::from(lock_name);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+        lock.lock()
+            .map_err(|e| format!("cannot lock {}: {e}", lock_path.display()))?;
+        let (mut merged, _) = read_entries(&self.path);
+        for k in &self.inserted {
+            if let Some(v) = self.entries.get(k) {
+                merged.insert(k.clone(), v.clone());
+            }
+        }
+        self.entries = merged;
         let contents = FileContents {
             format: FORMAT.into(),
             version: FORMAT_VERSION,
@@ -528,6 +540,48 @@ mod tests {
         assert!(a.insert(&key(1 << 20), nan).is_err());
     }
 
+    /// A key unique to (writer, i).
+    fn writer_key(writer: u32, i: u32) -> TuneKey {
+        TuneKey {
+            candidates_hash: u64::from(writer) * 1000 + u64::from(i),
+            ..key(4096)
+        }
+    }
+
+    /// Loads, inserts `n` keys of `writer` one save at a time, as a tuner does after each shape.
+    fn write_entries(path: &Path, writer: u32, n: u32) {
+        for i in 0..n {
+            let (mut c, warning) = TuneCache::load(path);
+            assert!(
+                warning.is_none(),
+                "a reader saw a partial file: {warning:?}"
+            );
+            c.insert(&writer_key(writer, i), entry(f64::from(writer * 100 + i)))
+                .unwrap();
+            c.save().unwrap();
+        }
+    }
+
+    fn assert_all_entries(path: &Path, writers: u32, n: u32) {
+        let (c, w) = TuneCache::load(path);
+        assert!(w.is_none(), "{w:?}");
+        for writer in 0..writers {
+            for i in 0..n {
+                assert!(
+                    c.get(&writer_key(writer, i)).is_some(),
+                    "writer {writer}'s entry {i} was lost"
+                );
+            }
+        }
+        // Only the cache and its lock file are left: no temporary file.
+        let mut left: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["tune.json", "tune.json.lock"]);
+    }
+
     #[test]
     fn concurrent_writers_leave_a_valid_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -535,28 +589,41 @@ mod tests {
         std::thread::scope(|s| {
             for w in 0..8u32 {
                 let path = path.clone();
-                s.spawn(move || {
-                    for i in 0..20u32 {
-                        let (mut c, warning) = TuneCache::load(&path);
-                        assert!(
-                            warning.is_none(),
-                            "a reader saw a partial file: {warning:?}"
-                        );
-                        c.insert(&key(256 << (i % 8)), entry(f64::from(w * 100 + i)))
-                            .unwrap();
-                        c.save().unwrap();
-                    }
-                });
+                s.spawn(move || write_entries(&path, w, 20));
             }
         });
-        let (c, w) = TuneCache::load(&path);
-        assert!(w.is_none(), "{w:?}");
-        assert!(!c.entries().is_empty());
-        // No temporary file is left behind.
-        let left: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
+        assert_all_entries(&path, 8, 20);
+    }
+
+    /// Two processes (this test binary run again as writers) save into one cache at once.
+    #[test]
+    fn two_processes_tuning_at_once_leave_a_valid_file() {
+        const ROLE: &str = "KIVI_TEST_CACHE_WRITER";
+        if let Ok(role) = std::env::var(ROLE) {
+            let (path, writer) = role.split_once('|').unwrap();
+            write_entries(Path::new(path), writer.parse().unwrap(), 40);
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tune.json");
+        let exe = std::env::current_exe().unwrap();
+        let children: Vec<_> = (0..2u32)
+            .map(|w| {
+                std::process::Command::new(&exe)
+                    .args([
+                        "--exact",
+                        "cache::tests::two_processes_tuning_at_once_leave_a_valid_file",
+                        "--test-threads=1",
+                    ])
+                    .env(ROLE, format!("{}|{w}", path.display()))
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
             .collect();
-        assert_eq!(left.len(), 1, "{left:?}");
+        for mut c in children {
+            assert!(c.wait().unwrap().success(), "a writer process failed");
+        }
+        assert_all_entries(&path, 2, 40);
     }
 }

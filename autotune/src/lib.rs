@@ -1,14 +1,22 @@
 //! kivi-autotune: the search space of tile configurations per kernel kind.
 //!
 //! This crate sits beside the spec -> CUDA -> module chain, above it: it asks `kivi-codegen` which
-//! configurations are valid and (with the autotune issue) will time them through `kivi-runtime` and hand the
-//! winner to the runtime. Today it enumerates and prunes the candidates and keeps the persistent tuning cache
-//! ([`cache`]); the timing loop comes next. The runtime never depends on this crate.
+//! configurations are valid ([`candidates`], [`decode_candidates`]), compiles them in parallel through
+//! `kivi-runtime` ([`compile_parallel`]), prunes what the compiled kernels show cannot run or cannot win
+//! ([`resource_verdict`]) and keeps the persistent tuning cache ([`cache`]). The timing loop that checks and
+//! times the survivors on a GPU is `kivi tune` (kivi-cli's `tune` module). The runtime never depends on this
+//! crate.
 
 pub mod cache;
 
-use kivi_codegen::{KernelKind, KernelSpec, KernelTiles, TileConfig};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use kivi_codegen::{
+    generate_module, KernelKind, KernelSpec, KernelTiles, LayoutKernels, TileConfig,
+};
 use kivi_dsl::Layout;
+use kivi_runtime::{Arch, Compiler, KernelResources};
 
 /// Threads per block tried for every kernel kind.
 pub const THREADS: [u32; 4] = [64, 128, 256, 512];
@@ -45,7 +53,8 @@ pub fn candidates(kind: KernelKind, layout: &Layout) -> Vec<TileConfig> {
 }
 
 /// The decode candidates worth timing for one shape: [`candidates`] for the decode kernel, each with the register
-/// budget of 512 threads per multiprocessor (`min_blocks` = 512 / threads) and with the compiler's own (0); a
+/// budgets of 512 and 384 threads per multiprocessor (`min_blocks` = 512 / threads, 384 / threads: 128 and 170
+/// registers) and with the compiler's own (0); a
 /// fixed split that would give fewer thread blocks than the GPU has multiprocessors (`sm_count`) is pruned, it
 /// cannot fill the GPU. The heuristic configuration is always first.
 pub fn decode_candidates(
@@ -57,7 +66,10 @@ pub fn decode_candidates(
     let heuristic = KernelTiles::heuristic(layout).decode;
     let mut out = vec![heuristic];
     for base in candidates(KernelKind::DecodePartial, layout) {
-        for min_blocks in [512 / base.threads, 0] {
+        for min_blocks in [512 / base.threads, 384 / base.threads, 0] {
+            if min_blocks == 1 {
+                continue; // one block per SM: the same 255-register cap as the compiler's own choice (0)
+            }
             let tile = TileConfig { min_blocks, ..base };
             if out.contains(&tile)
                 || KernelSpec::new(KernelKind::DecodePartial, *layout, tile).is_err()
@@ -100,6 +112,102 @@ pub fn candidates_hash(layout: &Layout, candidates: &[TileConfig]) -> u64 {
         }
     }
     cache::fnv1a(text.as_bytes())
+}
+
+/// Generates and compiles the module of `layout` with each of `tiles` for `arch`, on up to `workers` threads at
+/// once (NVRTC programs are independent), filling `compiler`'s memory and disk caches so that a later
+/// `Gpu::load_layout` of the same tiles only loads. Tile sets whose modules are identical (decode tiles that differ
+/// only in `split_tokens`, a launch parameter) compile once. Returns, per entry of `tiles`, the compile's wall
+/// time in seconds or the codegen or NVRTC error as text.
+pub fn compile_parallel(
+    compiler: &Compiler,
+    arch: Arch,
+    layout: &Layout,
+    tiles: &[KernelTiles],
+    workers: usize,
+) -> Vec<Result<f64, String>> {
+    let sources: Vec<Result<(String, String), String>> = tiles
+        .iter()
+        .map(|t| {
+            let k = LayoutKernels::new(layout, t).map_err(|e| e.to_string())?;
+            let m = generate_module(&k.specs).map_err(|e| e.to_string())?;
+            Ok((m.name, m.source))
+        })
+        .collect();
+    // The first index of every distinct source; the others reuse its result.
+    let mut first: Vec<usize> = (0..sources.len()).collect();
+    for i in 0..sources.len() {
+        if let Ok(s) = &sources[i] {
+            if let Some(j) = (0..i).find(|&j| sources[j].as_ref().ok() == Some(s)) {
+                first[i] = j;
+            }
+        }
+    }
+    let distinct: Vec<usize> = (0..sources.len()).filter(|&i| first[i] == i).collect();
+    let results: Mutex<Vec<Option<Result<f64, String>>>> = Mutex::new(vec![None; sources.len()]);
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..workers.clamp(1, distinct.len().max(1)) {
+            s.spawn(|| loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&i) = distinct.get(n) else { break };
+                let r = match &sources[i] {
+                    Ok((name, source)) => {
+                        let start = std::time::Instant::now();
+                        compiler
+                            .compile(name, source, arch)
+                            .map(|_| start.elapsed().as_secs_f64())
+                            .map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e.clone()),
+                };
+                if let Ok(mut all) = results.lock() {
+                    all[i] = Some(r);
+                }
+            });
+        }
+    });
+    let done = results
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    (0..sources.len())
+        .map(|i| match &sources[i] {
+            Err(e) => Err(e.clone()),
+            Ok(_) => done[first[i]]
+                .clone()
+                .unwrap_or_else(|| Err("a compile thread panicked".into())),
+        })
+        .collect()
+}
+
+/// Fewest resident warps per multiprocessor a decode candidate may have: below one warp per scheduler (an SM has
+/// four) nothing hides the latency of the cache's loads, so a memory-bound kernel cannot approach bandwidth and
+/// cannot win.
+pub const MIN_WARPS_PER_SM: u32 = 4;
+
+/// Why a compiled kernel should not be timed, from the resources the driver reports for it, or `None` if it
+/// should: it cannot run (its registers allow fewer threads per block than it launches with, or no block fits on
+/// a multiprocessor), or it cannot win (fewer than [`MIN_WARPS_PER_SM`] resident warps).
+pub fn resource_verdict(r: &KernelResources) -> Option<String> {
+    if r.max_threads_per_block < r.threads {
+        return Some(format!(
+            "cannot run: {} registers per thread allow {} threads per block, the tile launches {}",
+            r.registers, r.max_threads_per_block, r.threads
+        ));
+    }
+    if r.blocks_per_sm == 0 {
+        return Some(format!(
+            "cannot run: no block of {} threads ({} registers, {} B shared) fits on a multiprocessor",
+            r.threads, r.registers, r.shared_bytes
+        ));
+    }
+    if r.warps_per_sm() < MIN_WARPS_PER_SM {
+        return Some(format!(
+            "cannot win: {} resident warps per multiprocessor (fewest kept: {MIN_WARPS_PER_SM})",
+            r.warps_per_sm()
+        ));
+    }
+    None
 }
 
 /// The configuration to use until one is tuned: the codegen's heuristic.
@@ -154,6 +262,58 @@ mod tests {
         assert_ne!(candidates_hash(&l, &c), candidates_hash(&l, &c[1..]));
         let other = layout("kivi-4, llama-3-8b");
         assert_ne!(candidates_hash(&l, &c), candidates_hash(&other, &c));
+    }
+
+    fn resources(threads: u32, max_threads: u32, blocks: u32) -> KernelResources {
+        KernelResources {
+            registers: 128,
+            local_bytes: 0,
+            shared_bytes: 24576,
+            max_threads_per_block: max_threads,
+            threads,
+            blocks_per_sm: blocks,
+        }
+    }
+
+    #[test]
+    fn resources_prune_what_cannot_run_or_cannot_win() {
+        assert_eq!(resource_verdict(&resources(128, 512, 4)), None);
+        let too_many = resource_verdict(&resources(512, 256, 1)).unwrap();
+        assert!(too_many.contains("allow 256 threads"), "{too_many}");
+        let none = resource_verdict(&resources(256, 1024, 0)).unwrap();
+        assert!(none.contains("no block"), "{none}");
+        // 64 threads x 1 block = 2 warps per SM: below 4.
+        let few = resource_verdict(&resources(64, 1024, 1)).unwrap();
+        assert!(few.contains("2 resident warps"), "{few}");
+        assert_eq!(resource_verdict(&resources(64, 1024, 2)), None);
+    }
+
+    #[test]
+    fn tile_sets_differing_only_in_the_split_compile_once() {
+        // Needs libnvrtc (no GPU): skipped with a message without it, unless KIVI_REQUIRE_NVRTC=1 (CI).
+        let l = layout("kivi-2, llama-3-8b");
+        let h = KernelTiles::heuristic(&l);
+        let mut split = h;
+        split.decode.split_tokens = 512;
+        let mut bad = h;
+        bad.decode.threads = 48;
+        let compiler = match Compiler::new(None, None) {
+            Ok(c) => c,
+            Err(e) => {
+                assert!(
+                    !std::env::var("KIVI_REQUIRE_NVRTC").is_ok_and(|v| v == "1"),
+                    "KIVI_REQUIRE_NVRTC=1 but {e}"
+                );
+                eprintln!("skipping: {e}");
+                return;
+            }
+        };
+        let arch = Arch::parse("sm_90").unwrap();
+        let r = compile_parallel(&compiler, arch, &l, &[h, split, bad], 4);
+        assert_eq!(r.len(), 3);
+        assert!(r[0].is_ok(), "{:?}", r[0]);
+        assert_eq!(r[0], r[1], "the split variant reuses the first compile");
+        assert!(r[2].as_ref().unwrap_err().contains("48"), "{:?}", r[2]);
     }
 
     #[test]

@@ -126,6 +126,9 @@ pub fn l2_bytes(gpu: &Gpu) -> Result<u64> {
 /// random tokens, so that a step attends over `context` tokens; step i runs on copy i % copies.
 pub struct DecodeBench {
     caches: Vec<KiviCache>,
+    src_k: CudaSlice<f16>,
+    src_v: CudaSlice<f16>,
+    prefill: u32,
     q: Vec<CudaSlice<f16>>,
     k: Vec<CudaSlice<f16>>,
     v: Vec<CudaSlice<f16>>,
@@ -163,27 +166,29 @@ impl DecodeBench {
         let prefill = (context - 1) as usize;
         let mut caches = Vec::with_capacity(copies);
         let (mut q, mut k, mut v, mut out) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        {
-            // One random prefill source, reused by every copy (each copy still has its own memory).
-            let src_k = fill.random((kv * prefill).max(1) * d, 11, 2.0)?;
-            let src_v = fill.random((kv * prefill).max(1) * d, 12, 2.0)?;
-            for c in 0..copies {
-                let mut cache =
-                    KiviCache::new(gpu, module.clone(), batch, context + extra_steps.max(1))?;
-                if prefill > 0 {
-                    cache.prefill(&src_k, &src_v, prefill as u32)?;
-                }
-                caches.push(cache);
-                let seed = 100 + 4 * c as u32;
-                q.push(fill.random(heads * d, seed, 1.0)?);
-                k.push(fill.random(kv * d, seed + 1, 2.0)?);
-                v.push(fill.random(kv * d, seed + 2, 2.0)?);
-                out.push(fill.random(heads * d, seed + 3, 1.0)?);
+        // One random prefill source, reused by every copy (each copy still has its own memory) and by
+        // [`DecodeBench::restart`].
+        let src_k = fill.random((kv * prefill).max(1) * d, 11, 2.0)?;
+        let src_v = fill.random((kv * prefill).max(1) * d, 12, 2.0)?;
+        for c in 0..copies {
+            let mut cache =
+                KiviCache::new(gpu, module.clone(), batch, context + extra_steps.max(1))?;
+            if prefill > 0 {
+                cache.prefill(&src_k, &src_v, prefill as u32)?;
             }
+            caches.push(cache);
+            let seed = 100 + 4 * c as u32;
+            q.push(fill.random(heads * d, seed, 1.0)?);
+            k.push(fill.random(kv * d, seed + 1, 2.0)?);
+            v.push(fill.random(kv * d, seed + 2, 2.0)?);
+            out.push(fill.random(heads * d, seed + 3, 1.0)?);
         }
         gpu.stream().synchronize()?;
         Ok(DecodeBench {
             caches,
+            src_k,
+            src_v,
+            prefill: prefill as u32,
             q,
             k,
             v,
@@ -205,6 +210,35 @@ impl DecodeBench {
         })?;
         let stream = self.caches[0].module().context().default_stream();
         Ok(stream.clone_dtoh(out)?)
+    }
+
+    /// Empties every copy and prefills it again with the same `context - 1` tokens, so the next step (on copy 0)
+    /// sees exactly the state after [`DecodeBench::new`]: the autotuner restarts between candidates so that each
+    /// is timed at the same context and checked on the same inputs. Asynchronous.
+    ///
+    /// # Errors
+    /// As [`KiviCache::reset`] and [`KiviCache::prefill`].
+    pub fn restart(&mut self) -> Result<()> {
+        for cache in &mut self.caches {
+            cache.reset()?;
+            if self.prefill > 0 {
+                cache.prefill(&self.src_k, &self.src_v, self.prefill)?;
+            }
+        }
+        self.next = 0;
+        Ok(())
+    }
+
+    /// Runs later steps of every copy with `module` (the same layout with other tiles; see
+    /// [`KiviCache::set_module`]).
+    ///
+    /// # Errors
+    /// As [`KiviCache::set_module`].
+    pub fn set_module(&mut self, module: &Arc<LayoutModule>) -> Result<()> {
+        for cache in &mut self.caches {
+            cache.set_module(Arc::clone(module))?;
+        }
+        Ok(())
     }
 
     /// The cache copy the next step runs on.

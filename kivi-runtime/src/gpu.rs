@@ -158,6 +158,30 @@ impl Gpu {
     }
 }
 
+/// The resources one compiled kernel takes (from the driver's function attributes and occupancy calculator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelResources {
+    /// Registers per thread.
+    pub registers: u32,
+    /// Local memory per thread in bytes (register spills and stack); 0 when nothing spills.
+    pub local_bytes: u32,
+    /// Static shared memory per block in bytes.
+    pub shared_bytes: u32,
+    /// The most threads a block of this kernel may have (fewer than 1024 when registers run out).
+    pub max_threads_per_block: u32,
+    /// Threads per block the kernel is launched with (its tile).
+    pub threads: u32,
+    /// Blocks of `threads` threads resident per multiprocessor (0: the kernel cannot run at this block size).
+    pub blocks_per_sm: u32,
+}
+
+impl KernelResources {
+    /// Resident warps per multiprocessor.
+    pub fn warps_per_sm(&self) -> u32 {
+        self.blocks_per_sm * self.threads.div_ceil(32)
+    }
+}
+
 /// The loaded kernels of one layout.
 #[derive(Debug)]
 pub struct LayoutModule {
@@ -193,6 +217,25 @@ impl LayoutModule {
     /// The context the module was loaded into.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// What the compiled kernel of `kind` needs per thread and block, read from the loaded module (the driver's
+    /// function attributes), and how many of its blocks fit on one multiprocessor (the driver's occupancy
+    /// calculator, at the kernel's own block size and no dynamic shared memory). The autotuner prunes with it.
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub fn resources(&self, kind: KernelKind) -> Result<KernelResources> {
+        let f = self.function(kind);
+        let threads = self.kernels.spec(kind).tile.threads;
+        Ok(KernelResources {
+            registers: f.num_regs()? as u32,
+            local_bytes: f.local_size_bytes()? as u32,
+            shared_bytes: f.shared_size_bytes()? as u32,
+            max_threads_per_block: f.max_threads_per_block()? as u32,
+            threads,
+            blocks_per_sm: f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)?,
+        })
     }
 
     pub(crate) fn function(&self, kind: KernelKind) -> &CudaFunction {

@@ -183,6 +183,48 @@ impl KiviCache {
         (split, splits)
     }
 
+    /// Runs later steps with `module`: the same layout compiled with other tiles (the autotuner times candidates
+    /// on one cache this way). The stored tokens stay valid, since the storage layout depends on the layout only;
+    /// the split-K scratch grows if the new decode tile can make more splits at this capacity.
+    ///
+    /// # Errors
+    /// [`RuntimeError::State`] if `module` has another layout or was loaded on another context;
+    /// [`RuntimeError::Limit`] if its split would exceed the kernel's merge limit at this capacity; driver errors.
+    pub fn set_module(&mut self, module: Arc<LayoutModule>) -> Result<()> {
+        if module.kernels().layout != self.layout {
+            return Err(RuntimeError::State(format!(
+                "the module is for layout `{}`, this cache holds `{}`",
+                module.kernels().layout.to_spec(),
+                self.layout.to_spec()
+            )));
+        }
+        if !Arc::ptr_eq(module.context(), self.module.context()) {
+            return Err(RuntimeError::State(
+                "the module was loaded on another GPU context than this cache's".into(),
+            ));
+        }
+        let tile = module.kernels().spec(KernelKind::DecodePartial).tile;
+        let needed = max_splits(tile.split_tokens, self.capacity);
+        if needed > MAX_SPLITS {
+            return Err(RuntimeError::Limit {
+                what: "split-K blocks per sequence (capacity / split_tokens)",
+                value: needed.into(),
+                limit: format!(
+                    "the decode kernel merges at most {MAX_SPLITS}: use a larger split_tokens or 0 (automatic)"
+                ),
+            });
+        }
+        if needed > self.max_splits {
+            let rows = self.seqs() as usize * self.layout.gqa_ratio() as usize;
+            let d = self.storage.head_dim as usize;
+            self.part_acc = self.stream.alloc_zeros(rows * needed as usize * d)?;
+            self.part_ml = self.stream.alloc_zeros(rows * needed as usize * 2)?;
+            self.max_splits = needed;
+        }
+        self.module = module;
+        Ok(())
+    }
+
     /// Empties the cache (length 0), so it can take a new prefill: what it held is never read again (every read
     /// is bounded by the new length). Also zeroes the decode kernel's per-sequence completion counters (left
     /// non-zero only by a launch that failed while running).
@@ -612,7 +654,7 @@ impl KiviCache {
         );
         let (kb, vb) = (st.key_bits, st.value_bits);
         let (kcpw, vcpw) = (32 / kb as usize, 32 / vb as usize);
-        if d % vcpw != 0 {
+        if !d.is_multiple_of(vcpw) {
             return Err(RuntimeError::State(format!(
                 "export: the reference layout packs {vcpw} value codes per 32-bit word along head_dim, and head_dim \
                  {d} is not a multiple of {vcpw}"

@@ -14,5 +14,5 @@ pub mod toolkit;
 
 pub use compile::{Arch, Compiler, Cubin, CubinOrigin, NVRTC_OPTIONS};
 pub use error::{Result, RuntimeError};
-pub use gpu::{Gpu, LayoutModule};
+pub use gpu::{Gpu, KernelResources, LayoutModule};
 pub use kv_cache::{CacheExport, KiviCache, MAX_CAPACITY};
