@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU-machine session: verify, bench, tests, sanitizers. Run from the repository root on the GPU machine
 # after `../shared/gpu/pack.sh tests/data` here (the .gpu folder travels). Logs go to $OUT (or ./gpu-out).
-# Stages are chosen with the first argument: all (default), verify, bench, tests, sanitize.
+# Stages are chosen with the first argument: all (default), verify, tune, bench, criterion, tests, sanitize.
+# tune runs before bench so that bench uses the tuned tiles; criterion needs .gpu/bin/kivi-criterion (the bench
+# binary of kivi-benches, copied there by hand: `cargo bench -p kivi-benches --no-run`).
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -20,7 +22,16 @@ stage() { # name, timeout seconds, command...
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw --format=csv > "$OUT/nvidia-smi.csv" 2>&1
 case $what in all|verify) stage verify 300 .gpu/bin/kivi verify ;; esac
+case $what in all|tune)
+    stage tune 400 .gpu/bin/kivi tune --verbose
+    stage tune-again 120 .gpu/bin/kivi tune
+    stage tune-d96-kivi4 120 .gpu/bin/kivi tune --spec kivi-4 --shapes 8,32,8,96,16384 --verbose
+    stage tune-d256-mqa 120 .gpu/bin/kivi tune --spec kivi-2 --shapes 8,16,1,256,32768 --verbose
+    stage tune-show 30 .gpu/bin/kivi tune --show
+    ;;
+esac
 case $what in all|bench) stage bench 300 .gpu/bin/kivi bench --out "$OUT/bench.md" ;; esac
+case $what in all|criterion) stage criterion 400 .gpu/bin/kivi-criterion --bench 'nvrtc|gpu' ;; esac
 case $what in all|tests) stage tests 300 .gpu/run-tests.sh ;; esac
 case $what in all|sanitize)
     stage memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/kivi verify \

@@ -149,6 +149,19 @@ pub struct BenchOptions {
     pub decode_tile: Option<TileConfig>,
 }
 
+/// Cache copies a timing of `shape` rotates over: at least 2, and together at least 4x the GPU's L2 cache, so
+/// that no step finds its cache in L2.
+///
+/// # Errors
+/// Driver errors reading the L2 size.
+pub fn bench_copies(gpu: &Gpu, layout: &Layout, shape: &Shape) -> Result<usize, String> {
+    let st = StorageLayout::new(layout);
+    let seqs = u64::from(shape.batch) * u64::from(shape.num_kv_heads);
+    let per_copy = seqs * st.bytes_per_sequence(shape.context);
+    let l2 = l2_bytes(gpu).map_err(|e| e.to_string())?;
+    Ok(((4 * l2).div_ceil(per_copy.max(1)) as usize).max(2))
+}
+
 /// Times one shape: decode steps over rotating cache copies (their total at least 4x the L2 cache), then the
 /// prefill of the same context.
 ///
@@ -165,9 +178,7 @@ pub fn run_shape(gpu: &Gpu, shape: &Shape, opts: &BenchOptions) -> Result<ShapeR
         .map_err(|e| e.to_string())?;
     let st = StorageLayout::new(&layout);
     let seqs = u64::from(shape.batch) * u64::from(shape.num_kv_heads);
-    let per_copy = seqs * st.bytes_per_sequence(shape.context);
-    let l2 = l2_bytes(gpu).map_err(|e| e.to_string())?;
-    let copies = ((4 * l2).div_ceil(per_copy.max(1)) as usize).max(2);
+    let copies = bench_copies(gpu, &layout, shape)?;
     let steps = (opts.warmup + opts.iters) as u32;
     let mut bench = DecodeBench::new(
         gpu,

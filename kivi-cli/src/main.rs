@@ -102,12 +102,15 @@ enum Command {
         /// Shapes B,H,Hkv,D,T; default: the decode-speed issue's five.
         #[arg(long, value_delimiter = ';')]
         shapes: Vec<String>,
-        /// Seconds per shape after which no further candidate starts.
+        /// Seconds per shape: screening stops early enough that the final still fits.
         #[arg(long, default_value_t = 15.0)]
         budget: f64,
-        /// Timed decode steps per candidate (after 5 untimed).
-        #[arg(long, default_value_t = 20)]
+        /// Timed decode steps of each final timing (after 5 untimed).
+        #[arg(long, default_value_t = 40)]
         iters: usize,
+        /// Print every candidate (resources, screening time or why it was rejected) and the phases' times.
+        #[arg(long, short)]
+        verbose: bool,
         /// Tune again even where the cache has the shape.
         #[arg(long)]
         force: bool,
@@ -163,6 +166,10 @@ enum Command {
         /// With --reference: check the files on the CPU reference only, even where there is a GPU.
         #[arg(long)]
         cpu_only: bool,
+        /// Decode tiles to verify instead of the heuristic one: THREADS,STAGES,SPLIT[,BLOCKS] (split 0 =
+        /// automatic), separated by ';' (e.g. a tuned tile from `kivi tune --show`).
+        #[arg(long, value_delimiter = ';')]
+        decode_tile: Vec<String>,
         /// libnvrtc to use (a file or its folder).
         #[arg(long)]
         nvrtc: Option<PathBuf>,
@@ -211,6 +218,7 @@ fn main() -> ExitCode {
             shapes,
             budget,
             iters,
+            verbose,
             force,
             show,
             cache,
@@ -220,6 +228,7 @@ fn main() -> ExitCode {
             &shapes,
             budget,
             iters,
+            verbose,
             force,
             show,
             cache.as_deref(),
@@ -240,6 +249,7 @@ fn main() -> ExitCode {
             batch,
             prefill,
             cpu_only,
+            decode_tile,
             nvrtc,
         } => verify_cmd(
             &reference,
@@ -248,6 +258,7 @@ fn main() -> ExitCode {
             &batch,
             &prefill,
             cpu_only,
+            &decode_tile,
             nvrtc.as_deref(),
         ),
     };
@@ -372,6 +383,7 @@ fn tune_cmd(
     shapes: &[String],
     budget: f64,
     iters: usize,
+    verbose: bool,
     force: bool,
     show: bool,
     cache: Option<&Path>,
@@ -392,9 +404,15 @@ fn tune_cmd(
         gpu.arch().sm(),
         tc.path().display()
     );
+    let opts = tune::TuneOptions {
+        budget_s: budget,
+        iters,
+        ..tune::TuneOptions::default()
+    };
     let mut rows = String::from(
-        "| shape B,H,Hkv,D,T | candidates timed | best tile (threads,stages,split,blocks) | best us | heuristic us | worst us | gain over heuristic | seconds |\n|---|---|---|---|---|---|---|---|\n",
+        "| shape B,H,Hkv,D,T | candidates (timed / all) | modules compiled (s) | best tile (threads,stages,split,blocks) | best us | heuristic us | worst us | gain over heuristic | seconds |\n|---|---|---|---|---|---|---|---|---|\n",
     );
+    let run_start = std::time::Instant::now();
     for s in &shapes {
         let layout = layout_for(spec, s)?;
         if tune::tuned_completely(&gpu, &tc, &layout, s) && !force {
@@ -402,42 +420,79 @@ fn tune_cmd(
             continue;
         }
         let t0 = std::time::Instant::now();
-        let (e, _) =
-            tune::tune_shape(
-                &gpu,
-                spec,
-                s,
-                budget,
-                5,
-                iters,
-                &mut tc,
-                &mut |i, n, r| match (r.median_us, &r.rejected) {
-                    (Some(us), _) => println!(
-                        "  {} [{}/{n}] {},{},{},{}: {us:.1} us",
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "  {prefix} [{bar:30}] {pos}/{len} {elapsed} {msg}",
+            )
+            .map_err(|e| e.to_string())?
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(s.label());
+        let mut best = f64::MAX;
+        let report = tune::tune_shape(&gpu, spec, s, &opts, &mut tc, &mut |i, n, r| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64 + 1);
+            if let Some(us) = r.screen_us {
+                best = best.min(us);
+            }
+            bar.set_message(format!("best screened {best:.1} us"));
+            if verbose {
+                let res = r.resources.map_or(String::new(), |x| {
+                    format!(
+                        " [{} regs, {} B local, {} warps/SM]",
+                        x.registers,
+                        x.local_bytes,
+                        x.warps_per_sm()
+                    )
+                });
+                let what = match (r.screen_us, &r.rejected) {
+                    (Some(us), _) => format!("{us:.1} us"),
+                    (None, reason) => format!("rejected: {}", reason.as_deref().unwrap_or("")),
+                };
+                bar.suspend(|| {
+                    println!(
+                        "  {} [{}/{n}] {},{},{},{}{res}: {what}",
                         s.label(),
                         i + 1,
                         r.tile.threads,
                         r.tile.stages,
                         r.tile.split_tokens,
                         r.tile.min_blocks
-                    ),
-                    (None, reason) => println!(
-                        "  {} [{}/{n}] {},{},{},{}: rejected: {}",
-                        s.label(),
-                        i + 1,
-                        r.tile.threads,
-                        r.tile.stages,
-                        r.tile.split_tokens,
-                        r.tile.min_blocks,
-                        reason.as_deref().unwrap_or("")
-                    ),
-                },
-            )?;
+                    )
+                });
+            }
+        });
+        bar.finish_and_clear();
+        let report = report?;
         tc.save()?;
+        let e = &report.entry;
+        if verbose {
+            for r in report.results.iter().filter(|r| r.final_us.is_some()) {
+                println!(
+                    "  {} final {}: {:.1} us",
+                    s.label(),
+                    kivi_autotune::cache::StoredTile::from(r.tile),
+                    r.final_us.unwrap_or(f64::NAN)
+                );
+            }
+            println!(
+                "  {}: compile {:.1} s, CPU reference {:.1} s, checks + screening {:.1} s, final {:.1} s",
+                s.label(),
+                report.compiled.1,
+                report.phases[0],
+                report.phases[1],
+                report.phases[2]
+            );
+        }
         rows.push_str(&format!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1}% | {:.1} |\n",
+            "| {} | {} / {}{} | {} ({:.1}) | {} | {:.1} | {:.1} | {:.1} | {:.1}% | {:.1} |\n",
             s.label(),
             e.candidates,
+            report.candidates,
+            if e.complete { "" } else { " (budget)" },
+            report.compiled.0,
+            report.compiled.1,
             e.tile,
             e.best_us,
             e.heuristic_us,
@@ -447,6 +502,11 @@ fn tune_cmd(
         ));
     }
     println!("{rows}");
+    println!(
+        "kivi tune: {:.1} s for {} shapes",
+        run_start.elapsed().as_secs_f64(),
+        shapes.len()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -606,9 +666,14 @@ fn verify_cmd(
     batches: &[u32],
     prefills: &[u32],
     cpu_only: bool,
+    decode_tiles: &[String],
     nvrtc: Option<&Path>,
 ) -> Result<ExitCode, String> {
     let start = Instant::now();
+    let decode_tiles: Vec<kivi_codegen::TileConfig> = decode_tiles
+        .iter()
+        .map(|t| parse_tile(t))
+        .collect::<Result<_, _>>()?;
     let mut report = |c: &Check| println!("{c}");
     let gpu = if cpu_only {
         None
@@ -646,15 +711,34 @@ fn verify_cmd(
         };
         for s in &list {
             let spec = load_spec(s)?;
-            checks.extend(verify::verify_layout_on_gpu(
-                gpu,
-                &spec.layout,
-                s,
-                prefills,
-                batches,
-                steps,
-                &mut report,
-            ));
+            if decode_tiles.is_empty() {
+                checks.extend(verify::verify_layout_on_gpu(
+                    gpu,
+                    &spec.layout,
+                    s,
+                    prefills,
+                    batches,
+                    steps,
+                    &mut report,
+                ));
+            }
+            for &t in &decode_tiles {
+                let mut tiles = kivi_codegen::KernelTiles::heuristic(&spec.layout);
+                tiles.decode = t;
+                checks.extend(verify::verify_tiles_on_gpu(
+                    gpu,
+                    &spec.layout,
+                    &tiles,
+                    &format!(
+                        "{s} [decode tile {}]",
+                        kivi_autotune::cache::StoredTile::from(t)
+                    ),
+                    prefills,
+                    batches,
+                    steps,
+                    &mut report,
+                ));
+            }
         }
         let files = default_reference_files();
         if files.is_empty() {

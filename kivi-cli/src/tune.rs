@@ -7,14 +7,16 @@ use std::path::Path;
 use std::time::Instant;
 
 use kivi_autotune::cache::{batch_bucket, context_bucket, fnv1a, TuneCache, TuneEntry, TuneKey};
-use kivi_autotune::{candidates, candidates_hash, decode_candidates, fills_gpu};
+use kivi_autotune::{
+    candidates, candidates_hash, compile_parallel, decode_candidates, fills_gpu, resource_verdict,
+};
 use kivi_codegen::{KernelKind, KernelTiles, TileConfig};
 use kivi_dsl::Layout;
-use kivi_runtime::bench::DecodeBench;
-use kivi_runtime::Gpu;
+use kivi_runtime::bench::{DecodeBench, Timing};
+use kivi_runtime::{Gpu, KernelResources};
 
-use crate::bench::{layout_for, run_shape, BenchOptions, Shape};
-use crate::verify::{rel_l2, verify_tiles_on_gpu};
+use crate::bench::{bench_copies, layout_for, Shape};
+use crate::verify::{rel_l2, ReferenceRuns};
 
 /// Largest relative L2 difference allowed between a candidate's decode output and the heuristic's at the tuned
 /// shape (they differ only in the fp32 order of the split-K merge).
@@ -104,57 +106,102 @@ fn interleaved(c: Vec<TileConfig>) -> Vec<TileConfig> {
     out
 }
 
-/// The decode output of one step at `shape` with `tiles` (fixed random inputs: equal for every candidate).
-fn one_step_output(
-    gpu: &Gpu,
-    layout: &Layout,
-    tiles: &KernelTiles,
-    shape: &Shape,
-) -> Result<Vec<f32>, String> {
-    let module = gpu.load_layout(layout, tiles).map_err(|e| e.to_string())?;
-    let mut b = DecodeBench::new(gpu, module, shape.batch, shape.context, 1, 1)
-        .map_err(|e| e.to_string())?;
-    b.step().map_err(|e| e.to_string())?;
-    Ok(b.output_host(0)
-        .map_err(|e| e.to_string())?
-        .iter()
-        .map(|h| h.to_f32())
-        .collect())
+/// How `kivi tune` searches one shape.
+#[derive(Clone, Copy, Debug)]
+pub struct TuneOptions {
+    /// Wall-clock seconds per shape: screening stops early enough that the finals still fit (estimated from the
+    /// heuristic's own step time), so a shape takes about this long at most.
+    pub budget_s: f64,
+    /// Timed steps per candidate in the screening round (after 2 untimed).
+    pub screen_iters: usize,
+    /// Candidates (besides the heuristic) that go from the screening round to the final.
+    pub finalists: usize,
+    /// Untimed steps before each final timing.
+    pub warmup: usize,
+    /// Timed steps of each final timing; the final times every finalist twice, alternating, and keeps the lower
+    /// median.
+    pub iters: usize,
+    /// Threads that compile candidates at once.
+    pub compile_workers: usize,
 }
+
+impl Default for TuneOptions {
+    fn default() -> Self {
+        TuneOptions {
+            budget_s: 15.0,
+            screen_iters: 10,
+            finalists: 4,
+            warmup: 5,
+            iters: 40,
+            compile_workers: std::thread::available_parallelism().map_or(4, |n| n.get()),
+        }
+    }
+}
+
+/// Prefill lengths of the small-shape CPU-reference check of every candidate: 129 makes the first step flush a
+/// value block, 255 a key block; with a split of 256 tokens, 255 + steps crosses a split boundary.
+const CHECK_PREFILLS: [u32; 2] = [129, 255];
+/// Decode steps of each small-shape check.
+const CHECK_STEPS: u32 = 6;
 
 /// One candidate's outcome.
 #[derive(Clone, Debug)]
 pub struct CandidateResult {
     /// The decode tile.
     pub tile: TileConfig,
-    /// Median decode step, microseconds, if it passed its checks and was timed.
-    pub median_us: Option<f64>,
-    /// Why it was not timed (a failed check or an error).
+    /// The compiled decode kernel's registers, spills and occupancy, once loaded.
+    pub resources: Option<KernelResources>,
+    /// Median decode step of the screening round, microseconds.
+    pub screen_us: Option<f64>,
+    /// Median decode step of the final, microseconds (finalists only).
+    pub final_us: Option<f64>,
+    /// Why it was not timed (pruned, a failed check or an error).
     pub rejected: Option<String>,
 }
 
-/// Tunes the decode tile of one shape: every candidate (heuristic first) is checked against the CPU reference at
-/// a small shape and against the heuristic's output at `shape`, then timed like `kivi bench` (median of `iters`
-/// steps after `warmup`, rotating cache copies); candidates stop when `budget_s` seconds have passed. The winner
-/// goes into `cache` (not saved: the caller saves). `progress` hears each candidate.
+/// What tuning one shape did, and how long each part took (seconds).
+#[derive(Clone, Debug)]
+pub struct TuneReport {
+    /// The stored result.
+    pub entry: TuneEntry,
+    /// Every candidate visited, in order.
+    pub results: Vec<CandidateResult>,
+    /// Candidates of the shape (after the pre-compile pruning of the candidate set).
+    pub candidates: usize,
+    /// Distinct modules compiled (in parallel) and the wall time of that.
+    pub compiled: (usize, f64),
+    /// Seconds: CPU reference replays; checks and screening; final.
+    pub phases: [f64; 3],
+}
+
+fn stop(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Tunes the decode tile of one shape. Candidates ([`decode_candidates`], the heuristic first, block sizes
+/// interleaved) are compiled in parallel; each one is then loaded, pruned by the resources of its compiled kernel
+/// ([`resource_verdict`]), checked against the CPU reference at small shapes (codes identical, outputs within
+/// tolerance, flushes included) and against the heuristic's output at `shape`, and screened (median of
+/// `screen_iters` steps). The heuristic and the `finalists` fastest are timed again in a final (twice each,
+/// alternating) and the fastest final wins, so the stored tile is never slower than the heuristic in the final.
+/// All timing runs on one set of cache copies (rotated past 4x L2), refilled identically before each
+/// candidate. The winner goes into `cache` (the caller saves). `progress` hears each candidate.
 ///
 /// # Errors
-/// A message if the heuristic itself fails its checks (nothing verified to compare with) or the shape is invalid.
-#[allow(clippy::too_many_arguments)]
+/// A message if the heuristic itself fails (nothing verified to compare with) or the shape is invalid.
 pub fn tune_shape(
     gpu: &Gpu,
     quant: &str,
     shape: &Shape,
-    budget_s: f64,
-    warmup: usize,
-    iters: usize,
+    opts: &TuneOptions,
     cache: &mut TuneCache,
     progress: &mut dyn FnMut(usize, usize, &CandidateResult),
-) -> Result<(TuneEntry, Vec<CandidateResult>), String> {
+) -> Result<TuneReport, String> {
     let start = Instant::now();
-    if !(budget_s.is_finite() && budget_s >= 0.0) {
+    if !(opts.budget_s.is_finite() && opts.budget_s >= 0.0) {
         return Err(format!(
-            "budget {budget_s} s: give a number of seconds >= 0"
+            "budget {} s: give a number of seconds >= 0",
+            opts.budget_s
         ));
     }
     let layout = layout_for(quant, shape)?;
@@ -166,86 +213,161 @@ pub fn tune_shape(
     ));
     let key = key_for(gpu, &layout, shape)?;
     let heuristic = KernelTiles::heuristic(&layout);
-    let reference = one_step_output(gpu, &layout, &heuristic, shape)?;
+    let all_tiles: Vec<KernelTiles> = candidates
+        .iter()
+        .map(|&t| KernelTiles {
+            decode: t,
+            ..heuristic
+        })
+        .collect();
+
+    // Compile every candidate's module in parallel (split-only variants share one).
+    let t = Instant::now();
+    let compiled = compile_parallel(
+        gpu.compiler(),
+        gpu.arch(),
+        &layout,
+        &all_tiles,
+        opts.compile_workers,
+    );
+    let distinct: std::collections::BTreeSet<(u32, u32, u32)> = candidates
+        .iter()
+        .map(|c| (c.threads, c.stages, c.min_blocks))
+        .collect();
+    let compiled_info = (distinct.len(), t.elapsed().as_secs_f64());
+
+    let t = Instant::now();
+    let reference_runs = ReferenceRuns::new(&layout, &CHECK_PREFILLS, &[1], CHECK_STEPS);
+    let cpu_s = t.elapsed().as_secs_f64();
+
+    // One set of cache copies for every candidate.
+    let t = Instant::now();
+    let heuristic_module = gpu.load_layout(&layout, &heuristic).map_err(stop)?;
+    let copies = bench_copies(gpu, &layout, shape)?;
+    let per_restart = (opts.warmup + opts.iters).max(3 + opts.screen_iters) as u32;
+    let mut bench = DecodeBench::new(
+        gpu,
+        heuristic_module,
+        shape.batch,
+        shape.context,
+        copies,
+        per_restart.div_ceil(copies as u32) + 1,
+    )
+    .map_err(stop)?;
+    bench.step().map_err(stop)?;
+    let reference = to_f32(&bench.output_host(0).map_err(stop)?);
+
     let mut results: Vec<CandidateResult> = Vec::new();
-    for (i, &tile) in candidates.iter().enumerate() {
-        if i > 0 && start.elapsed().as_secs_f64() > budget_s {
+    let mut final_estimate = 0.0;
+    let mut restart_s = 0.0;
+    for (i, (&tile, tiles)) in candidates.iter().zip(&all_tiles).enumerate() {
+        if i > 0 && start.elapsed().as_secs_f64() + final_estimate > opts.budget_s {
             break;
         }
-        let mut tiles = heuristic;
-        tiles.decode = tile;
-        let checked = (|| -> Result<(), String> {
-            let checks = verify_tiles_on_gpu(
-                gpu,
-                &layout,
-                &tiles,
-                "tune",
-                &[129, 300],
-                &[1],
-                20,
-                &mut |_| {},
-            );
-            if let Some(c) = checks.iter().find(|c| !c.passed) {
+        let mut result = CandidateResult {
+            tile,
+            resources: None,
+            screen_us: None,
+            final_us: None,
+            rejected: None,
+        };
+        let outcome = (|| -> Result<f64, String> {
+            compiled[i].clone()?;
+            let module = gpu.load_layout(&layout, tiles).map_err(stop)?;
+            let r = module.resources(KernelKind::DecodePartial).map_err(stop)?;
+            result.resources = Some(r);
+            if i > 0 {
+                if let Some(why) = resource_verdict(&r) {
+                    return Err(format!("pruned: {why}"));
+                }
+            }
+            if let Some(c) = reference_runs
+                .check(gpu, tiles, "tune")
+                .iter()
+                .find(|c| !c.passed)
+            {
                 return Err(format!("CPU reference check failed: {}", c.detail));
             }
-            let out = one_step_output(gpu, &layout, &tiles, shape)?;
+            bench.set_module(&module).map_err(stop)?;
+            let t = Instant::now();
+            bench.restart().map_err(stop)?;
+            gpu.stream().synchronize().map_err(stop)?;
+            restart_s = t.elapsed().as_secs_f64();
+            bench.step().map_err(stop)?;
+            let out = to_f32(&bench.output_host(0).map_err(stop)?);
             let d = rel_l2(&out, &reference);
             if d.is_nan() || d > CANDIDATE_TOL {
                 return Err(format!(
                     "output differs from the heuristic's by {d:.2e} (limit {CANDIDATE_TOL:.0e})"
                 ));
             }
-            Ok(())
+            let samples = bench.time(gpu, 2, opts.screen_iters).map_err(stop)?;
+            Ok(Timing::of(samples).ok_or("no timings")?.median_ms * 1e3)
         })();
-        let result = match checked.and_then(|()| {
-            run_shape(
-                gpu,
-                shape,
-                &BenchOptions {
-                    quant: quant.to_string(),
-                    warmup,
-                    iters,
-                    prefill: false,
-                    decode_tile: Some(tile),
-                },
-            )
-        }) {
-            Ok(r) => CandidateResult {
-                tile,
-                median_us: Some(r.decode.median_ms * 1e3),
-                rejected: None,
-            },
-            Err(e) => CandidateResult {
-                tile,
-                median_us: None,
-                rejected: Some(e),
-            },
-        };
+        match outcome {
+            Ok(us) => result.screen_us = Some(us),
+            Err(e) => result.rejected = Some(e),
+        }
         progress(i, candidates.len(), &result);
-        if i == 0 && result.median_us.is_none() {
-            return Err(format!(
-                "the heuristic tile failed: {}",
-                result.rejected.unwrap_or_default()
-            ));
+        if i == 0 {
+            let Some(us) = result.screen_us else {
+                return Err(format!(
+                    "the heuristic tile failed: {}",
+                    result.rejected.unwrap_or_default()
+                ));
+            };
+            // Finals: (finalists + 1) x 2 timings of warmup + iters steps, plus a refill each.
+            let steps = (opts.warmup + opts.iters) as f64;
+            final_estimate = (opts.finalists + 1) as f64 * 2.0 * (steps * us * 1e-6 + restart_s);
         }
         results.push(result);
     }
-    let timed: Vec<(TileConfig, f64)> = results
-        .iter()
-        .filter_map(|r| r.median_us.map(|t| (r.tile, t)))
+    let screen_s = t.elapsed().as_secs_f64();
+
+    // The final: the heuristic and the fastest screened, each timed twice, alternating.
+    let t = Instant::now();
+    let mut order: Vec<usize> = (1..results.len())
+        .filter(|&i| results[i].screen_us.is_some())
         .collect();
-    let (best_tile, best_us) = timed
+    order.sort_by(|&a, &b| {
+        results[a]
+            .screen_us
+            .unwrap_or(f64::MAX)
+            .total_cmp(&results[b].screen_us.unwrap_or(f64::MAX))
+    });
+    order.truncate(opts.finalists);
+    order.insert(0, 0);
+    let modules: Vec<_> = order
         .iter()
-        .copied()
+        .map(|&i| gpu.load_layout(&layout, &all_tiles[i]).map_err(stop))
+        .collect::<Result<_, _>>()?;
+    for _pass in 0..2 {
+        for (&i, module) in order.iter().zip(&modules) {
+            bench.set_module(module).map_err(stop)?;
+            bench.restart().map_err(stop)?;
+            let samples = bench.time(gpu, opts.warmup, opts.iters).map_err(stop)?;
+            let us = Timing::of(samples).ok_or("no timings")?.median_ms * 1e3;
+            let r = &mut results[i];
+            r.final_us = Some(r.final_us.map_or(us, |old: f64| old.min(us)));
+        }
+    }
+    let final_s = t.elapsed().as_secs_f64();
+
+    let (best, best_us) = order
+        .iter()
+        .filter_map(|&i| results[i].final_us.map(|us| (i, us)))
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .ok_or("no candidate was timed")?;
-    let worst_us = timed.iter().map(|t| t.1).fold(f64::MIN, f64::max);
+    let worst_us = results
+        .iter()
+        .filter_map(|r| r.screen_us)
+        .fold(f64::MIN, f64::max);
     let entry = TuneEntry {
-        tile: best_tile.into(),
+        tile: results[best].tile.into(),
         best_us,
-        heuristic_us: timed[0].1,
+        heuristic_us: results[0].final_us.unwrap_or(f64::NAN),
         worst_us,
-        candidates: timed.len(),
+        candidates: results.iter().filter(|r| r.screen_us.is_some()).count(),
         complete: results.len() == candidates.len(),
         shape: [
             shape.batch,
@@ -259,7 +381,17 @@ pub fn tune_shape(
             .map_or(0, |d| d.as_secs()),
     };
     cache.insert(&key, entry.clone())?;
-    Ok((entry, results))
+    Ok(TuneReport {
+        entry,
+        results,
+        candidates: candidates.len(),
+        compiled: compiled_info,
+        phases: [cpu_s, screen_s, final_s],
+    })
+}
+
+fn to_f32(x: &[half::f16]) -> Vec<f32> {
+    x.iter().map(|h| h.to_f32()).collect()
 }
 
 /// The cache as a table (for `kivi tune --show`).

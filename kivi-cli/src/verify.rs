@@ -306,6 +306,53 @@ fn compare_runs(name: String, inp: &RunInputs, gpu: &GpuRun, cpu: &CpuRun) -> Ch
     check(name, passed, detail)
 }
 
+/// CPU reference replays of random runs of one layout, computed once, to check many tile configurations of it
+/// on the GPU (the autotuner checks every candidate against them).
+pub struct ReferenceRuns {
+    runs: Vec<(RunInputs, Result<CpuRun, String>)>,
+}
+
+impl ReferenceRuns {
+    /// Random inputs (seeded as in [`verify_tiles_on_gpu`]) for every prefill length and batch, `steps` decode
+    /// steps each, replayed on the CPU reference (in parallel).
+    pub fn new(layout: &Layout, prefills: &[u32], batches: &[u32], steps: u32) -> Self {
+        let inputs: Vec<RunInputs> = batches
+            .iter()
+            .flat_map(|&b| prefills.iter().map(move |&p| (b, p)))
+            .map(|(b, p)| random_inputs(layout, b, p, steps, u64::from(p) * 7919 + u64::from(b)))
+            .collect();
+        let cpu: Vec<Result<CpuRun, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = inputs.iter().map(|inp| s.spawn(|| cpu_run(inp))).collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("the CPU reference panicked".into()))
+                })
+                .collect()
+        });
+        ReferenceRuns {
+            runs: inputs.into_iter().zip(cpu).collect(),
+        }
+    }
+
+    /// Runs every input on the GPU with `tiles` and compares with the CPU replay, as [`verify_tiles_on_gpu`]
+    /// does: one [`Check`] per run.
+    pub fn check(&self, gpu: &Gpu, tiles: &KernelTiles, label: &str) -> Vec<Check> {
+        self.runs
+            .iter()
+            .map(|(inp, cpu)| {
+                let name = format!("{label} batch {} prefill {}", inp.batch, inp.prefill);
+                match (gpu_run(gpu, inp, tiles), cpu) {
+                    (Ok(g), Ok(c)) => compare_runs(name, inp, &g, c),
+                    (Err(e), _) => check(name, false, format!("GPU: {e}")),
+                    (_, Err(e)) => check(name, false, format!("CPU reference: {e}")),
+                }
+            })
+            .collect()
+    }
+}
+
 /// Runs `layout` on the GPU and on the CPU reference for every prefill length in `prefills`, each batch in
 /// `batches`, then `steps` decode steps, on random data (seeded); each run is one [`Check`]: every decode output
 /// within [`GPU_VS_CPU_STEP_TOL`] per (batch, head, step), final codes/scales/mins/residual identical. The CPU

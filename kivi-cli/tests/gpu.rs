@@ -125,3 +125,80 @@ fn gpu_inputs_that_do_not_match_the_layout_are_errors() {
     // zero batch.
     assert!(KiviCache::new(&gpu, module, 0, 64).is_err());
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_a_cache_switched_to_other_tiles_keeps_its_tokens() {
+    // The autotuner times candidates on one cache by switching its module: the tokens stored with one tile
+    // configuration must decode the same under another (storage depends on the layout only).
+    use half::f16;
+    use kivi_runtime::KiviCache;
+    let gpu = gpu();
+    let layout = kivi_dsl::parse_spec("kivi-2, smollm2-135m").unwrap();
+    let heuristic = kivi_codegen::KernelTiles::heuristic(&layout);
+    let mut other = heuristic;
+    other.decode.threads = 64;
+    other.decode.min_blocks = 8;
+    other.decode.split_tokens = 64; // many splits: the scratch must grow
+    let a = gpu.load_layout(&layout, &heuristic).unwrap();
+    let b = gpu.load_layout(&layout, &other).unwrap();
+    let (batch, prefill, d) = (2u32, 300u32, 64usize);
+    let kv = batch as usize * 3;
+    let heads = batch as usize * 9;
+    let mut s = 12345u32;
+    let mut rand = |n: usize| -> Vec<f16> {
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                f16::from_f32((s >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0)
+            })
+            .collect()
+    };
+    let (pk, pv) = (
+        rand(kv * prefill as usize * d),
+        rand(kv * prefill as usize * d),
+    );
+    let steps: Vec<_> = (0..90)
+        .map(|_| (rand(heads * d), rand(kv * d), rand(kv * d)))
+        .collect();
+    let mut plain = KiviCache::new(&gpu, a.clone(), batch, 512).unwrap();
+    let mut switched = KiviCache::new(&gpu, a, batch, 512).unwrap();
+    plain.prefill_host(&pk, &pv, prefill).unwrap();
+    switched.prefill_host(&pk, &pv, prefill).unwrap();
+    switched.set_module(b).unwrap();
+    assert_eq!(switched.split_plan(prefill + 1), (64, 5));
+    let mut worst = 0.0f64;
+    for (q, k, v) in &steps {
+        let x: Vec<f32> = plain
+            .decode_step_host(q, k, v)
+            .unwrap()
+            .iter()
+            .map(|h| h.to_f32())
+            .collect();
+        let y: Vec<f32> = switched
+            .decode_step_host(q, k, v)
+            .unwrap()
+            .iter()
+            .map(|h| h.to_f32())
+            .collect();
+        worst = worst.max(verify::rel_l2(&y, &x));
+    }
+    assert!(worst < 2e-3, "outputs differ by {worst:.2e}");
+    // 90 steps from 300 tokens crossed a key flush (at 384): the caches are identical.
+    let (ea, eb) = (plain.export().unwrap(), switched.export().unwrap());
+    assert_eq!(ea.quantized_keys, 384);
+    assert_eq!(ea, eb);
+    // A module of another layout is refused.
+    let other_layout = kivi_dsl::parse_spec("kivi-4, smollm2-135m").unwrap();
+    let c = gpu
+        .load_layout(
+            &other_layout,
+            &kivi_codegen::KernelTiles::heuristic(&other_layout),
+        )
+        .unwrap();
+    let e = switched.set_module(c).unwrap_err();
+    assert!(
+        e.to_string().contains("kivi-4") || e.to_string().contains("bits: 4"),
+        "{e}"
+    );
+}
