@@ -14,7 +14,7 @@ use kivi_dsl::{Dtype, Layout, QuantAxis, Rounding, ScaleDtype, Symmetry};
 
 use crate::error::RefError;
 use crate::quant::{
-    check_bits, codes_per_word, dequantize_keys_per_channel, dequantize_values_per_token,
+    check_bits, codes_per_pack, dequantize_keys_per_channel, dequantize_values_per_token,
     quantize_keys_per_channel, quantize_values_per_token, QuantizedKeys,
 };
 
@@ -37,13 +37,19 @@ struct HeadCache {
     v_deq: Vec<f32>,
     /// fp16 values, `[nrv, D]`.
     v_res: Vec<f16>,
+    /// The sink tokens' keys, `[min(len, S), D]` fp16 (never quantized).
+    k_sink: Vec<f16>,
+    /// The sink tokens' values, `[min(len, S), D]` fp16.
+    v_sink: Vec<f16>,
 }
 
 /// The reference KIVI cache for `batch` sequences x `num_kv_heads` KV heads (Algorithm 1).
 ///
-/// Supports exactly the paper's configuration: keys per-channel, values per-token, asymmetric, fp16 scale and
-/// min, half rounding, fp16 activations, bits 1, 2, 4 or 8, no sink tokens. GQA: query head `h` reads KV head
-/// `h / (num_heads / num_kv_heads)`.
+/// Supports the paper's configuration (keys per-channel, values per-token, asymmetric, fp16 scale and min, half
+/// rounding, fp16 activations) at any width from 1 to 8 bits (codes packed as one bit stream, see
+/// [`crate::quant`]), plus sink tokens: the first `sink_tokens` tokens of a sequence stay fp16 for good and
+/// Algorithm 1 runs on the tokens after them (its residual counts and flush points start at the first non-sink
+/// token). GQA: query head `h` reads KV head `h / (num_heads / num_kv_heads)`.
 #[derive(Clone, Debug)]
 pub struct RefCache {
     batch: usize,
@@ -55,6 +61,7 @@ pub struct RefCache {
     v_bits: u32,
     k_group: usize,
     v_group: usize,
+    sinks: usize,
     len: usize,
     nqk: usize,
     nqv: usize,
@@ -63,7 +70,8 @@ pub struct RefCache {
 
 /// A snapshot of a [`RefCache`] in the reference files' layouts (`final_*` tensors of
 /// `kivi_decode_streams.safetensors`). All tensors row-major; `nqk`/`nrk` are quantized/fp16 key counts,
-/// `nqv`/`nrv` the same for values, `cpw = 32 / bits`, `G` the group size.
+/// `nqv`/`nrv` the same for values, `G` the group size; packed codes are bit streams of `bits` bits per code
+/// (`n * bits / 32` words for `n` codes; see [`crate::quant`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CacheExport {
     /// Batch B.
@@ -80,8 +88,14 @@ pub struct CacheExport {
     pub k_group: usize,
     /// Value group size (head-dim entries).
     pub v_group: usize,
-    /// Tokens in the cache.
+    /// Tokens in the cache (sink tokens included).
     pub len: usize,
+    /// Sink tokens held (fp16, never quantized): `min(len, sink_tokens)`.
+    pub sink_tokens: usize,
+    /// Sink keys `[B, Hkv, sink_tokens, D]`.
+    pub k_sink: Vec<f16>,
+    /// Sink values `[B, Hkv, sink_tokens, D]`.
+    pub v_sink: Vec<f16>,
     /// Quantized keys `nqk`.
     pub quantized_keys: usize,
     /// fp16 keys `nrk`.
@@ -90,7 +104,7 @@ pub struct CacheExport {
     pub quantized_values: usize,
     /// fp16 values `nrv`.
     pub residual_values: usize,
-    /// Key codes `[B, Hkv, D, nqk/cpw]` (u32 words as i32).
+    /// Key codes `[B, Hkv, D, nqk * bits / 32]` (u32 words as i32).
     pub k_code: Vec<i32>,
     /// Key scales `[B, Hkv, D, nqk/G]`.
     pub k_scale: Vec<f16>,
@@ -98,7 +112,7 @@ pub struct CacheExport {
     pub k_mn: Vec<f16>,
     /// fp16 keys `[B, Hkv, nrk, D]`.
     pub k_residual: Vec<f16>,
-    /// Value codes `[B, Hkv, nqv, D/cpw]` (u32 words as i32).
+    /// Value codes `[B, Hkv, nqv, D * bits / 32]` (u32 words as i32).
     pub v_code: Vec<i32>,
     /// Value scales `[B, Hkv, nqv, D/G]`.
     pub v_scale: Vec<f16>,
@@ -204,8 +218,9 @@ impl RefCache {
     ///
     /// # Errors
     /// [`RefError::Unsupported`] for anything but keys per-channel / values per-token, asymmetric, fp16 scales,
-    /// half rounding, fp16 activations, bits 1/2/4/8, no sink tokens, equal key and value head_dim, a key group
-    /// dividing R and R a multiple of `32 / k_bits`, a value group and `32 / v_bits` dividing head_dim;
+    /// half rounding, fp16 activations, bits 1 to 8, equal key and value head_dim, a key group dividing R and R
+    /// a multiple of [`codes_per_pack`]`(k_bits)`, a value group and [`codes_per_pack`]`(v_bits)` dividing
+    /// head_dim;
     /// [`RefError::Invalid`] for zero sizes or `num_heads` not a multiple of `num_kv_heads`.
     pub fn new(layout: &Layout, batch: usize) -> Result<Self, RefError> {
         let (k, v) = (&layout.keys, &layout.values);
@@ -245,9 +260,6 @@ impl RefCache {
                 layout.dtype.as_str()
             )));
         }
-        if layout.sink_tokens != 0 {
-            return Err(RefError::unsupported("sink tokens"));
-        }
         if k.head_dim != v.head_dim {
             return Err(RefError::unsupported(format!(
                 "different key and value head_dim ({} and {})",
@@ -270,16 +282,19 @@ impl RefCache {
         }
         let k_group = k.group_elems(layout.residual_length) as usize;
         let v_group = v.group_elems(layout.residual_length) as usize;
-        if k_group == 0 || !r.is_multiple_of(k_group) || !r.is_multiple_of(codes_per_word(k.bits)) {
+        let (ku, vu) = (codes_per_pack(k.bits), codes_per_pack(v.bits));
+        if k_group == 0 || !r.is_multiple_of(k_group) || !r.is_multiple_of(ku) {
             return Err(RefError::unsupported(format!(
-                "residual_length {r} not a multiple of the key group {k_group} and of {} codes per word",
-                codes_per_word(k.bits)
+                "residual_length {r} not a multiple of the key group {k_group} and of {ku} (the {}-bit codes \
+                 that fill whole words)",
+                k.bits
             )));
         }
-        if v_group == 0 || !d.is_multiple_of(v_group) || !d.is_multiple_of(codes_per_word(v.bits)) {
+        if v_group == 0 || !d.is_multiple_of(v_group) || !d.is_multiple_of(vu) {
             return Err(RefError::unsupported(format!(
-                "head_dim {d} not a multiple of the value group {v_group} and of {} codes per word",
-                codes_per_word(v.bits)
+                "head_dim {d} not a multiple of the value group {v_group} and of {vu} (the {}-bit codes that \
+                 fill whole words)",
+                v.bits
             )));
         }
         Ok(RefCache {
@@ -292,6 +307,7 @@ impl RefCache {
             v_bits: v.bits,
             k_group,
             v_group,
+            sinks: layout.sink_tokens as usize,
             len: 0,
             nqk: 0,
             nqv: 0,
@@ -319,14 +335,19 @@ impl RefCache {
         self.nqv
     }
 
-    /// fp16 (residual) keys per (batch, KV head): `len - quantized_keys`, in `0..R`.
-    pub fn residual_keys(&self) -> usize {
-        self.len - self.nqk
+    /// Sink tokens held per (batch, KV head): `min(len, sink_tokens)`.
+    pub fn sink_tokens(&self) -> usize {
+        self.len.min(self.sinks)
     }
 
-    /// fp16 (residual) values per (batch, KV head): `len - quantized_values`, at most R.
+    /// fp16 (residual) keys per (batch, KV head): `len - sink_tokens - quantized_keys`, in `0..R`.
+    pub fn residual_keys(&self) -> usize {
+        self.len - self.sink_tokens() - self.nqk
+    }
+
+    /// fp16 (residual) values per (batch, KV head): `len - sink_tokens - quantized_values`, at most R.
     pub fn residual_values(&self) -> usize {
-        self.len - self.nqv
+        self.len - self.sink_tokens() - self.nqv
     }
 
     fn flush_keys(r: usize, d: usize, bits: u32, group: usize, c: &mut HeadCache) {
@@ -351,8 +372,9 @@ impl RefCache {
 
     /// Prefill an empty cache with `len` tokens: `k`, `v` are `[B, Hkv, len, D]` row-major fp16.
     ///
-    /// Keys: the first `len - len mod R` are quantized (none if `len < R`), the rest stay fp16. Values: all but
-    /// the newest R are quantized (none if `len <= R`). No attention is computed.
+    /// The first `min(len, S)` tokens are sinks (fp16). Of the `n = len - sinks` others: keys, the first
+    /// `n - n mod R` are quantized (none if `n < R`), the rest stay fp16; values, all but the newest R are
+    /// quantized (none if `n <= R`). No attention is computed.
     ///
     /// # Errors
     /// [`RefError::Shape`] if `k` or `v` is not `B * Hkv * len * D` long; [`RefError::Invalid`] if the cache is
@@ -380,12 +402,17 @@ impl RefCache {
                 v.len(),
             ));
         }
-        let nqk = len / self.r * self.r;
-        let nqv = len.saturating_sub(self.r);
+        let sinks = len.min(self.sinks);
+        let n = len - sinks;
+        let nqk = n / self.r * self.r;
+        let nqv = n.saturating_sub(self.r);
         let (r, kb, kg, vb, vg) = (self.r, self.k_bits, self.k_group, self.v_bits, self.v_group);
         for (i, c) in self.caches.iter_mut().enumerate() {
             let ks = &k[i * len * d..(i + 1) * len * d];
             let vs = &v[i * len * d..(i + 1) * len * d];
+            c.k_sink.extend_from_slice(&ks[..sinks * d]);
+            c.v_sink.extend_from_slice(&vs[..sinks * d]);
+            let (ks, vs) = (&ks[sinks * d..], &vs[sinks * d..]);
             c.k_res.extend_from_slice(ks);
             for _ in 0..nqk / r {
                 Self::flush_keys(r, d, kb, kg, c);
@@ -401,9 +428,10 @@ impl RefCache {
         Ok(())
     }
 
-    /// One decode step: appends `k`, `v` (`[B, Hkv, D]` fp16), computes attention of `q` (`[B, H, D]` fp16) over
-    /// all cached tokens including the new one, then flushes (the R fp16 keys as one block once there are R;
-    /// the oldest fp16 value once there are R + 1). Returns the attention output `[B, H, D]` f32.
+    /// One decode step: appends `k`, `v` (`[B, Hkv, D]` fp16; as a sink token while the cache holds fewer than
+    /// `sink_tokens`), computes attention of `q` (`[B, H, D]` fp16) over all cached tokens including the new one,
+    /// then flushes (the R fp16 keys as one block once there are R; the oldest fp16 value once there are R + 1).
+    /// Returns the attention output `[B, H, D]` f32.
     ///
     /// Scores are `q . k / sqrt(D)` over `[dequantized keys, fp16 keys]`, softmax subtracts the max, output is
     /// the weighted sum of `[dequantized values, fp16 values]`; all in f64. Works on an empty cache too.
@@ -433,9 +461,16 @@ impl RefCache {
                 v.len(),
             ));
         }
+        let sink = self.len < self.sinks;
         for (i, c) in self.caches.iter_mut().enumerate() {
-            c.k_res.extend_from_slice(&k[i * d..(i + 1) * d]);
-            c.v_res.extend_from_slice(&v[i * d..(i + 1) * d]);
+            let (kt, vt) = (&k[i * d..(i + 1) * d], &v[i * d..(i + 1) * d]);
+            if sink {
+                c.k_sink.extend_from_slice(kt);
+                c.v_sink.extend_from_slice(vt);
+            } else {
+                c.k_res.extend_from_slice(kt);
+                c.v_res.extend_from_slice(vt);
+            }
         }
         self.len += 1;
         let ratio = h / hkv;
@@ -445,17 +480,18 @@ impl RefCache {
                 let c = &self.caches[bi * hkv + kh];
                 let kr = f16s_to_f32(&c.k_res);
                 let vr = f16s_to_f32(&c.v_res);
+                let (ks, vs) = (f16s_to_f32(&c.k_sink), f16s_to_f32(&c.v_sink));
                 for qh in kh * ratio..(kh + 1) * ratio {
                     let o = (bi * h + qh) * d;
                     let qf = f16s_to_f32(&q[o..o + d]);
-                    let a = attend(&qf, &[&c.k_deq, &kr], &[&c.v_deq, &vr], d);
+                    let a = attend(&qf, &[&ks, &c.k_deq, &kr], &[&vs, &c.v_deq, &vr], d);
                     out[o..o + d].copy_from_slice(&a);
                 }
             }
         }
         let (r, kb, kg, vb, vg) = (self.r, self.k_bits, self.k_group, self.v_bits, self.v_group);
-        let flush_k = self.len - self.nqk == r;
-        let flush_v = self.len - self.nqv == r + 1;
+        let flush_k = !sink && self.residual_keys() == r;
+        let flush_v = !sink && self.residual_values() == r + 1;
         for c in self.caches.iter_mut() {
             if flush_k {
                 Self::flush_keys(r, d, kb, kg, c);
@@ -473,8 +509,8 @@ impl RefCache {
         Ok(out)
     }
 
-    /// The keys and values attention sees for (`batch`, `kv_head`): `[len, D]` f32 each, the dequantized part
-    /// first, then the fp16 residual.
+    /// The keys and values attention sees for (`batch`, `kv_head`): `[len, D]` f32 each, in token order: the
+    /// sink tokens, the dequantized part, then the fp16 residual.
     ///
     /// # Errors
     /// [`RefError::Invalid`] for an out-of-range batch or KV head index.
@@ -490,9 +526,11 @@ impl RefCache {
             )));
         }
         let c = &self.caches[batch * self.kv_heads + kv_head];
-        let mut k = c.k_deq.clone();
+        let mut k = f16s_to_f32(&c.k_sink);
+        k.extend_from_slice(&c.k_deq);
         k.extend(f16s_to_f32(&c.k_res));
-        let mut v = c.v_deq.clone();
+        let mut v = f16s_to_f32(&c.v_sink);
+        v.extend_from_slice(&c.v_deq);
         v.extend(f16s_to_f32(&c.v_res));
         Ok((k, v))
     }
@@ -509,6 +547,7 @@ impl RefCache {
             k_group: self.k_group,
             v_group: self.v_group,
             len: self.len,
+            sink_tokens: self.sink_tokens(),
             quantized_keys: self.nqk,
             residual_keys: self.residual_keys(),
             quantized_values: self.nqv,
@@ -529,6 +568,8 @@ impl RefCache {
                     e.k_mn.extend_from_slice(&blk.mn[ch * gpc..(ch + 1) * gpc]);
                 }
             }
+            e.k_sink.extend_from_slice(&c.k_sink);
+            e.v_sink.extend_from_slice(&c.v_sink);
             e.k_residual.extend_from_slice(&c.k_res);
             e.v_code.extend(c.v_code.iter().map(|&w| w as i32));
             e.v_scale.extend_from_slice(&c.v_scale);

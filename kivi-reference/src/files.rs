@@ -26,7 +26,8 @@ use serde_json::Value;
 use crate::cache::RefCache;
 use crate::error::RefError;
 use crate::quant::{
-    check_bits, codes_per_word, quantize_keys_per_channel, quantize_values_per_token,
+    check_bits, codes_per_pack, codes_per_word, quantize_keys_per_channel,
+    quantize_values_per_token,
 };
 
 /// The directory of the reference data: `$KIVI_DATA` if set (and non-empty), else `tests/data` of this
@@ -530,10 +531,11 @@ fn load_streams(t: &Tensors, name: &str, cfg: &Value) -> Result<Vec<StreamCase>,
     for (case, pre, kb, vb) in variants {
         check_bits(kb)?;
         check_bits(vb)?;
-        let (kc, vc) = (codes_per_word(kb), codes_per_word(vb));
+        let (kc, vc) = (codes_per_pack(kb), codes_per_pack(vb));
         if r % group != 0 || r % kc != 0 || d % group != 0 || d % vc != 0 {
             return Err(meta_err(format!(
-                "residual {r} and D {d} must be multiples of group {group} and of the codes per word"
+                "residual {r} and D {d} must be multiples of group {group} and of the codes that fill whole \
+                 words ({kc} keys, {vc} values)"
             )));
         }
         let o = |n: &str| format!("{pre}{n}");

@@ -29,8 +29,8 @@ pub use files::{
     StreamCase, StreamReport, TensorDiff,
 };
 pub use quant::{
-    check_bits, codes_per_word, dequantize, dequantize_keys_per_channel,
-    dequantize_values_per_token, pack_codes, quantize_group, quantize_group_into,
+    check_bits, codes_per_pack, codes_per_word, dequantize, dequantize_keys_per_channel,
+    dequantize_values_per_token, pack_codes, packed_words, quantize_group, quantize_group_into,
     quantize_keys_per_channel, quantize_values_per_token, unpack_codes, QuantGroup, QuantizedKeys,
     QuantizedValues,
 };

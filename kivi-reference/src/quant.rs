@@ -35,29 +35,47 @@
 //!
 //! # Packing
 //!
-//! `32 / bits` codes per 32-bit word (stored as int32 in the reference files); code `j` of a run sits in bits
-//! `[bits * j, bits * j + bits)` of word `j / (32 / bits)`.
+//! A run of codes is one little-endian bit stream over 32-bit words (stored as int32 in the reference files):
+//! code `j` sits in stream bits `[bits * j, bits * j + bits)`, i.e. from bit `(bits * j) % 32` of word
+//! `bits * j / 32`, continuing into the next word where it crosses a word boundary. For bits dividing 32 (1, 2,
+//! 4, 8) that is the reference's layout, `32 / bits` codes per word and none crossing; for 3, 5, 6 and 7 bits
+//! nothing is wasted: 32 codes take exactly `bits` words (3-bit: a group of 32 in three words). A run must hold
+//! a multiple of [`codes_per_pack`] codes (32 / gcd(bits, 32)), so that it fills whole words.
 
 use half::f16;
 
 use crate::error::RefError;
 
-/// Checks that `bits` is one of the supported code widths (1, 2, 4, 8: the ones dividing 32).
+/// Checks that `bits` is a code width the reference quantizes and packs: 1 to 8.
 ///
 /// # Errors
 /// [`RefError::Unsupported`] for any other width.
 pub fn check_bits(bits: u32) -> Result<(), RefError> {
     match bits {
-        1 | 2 | 4 | 8 => Ok(()),
+        1..=8 => Ok(()),
         _ => Err(RefError::unsupported(format!(
-            "{bits}-bit codes (supported: 1, 2, 4, 8)"
+            "{bits}-bit codes (supported: 1 to 8)"
         ))),
     }
 }
 
-/// Codes per 32-bit word: `32 / bits`.
+/// Codes per 32-bit word, `32 / bits`, for the widths that divide 32 (1, 2, 4, 8: the reference files' formats);
+/// for the others see [`codes_per_pack`].
 pub fn codes_per_word(bits: u32) -> usize {
     (32 / bits.max(1)) as usize
+}
+
+/// The fewest codes that fill whole 32-bit words: `32 / gcd(bits, 32)` (32 / bits for 1, 2, 4, 8; 32 for 3, 5,
+/// 7; 16 for 6). A packed run's length must be a multiple of it.
+pub fn codes_per_pack(bits: u32) -> usize {
+    let bits = bits.clamp(1, 32);
+    (32 / (1u32 << bits.trailing_zeros().min(5))) as usize
+}
+
+/// Words that `codes` packed `bits`-bit codes take: `codes * bits / 32` (`codes` a multiple of
+/// [`codes_per_pack`]).
+pub fn packed_words(codes: usize, bits: u32) -> usize {
+    codes * bits as usize / 32
 }
 
 /// The quantization of one group: its codes (one per input element, each in `0..2^bits`), its scale and its min.
@@ -74,7 +92,7 @@ pub struct QuantGroup {
 /// Quantizes one group of fp16 values to `bits`-bit codes with the reference's half rounding (module docs).
 ///
 /// # Errors
-/// [`RefError::Unsupported`] for bits not in {1, 2, 4, 8}; [`RefError::Invalid`] for an empty group.
+/// [`RefError::Unsupported`] for bits outside 1..=8; [`RefError::Invalid`] for an empty group.
 pub fn quantize_group(x: &[f16], bits: u32) -> Result<QuantGroup, RefError> {
     let mut codes = vec![0u8; x.len()];
     let (scale, mn) = quantize_group_into(x, bits, &mut codes)?;
@@ -154,18 +172,18 @@ pub fn dequantize(code: u8, scale: f16, mn: f16) -> f32 {
     f32::from(code).mul_add(scale.to_f32(), mn.to_f32())
 }
 
-/// Packs codes into 32-bit words, `32 / bits` per word, code `j` in bits `[bits*j, bits*j + bits)` of word
-/// `j / (32/bits)`. Returns `codes.len() / (32/bits)` words.
+/// Packs codes into a little-endian bit stream of 32-bit words (module docs): code `j` in stream bits
+/// `[bits*j, bits*j + bits)`. Returns `codes.len() * bits / 32` words.
 ///
 /// # Errors
 /// [`RefError::Unsupported`] for bad bits; [`RefError::Invalid`] if `codes.len()` is not a multiple of
-/// `32 / bits` or a code does not fit in `bits` bits.
+/// [`codes_per_pack`] or a code does not fit in `bits` bits.
 pub fn pack_codes(codes: &[u8], bits: u32) -> Result<Vec<u32>, RefError> {
     check_bits(bits)?;
-    let cpw = codes_per_word(bits);
-    if !codes.len().is_multiple_of(cpw) {
+    let unit = codes_per_pack(bits);
+    if !codes.len().is_multiple_of(unit) {
         return Err(RefError::Invalid(format!(
-            "{} codes cannot be packed into whole words of {cpw} {bits}-bit codes",
+            "{} {bits}-bit codes do not fill whole 32-bit words (give a multiple of {unit})",
             codes.len()
         )));
     }
@@ -177,34 +195,38 @@ pub fn pack_codes(codes: &[u8], bits: u32) -> Result<Vec<u32>, RefError> {
     Ok(pack_unchecked(codes, bits))
 }
 
-/// [`pack_codes`] without checks.
+/// [`pack_codes`] without checks (a length that is not a multiple of [`codes_per_pack`] gets a zero-padded last
+/// word).
 pub(crate) fn pack_unchecked(codes: &[u8], bits: u32) -> Vec<u32> {
-    let cpw = codes_per_word(bits);
-    codes
-        .chunks(cpw)
-        .map(|w| {
-            w.iter().enumerate().fold(0u32, |acc, (j, &c)| {
-                acc | (u32::from(c) << (bits as usize * j))
-            })
-        })
-        .collect()
+    let mut out = vec![0u32; (codes.len() * bits as usize).div_ceil(32)];
+    for (j, &c) in codes.iter().enumerate() {
+        let bit = bits as usize * j;
+        let wide = u64::from(c) << (bit % 32);
+        out[bit / 32] |= wide as u32;
+        if let Some(next) = out.get_mut(bit / 32 + 1) {
+            *next |= (wide >> 32) as u32;
+        }
+    }
+    out
 }
 
-/// Unpacks 32-bit words into codes (the inverse of [`pack_codes`]): `words.len() * (32/bits)` codes.
+/// Unpacks a bit stream of 32-bit words into codes (the inverse of [`pack_codes`]): `words.len() * 32 / bits`
+/// codes (rounded down).
 ///
 /// # Errors
 /// [`RefError::Unsupported`] for bad bits.
 pub fn unpack_codes(words: &[u32], bits: u32) -> Result<Vec<u8>, RefError> {
     check_bits(bits)?;
-    let cpw = codes_per_word(bits);
-    let mask = ((1u64 << bits) - 1) as u32;
-    let mut out = Vec::with_capacity(words.len() * cpw);
-    for &w in words {
-        for j in 0..cpw {
-            out.push(((w >> (bits as usize * j)) & mask) as u8);
-        }
-    }
-    Ok(out)
+    let n = words.len() * 32 / bits as usize;
+    let mask = (1u64 << bits) - 1;
+    Ok((0..n)
+        .map(|j| {
+            let bit = bits as usize * j;
+            let lo = u64::from(words[bit / 32]);
+            let hi = words.get(bit / 32 + 1).map_or(0, |&w| u64::from(w));
+            (((lo | (hi << 32)) >> (bit % 32)) & mask) as u8
+        })
+        .collect())
 }
 
 /// Keys of one head quantized per channel (KIVI's key layout, as in `kivi_pack_vectors.safetensors`).
@@ -220,7 +242,7 @@ pub struct QuantizedKeys {
     pub tokens: usize,
     /// Channels D.
     pub head_dim: usize,
-    /// Packed codes, `[D, T / (32/bits)]` row-major.
+    /// Packed codes, `[D, T * bits / 32]` row-major (each row one bit stream).
     pub codes: Vec<u32>,
     /// Scales, `[D, T / G]` row-major, fp16.
     pub scale: Vec<f16>,
@@ -241,7 +263,7 @@ pub struct QuantizedValues {
     pub tokens: usize,
     /// Channels D.
     pub head_dim: usize,
-    /// Packed codes, `[T, D / (32/bits)]` row-major.
+    /// Packed codes, `[T, D * bits / 32]` row-major (each row one bit stream).
     pub codes: Vec<u32>,
     /// Scales, `[T, D / G]` row-major, fp16.
     pub scale: Vec<f16>,
@@ -278,10 +300,11 @@ pub fn quantize_keys_per_channel(
 ) -> Result<QuantizedKeys, RefError> {
     check_bits(bits)?;
     check_dims("keys", k.len(), tokens, head_dim)?;
-    let cpw = codes_per_word(bits);
-    if group == 0 || !tokens.is_multiple_of(group) || !tokens.is_multiple_of(cpw) {
+    let unit = codes_per_pack(bits);
+    if group == 0 || !tokens.is_multiple_of(group) || !tokens.is_multiple_of(unit) {
         return Err(RefError::Invalid(format!(
-            "keys: {tokens} tokens must be a multiple of the group size {group} and of {cpw} codes per word"
+            "keys: {tokens} tokens must be a multiple of the group size {group} and of {unit} (the {bits}-bit \
+             codes that fill whole words)"
         )));
     }
     let ng = tokens / group;
@@ -319,15 +342,19 @@ pub fn quantize_keys_per_channel(
 pub fn dequantize_keys_per_channel(q: &QuantizedKeys) -> Result<Vec<f32>, RefError> {
     check_bits(q.bits)?;
     let (t, d) = (q.tokens, q.head_dim);
-    let cpw = codes_per_word(q.bits);
-    if q.group == 0 || t % q.group != 0 || t % cpw != 0 {
+    let unit = codes_per_pack(q.bits);
+    if q.group == 0 || !t.is_multiple_of(q.group) || !t.is_multiple_of(unit) {
         return Err(RefError::Invalid(format!(
-            "keys: {t} tokens not a multiple of group {} and of {cpw}",
+            "keys: {t} tokens not a multiple of group {} and of {unit}",
             q.group
         )));
     }
     let ng = t / q.group;
-    check_len("key codes [D, T/cpw]", d * t / cpw, q.codes.len())?;
+    check_len(
+        "key codes [D, T*bits/32]",
+        d * packed_words(t, q.bits),
+        q.codes.len(),
+    )?;
     check_len("key scales [D, T/G]", d * ng, q.scale.len())?;
     check_len("key mins [D, T/G]", d * ng, q.mn.len())?;
     let codes = unpack_codes(&q.codes, q.bits)?; // [D, T]
@@ -378,10 +405,11 @@ pub fn quantize_values_per_token(
 }
 
 fn check_value_dims(head_dim: usize, bits: u32, group: usize) -> Result<(), RefError> {
-    let cpw = codes_per_word(bits);
-    if group == 0 || !head_dim.is_multiple_of(group) || !head_dim.is_multiple_of(cpw) {
+    let unit = codes_per_pack(bits);
+    if group == 0 || !head_dim.is_multiple_of(group) || !head_dim.is_multiple_of(unit) {
         return Err(RefError::Invalid(format!(
-            "values: head_dim {head_dim} must be a multiple of the group size {group} and of {cpw} codes per word"
+            "values: head_dim {head_dim} must be a multiple of the group size {group} and of {unit} (the \
+             {bits}-bit codes that fill whole words)"
         )));
     }
     Ok(())
@@ -405,8 +433,8 @@ pub fn dequantize_values_per_token(q: &QuantizedValues) -> Result<Vec<f32>, RefE
     let (t, d) = (q.tokens, q.head_dim);
     let ng = d / q.group;
     check_len(
-        "value codes [T, D/cpw]",
-        t * d / codes_per_word(q.bits),
+        "value codes [T, D*bits/32]",
+        t * packed_words(d, q.bits),
         q.codes.len(),
     )?;
     check_len("value scales [T, D/G]", t * ng, q.scale.len())?;
@@ -450,6 +478,30 @@ mod tests {
         assert_eq!(w, vec![1 | (2 << 2) | (3 << 4) | (3 << 30)]);
         assert!(pack_codes(&[4], 2).is_err());
         assert!(pack_codes(&[1, 1], 2).is_err());
-        assert!(check_bits(3).is_err());
+        assert!(check_bits(0).is_err() && check_bits(9).is_err());
+        assert!((1..=8).all(|b| check_bits(b).is_ok()));
+    }
+
+    #[test]
+    fn three_bit_codes_fill_three_words_per_32() {
+        // Code j at stream bits [3j, 3j + 3): code 10 straddles words 0 and 1 (bits 30..33), code 21 words 1
+        // and 2 (bits 63..66).
+        let mut codes = vec![0u8; 32];
+        codes[0] = 5;
+        codes[10] = 0b110;
+        codes[21] = 0b011;
+        codes[31] = 7;
+        let w = pack_codes(&codes, 3).unwrap();
+        assert_eq!(w.len(), 3);
+        assert_eq!(w[0], 5 | (0b10 << 30));
+        assert_eq!(w[1], 0b1 | (0b1 << 31));
+        assert_eq!(w[2], 0b1 | (7 << 29));
+        assert_eq!(unpack_codes(&w, 3).unwrap(), codes);
+        assert_eq!(codes_per_pack(3), 32);
+        assert_eq!(codes_per_pack(6), 16);
+        assert_eq!(codes_per_pack(4), 8);
+        assert_eq!(packed_words(32, 3), 3);
+        let e = pack_codes(&[1; 16], 3).unwrap_err();
+        assert!(e.to_string().contains("multiple of 32"), "{e}");
     }
 }

@@ -367,6 +367,13 @@ fn unsupported_layouts_are_typed() {
         |l: kivi_dsl::Layout| matches!(RefCache::new(&l, 1), Err(RefError::Unsupported { .. }));
     let mut l = base;
     l.keys.bits = 3;
+    assert!(RefCache::new(&l, 1).is_ok(), "3-bit keys are supported");
+    let mut l = base;
+    l.values.bits = 3;
+    l.keys.head_dim = 48;
+    l.values.head_dim = 48;
+    l.values.group_size = kivi_dsl::GroupSize::Elements(16);
+    // 48 3-bit codes do not fill whole words (32 do).
     assert!(unsupported(l));
     let mut l = base;
     l.values.symmetry = Symmetry::Symmetric;
@@ -385,7 +392,7 @@ fn unsupported_layouts_are_typed() {
     assert!(unsupported(l));
     let mut l = base;
     l.sink_tokens = 4;
-    assert!(unsupported(l));
+    assert!(RefCache::new(&l, 1).is_ok(), "sink tokens are supported");
     let mut l = base;
     l.residual_length = 100; // not a multiple of G = 32
     assert!(unsupported(l));
@@ -403,4 +410,126 @@ fn unsupported_layouts_are_typed() {
     let c = RefCache::new(&l, 1).unwrap();
     assert_eq!(c.export().k_group, 128);
     assert_eq!(c.export().v_group, 64);
+}
+
+/// Sink tokens stay fp16 for good; the tokens after them go through Algorithm 1 exactly as a cache without sinks
+/// would take them (same codes, scales, mins, residuals and flush points).
+#[test]
+fn sink_tokens_stay_exact_and_shift_algorithm_1() {
+    let (d, r, g, sinks) = (32usize, 32u32, 32u32, 4usize);
+    let mut with = layout(2, 2, g, r, d as u32, 2, 1);
+    with.sink_tokens = sinks as u32;
+    let without = layout(2, 2, g, r, d as u32, 2, 1);
+    let mut rn = rng(99);
+    for prefill in [0usize, 3, 4, 5, 36, 37, 100] {
+        let steps = 80;
+        let total = prefill + steps;
+        let k = rand_f16(&mut rn, total * d, 1.0);
+        let v = rand_f16(&mut rn, total * d, 1.0);
+        let q = rand_f16(&mut rn, steps * 2 * d, 1.0);
+        let mut a = RefCache::new(&with, 1).unwrap();
+        a.prefill(&k[..prefill * d], &v[..prefill * d], prefill)
+            .unwrap();
+        for s in 0..steps {
+            let t = prefill + s;
+            a.decode_step(
+                &q[s * 2 * d..(s + 1) * 2 * d],
+                &k[t * d..(t + 1) * d],
+                &v[t * d..(t + 1) * d],
+            )
+            .unwrap();
+        }
+        // The same tokens minus the sinks, into a cache without sinks.
+        let skip = sinks.min(total);
+        let p2 = prefill.saturating_sub(sinks);
+        let mut b = RefCache::new(&without, 1).unwrap();
+        b.prefill(
+            &k[skip * d..(skip + p2) * d],
+            &v[skip * d..(skip + p2) * d],
+            p2,
+        )
+        .unwrap();
+        for t in (skip + p2)..total {
+            b.decode_step(&q[..2 * d], &k[t * d..(t + 1) * d], &v[t * d..(t + 1) * d])
+                .unwrap();
+        }
+        let (ea, eb) = (a.export(), b.export());
+        assert_eq!(ea.len, total);
+        assert_eq!(ea.sink_tokens, skip, "prefill {prefill}");
+        assert_eq!(ea.k_sink, k[..skip * d].to_vec());
+        assert_eq!(ea.v_sink, v[..skip * d].to_vec());
+        assert_eq!(
+            (
+                ea.quantized_keys,
+                ea.residual_keys,
+                ea.quantized_values,
+                ea.residual_values
+            ),
+            (
+                eb.quantized_keys,
+                eb.residual_keys,
+                eb.quantized_values,
+                eb.residual_values
+            ),
+            "prefill {prefill}"
+        );
+        assert_eq!(
+            (ea.k_code, ea.k_scale, ea.k_mn),
+            (eb.k_code, eb.k_scale, eb.k_mn)
+        );
+        assert_eq!(
+            (ea.v_code, ea.v_scale, ea.v_mn),
+            (eb.v_code, eb.v_scale, eb.v_mn)
+        );
+        assert_eq!(
+            (ea.k_residual, ea.v_residual),
+            (eb.k_residual, eb.v_residual)
+        );
+        // Attention sees the sinks exactly, first.
+        let (ek, ev) = a.effective_kv(0, 0).unwrap();
+        assert_eq!(ek.len(), total * d);
+        for i in 0..skip * d {
+            assert_eq!(ek[i], k[i].to_f32());
+            assert_eq!(ev[i], v[i].to_f32());
+        }
+    }
+}
+
+/// 3-bit codes (32 in three words) through the whole cache: every width from 1 to 8 keeps the dequantization
+/// error within half a step, and the exported codes take `n * bits / 32` words.
+#[test]
+fn every_width_from_1_to_8_bits_runs_the_cache() {
+    let (d, r, g) = (64usize, 64u32, 32u32);
+    for bits in 1..=8u32 {
+        let l = layout(bits, bits, g, r, d as u32, 1, 1);
+        let mut c = RefCache::new(&l, 1).unwrap_or_else(|e| panic!("{bits} bits: {e}"));
+        let mut rn = rng(u64::from(bits));
+        let p = 200;
+        let k = rand_f16(&mut rn, p * d, 1.0);
+        let v = rand_f16(&mut rn, p * d, 1.0);
+        c.prefill(&k, &v, p).unwrap();
+        let e = c.export();
+        assert_eq!(e.quantized_keys, 192);
+        assert_eq!(e.quantized_values, 136);
+        assert_eq!(e.k_code.len(), d * 192 * bits as usize / 32, "{bits} bits");
+        assert_eq!(e.v_code.len(), 136 * d * bits as usize / 32, "{bits} bits");
+        let (ek, ev) = c.effective_kv(0, 0).unwrap();
+        let step = 2.0 / ((1u32 << bits) - 1) as f32; // ranges are within (-1, 1)
+        let worst_k = max_abs_diff(
+            &ek[..192 * d],
+            &k[..192 * d].iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
+        );
+        let worst_v = max_abs_diff(
+            &ev[..136 * d],
+            &v[..136 * d].iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
+        );
+        assert!(
+            worst_k <= step * 0.5 + 2e-3,
+            "{bits} bits: keys {worst_k} > {step}/2"
+        );
+        assert!(
+            worst_v <= step * 0.5 + 2e-3,
+            "{bits} bits: values {worst_v} > {step}/2"
+        );
+    }
 }

@@ -6,12 +6,13 @@ mod common;
 use common::h;
 use half::f16;
 use kivi_reference::{
-    dequantize, dequantize_keys_per_channel, dequantize_values_per_token, pack_codes,
-    quantize_group, quantize_keys_per_channel, quantize_values_per_token, unpack_codes, RefError,
+    codes_per_pack, dequantize, dequantize_keys_per_channel, dequantize_values_per_token,
+    pack_codes, quantize_group, quantize_keys_per_channel, quantize_values_per_token, unpack_codes,
+    RefError,
 };
 use proptest::prelude::*;
 
-const BITS: [u32; 4] = [1, 2, 4, 8];
+const BITS: [u32; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
 
 #[test]
 fn constant_group_dequantizes_exactly() {
@@ -91,10 +92,12 @@ fn nan_and_inf_groups_dequantize_to_nan() {
 #[test]
 fn quant_argument_errors() {
     assert!(matches!(quantize_group(&[], 2), Err(RefError::Invalid(_))));
-    assert!(matches!(
-        quantize_group(&h(&[1.0]), 3),
-        Err(RefError::Unsupported { .. })
-    ));
+    for bits in [0, 9] {
+        assert!(matches!(
+            quantize_group(&h(&[1.0]), bits),
+            Err(RefError::Unsupported { .. })
+        ));
+    }
     let k = vec![f16::ZERO; 64 * 8];
     assert!(matches!(
         quantize_keys_per_channel(&k[1..], 64, 8, 2, 32),
@@ -127,9 +130,11 @@ fn quant_argument_errors() {
     ));
     assert!(matches!(pack_codes(&[0; 15], 2), Err(RefError::Invalid(_))));
     assert!(matches!(
-        unpack_codes(&[0], 5),
+        unpack_codes(&[0], 9),
         Err(RefError::Unsupported { .. })
     ));
+    // 3-bit codes fill whole words 32 at a time.
+    assert!(matches!(pack_codes(&[0; 16], 3), Err(RefError::Invalid(_))));
 }
 
 /// The bound on |dequantize(quantize(x)) - x| for a finite group of range `range` and scale `s`: scale / 2
@@ -166,9 +171,10 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn pack_unpack_round_trip(bits_i in 0usize..4, words in 1usize..8, seed in any::<u64>()) {
+    fn pack_unpack_round_trip(bits_i in 0usize..8, packs in 1usize..6, seed in any::<u64>()) {
         let bits = BITS[bits_i];
-        let n = words * (32 / bits as usize);
+        let n = packs * codes_per_pack(bits);
+        let words = n * bits as usize / 32;
         let mask = ((1u32 << bits) - 1) as u64;
         let codes: Vec<u8> = (0..n)
             .map(|i| ((seed.rotate_left((i * 7 % 64) as u32) ^ (i as u64 * 0x9E37_79B9)) & mask) as u8)
@@ -176,16 +182,17 @@ proptest! {
         let w = pack_codes(&codes, bits).unwrap();
         prop_assert_eq!(w.len(), words);
         prop_assert_eq!(unpack_codes(&w, bits).unwrap(), codes.clone());
-        // Code j sits in bits [bits*j, bits*j + bits) of its word.
+        // Code j sits in stream bits [bits*j, bits*j + bits), possibly across a word boundary.
         for (j, &c) in codes.iter().enumerate() {
-            let per = 32 / bits as usize;
-            prop_assert_eq!((w[j / per] >> (bits as usize * (j % per))) & mask as u32, u32::from(c));
+            let bit = bits as usize * j;
+            let stream = u64::from(w[bit / 32]) | w.get(bit / 32 + 1).map_or(0, |&x| u64::from(x) << 32);
+            prop_assert_eq!((stream >> (bit % 32)) & mask, u64::from(c));
         }
     }
 
     /// |dequantize(quantize(x)) - x| <= scale / 2 plus fp16 rounding slack ([`error_bound`]).
     #[test]
-    fn quantize_error_bounded(x in group(), bits_i in 0usize..4) {
+    fn quantize_error_bounded(x in group(), bits_i in 0usize..8) {
         let bits = BITS[bits_i];
         let qmax = (1u32 << bits) - 1;
         let q = quantize_group(&x, bits).unwrap();
@@ -203,7 +210,7 @@ proptest! {
 
     /// Per-channel keys and per-token values dequantize within the same bound, element by element.
     #[test]
-    fn tensor_layouts_round_trip(seed in any::<u64>(), bits_i in 0usize..4) {
+    fn tensor_layouts_round_trip(seed in any::<u64>(), bits_i in 0usize..8) {
         let bits = BITS[bits_i];
         let (t, d, g) = (64usize, 32usize, 32usize);
         let x: Vec<f16> = (0..t * d)
