@@ -269,6 +269,16 @@ impl TuneCache {
             .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
         lock.lock()
             .map_err(|e| format!("cannot lock {}: {e}", lock_path.display()))?;
+        // A file that exists but cannot be read is not replaced (its entries would be lost); a corrupt or
+        // foreign-version one is rebuilt, as on load.
+        if let Err(e) = std::fs::File::open(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(format!(
+                    "cannot read {} ({e}); not replacing it: fix its permissions or pass another --cache",
+                    self.path.display()
+                ));
+            }
+        }
         let (mut merged, _) = read_entries(&self.path);
         for k in &self.inserted {
             if let Some(v) = self.entries.get(k) {

@@ -66,7 +66,11 @@ pub fn decode_candidates(
     let heuristic = KernelTiles::heuristic(layout).decode;
     let mut out = vec![heuristic];
     for base in candidates(KernelKind::DecodePartial, layout) {
-        for min_blocks in [512 / base.threads, 384 / base.threads, 0] {
+        for min_blocks in REGISTER_BUDGETS
+            .iter()
+            .map(|&t| t / base.threads)
+            .chain([0])
+        {
             if min_blocks == 1 {
                 continue; // one block per SM: the same 255-register cap as the compiler's own choice (0)
             }
@@ -105,7 +109,7 @@ pub fn fills_gpu(
 /// The hash that keys tuned results to this build's candidates and code: the candidate list and the generated
 /// module of the layout (so any template or codegen change invalidates old results).
 pub fn candidates_hash(layout: &Layout, candidates: &[TileConfig]) -> u64 {
-    let mut text = format!("{candidates:?}");
+    let mut text = format!("{candidates:?} register budgets {REGISTER_BUDGETS:?}");
     if let Ok(k) = kivi_codegen::LayoutKernels::new(layout, &KernelTiles::heuristic(layout)) {
         if let Ok(m) = kivi_codegen::generate_module(&k.specs) {
             text.push_str(&m.source);
@@ -154,10 +158,15 @@ pub fn compile_parallel(
                 let r = match &sources[i] {
                     Ok((name, source)) => {
                         let start = std::time::Instant::now();
-                        compiler
-                            .compile(name, source, arch)
-                            .map(|_| start.elapsed().as_secs_f64())
-                            .map_err(|e| e.to_string())
+                        // A panic in one compile (a bug) fails that candidate, not the whole tuning run.
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            compiler.compile(name, source, arch)
+                        }))
+                        .map_err(|_| {
+                            "the compile panicked (a kivi bug: please report it)".to_string()
+                        })
+                        .and_then(|r| r.map_err(|e| e.to_string()))
+                        .map(|_| start.elapsed().as_secs_f64())
                     }
                     Err(e) => Err(e.clone()),
                 };
@@ -175,10 +184,14 @@ pub fn compile_parallel(
             Err(e) => Err(e.clone()),
             Ok(_) => done[first[i]]
                 .clone()
-                .unwrap_or_else(|| Err("a compile thread panicked".into())),
+                .unwrap_or_else(|| Err("the compile did not run".into())),
         })
         .collect()
 }
+
+/// Threads per multiprocessor whose registers a decode candidate budgets (`min_blocks` = budget / threads): 512
+/// and 384 give 128 and 170 registers per thread; the compiler's own choice (`min_blocks` 0) is always tried too.
+pub const REGISTER_BUDGETS: [u32; 2] = [512, 384];
 
 /// Fewest resident warps per multiprocessor a decode candidate may have: below one warp per scheduler (an SM has
 /// four) nothing hides the latency of the cache's loads, so a memory-bound kernel cannot approach bandwidth and

@@ -674,6 +674,13 @@ fn verify_cmd(
         .iter()
         .map(|t| parse_tile(t))
         .collect::<Result<_, _>>()?;
+    if !decode_tiles.is_empty() && !references.is_empty() {
+        return Err(
+            "--decode-tile verifies tiles on generated runs (--spec or the presets); reference files (--reference) \
+             run with the heuristic tiles: give one or the other"
+                .into(),
+        );
+    }
     let mut report = |c: &Check| println!("{c}");
     let gpu = if cpu_only {
         None
@@ -740,8 +747,16 @@ fn verify_cmd(
                 ));
             }
         }
-        let files = default_reference_files();
-        if files.is_empty() {
+        // The reference files run with the heuristic tiles: with --decode-tile they would not test the tiles.
+        let files = if decode_tiles.is_empty() {
+            default_reference_files()
+        } else {
+            println!(
+                "--decode-tile: skipping the reference files (they run with the heuristic tiles)"
+            );
+            Vec::new()
+        };
+        if files.is_empty() && decode_tiles.is_empty() {
             println!(
                 "no reference files in {} (set KIVI_DATA to the folder holding them)",
                 kivi_reference::data_dir().display()
