@@ -66,7 +66,7 @@ fn nvrtc(c: &mut Criterion) {
     let mut g = c.benchmark_group("nvrtc");
     g.sample_size(10);
     let mut n = 0u64;
-    g.bench_function("cold compile kivi-2 llama-3-8b sm_90 (5 kernels)", |b| {
+    g.bench_function("cold compile kivi-2 llama-3-8b sm_90 (one module, 4 kernels)", |b| {
         b.iter(|| {
             // A comment that changes every time defeats the in-memory cache: each iteration is a cold compile.
             n += 1;
