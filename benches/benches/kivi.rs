@@ -66,16 +66,19 @@ fn nvrtc(c: &mut Criterion) {
     let mut g = c.benchmark_group("nvrtc");
     g.sample_size(10);
     let mut n = 0u64;
-    g.bench_function("cold compile kivi-2 llama-3-8b sm_90 (one module, 4 kernels)", |b| {
-        b.iter(|| {
-            // A comment that changes every time defeats the in-memory cache: each iteration is a cold compile.
-            n += 1;
-            module.source.push_str(&format!("\n// {n}\n"));
-            compiler
-                .compile(&module.name, &module.source, arch)
-                .unwrap()
-        })
-    });
+    g.bench_function(
+        "cold compile kivi-2 llama-3-8b sm_90 (one module, 4 kernels)",
+        |b| {
+            b.iter(|| {
+                // A comment that changes every time defeats the in-memory cache: each iteration is a cold compile.
+                n += 1;
+                module.source.push_str(&format!("\n// {n}\n"));
+                compiler
+                    .compile(&module.name, &module.source, arch)
+                    .unwrap()
+            })
+        },
+    );
     // Warm: the module is on disk, a fresh compiler (empty memory cache) finds it there.
     let dir = std::env::temp_dir().join(format!("kivi-bench-modules-{}", std::process::id()));
     let disk = Compiler::new(None, Some(dir.clone())).unwrap();

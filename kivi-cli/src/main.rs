@@ -29,6 +29,21 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Device memory of a KIVI cache for a layout: bytes of codes, scales and mins, and residual per sequence, per
+    /// layer and per model, against an fp16 cache (no GPU needed).
+    Memory {
+        /// A spec, a preset, or a path to a .kivi file.
+        spec: String,
+        /// Tokens per sequence the cache has room for.
+        #[arg(long, default_value_t = 32768)]
+        context: u32,
+        /// Sequences (batch entries).
+        #[arg(long, default_value_t = 1)]
+        batch: u32,
+        /// Layers of the model.
+        #[arg(long, default_value_t = 1)]
+        layers: u32,
+    },
     /// Compile every kernel of a layout with NVRTC and report success and time.
     Compile {
         /// A spec, a preset, or a path to a .kivi file.
@@ -180,6 +195,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Gen { spec, out } => gen(&spec, out.as_deref()),
+        Command::Memory {
+            spec,
+            context,
+            batch,
+            layers,
+        } => memory(&spec, context, batch, layers),
         Command::Compile {
             spec,
             arch,
@@ -269,6 +290,63 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn memory(spec: &str, context: u32, batch: u32, layers: u32) -> Result<ExitCode, String> {
+    let r = load_spec(spec)?;
+    let l = &r.layout;
+    for (what, v) in [("context", context), ("batch", batch), ("layers", layers)] {
+        if v == 0 {
+            return Err(format!("--{what} 0: give at least 1"));
+        }
+    }
+    if context > kivi_runtime::MAX_CAPACITY {
+        return Err(format!(
+            "--context {context}: a cache holds at most {} tokens per sequence",
+            kivi_runtime::MAX_CAPACITY
+        ));
+    }
+    let m = kivi_codegen::StorageLayout::new(l).memory(context);
+    let seqs = u64::from(batch) * u64::from(l.num_kv_heads);
+    let per_layer = seqs * m.total();
+    let fp16 = seqs * kivi_codegen::MemoryBreakdown::fp16_bytes(context, l.keys.head_dim);
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    println!(
+        "{}\ncontext {context} tokens, batch {batch}, {} KV heads, {layers} layers",
+        l.to_spec(),
+        l.num_kv_heads
+    );
+    println!("| part | bytes per sequence | MiB per layer | MiB per model |");
+    println!("|---|---|---|---|");
+    for (name, b) in [
+        ("key codes", m.key_codes),
+        ("key scales + mins", m.key_scales_mins),
+        ("value codes", m.value_codes),
+        ("value scales + mins", m.value_scales_mins),
+        ("fp16 residual rings", m.residual),
+        ("total", m.total()),
+    ] {
+        println!(
+            "| {name} | {b} | {:.2} | {:.2} |",
+            mib(seqs * b),
+            mib(seqs * b * u64::from(layers))
+        );
+    }
+    println!(
+        "| fp16 cache, same capacity | {} | {:.2} | {:.2} |",
+        fp16 / seqs,
+        mib(fp16),
+        mib(fp16 * u64::from(layers))
+    );
+    println!(
+        "{:.2}x smaller than fp16. Blocks of {} tokens are allocated for the whole capacity; the decode kernel's \
+         split-K scratch (batch x num_heads x splits x (head_dim + 2) x 4 bytes, at most {:.2} MiB per layer with the \
+         automatic split) comes on top.",
+        fp16 as f64 / per_layer as f64,
+        l.residual_length,
+        mib(u64::from(batch) * u64::from(l.num_heads) * 64 * (u64::from(l.keys.head_dim) + 2) * 4)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_spec(arg: &str) -> Result<ResolvedSpec, String> {

@@ -233,3 +233,33 @@ fn verify_reference_rejects_a_file_that_is_not_a_reference() {
         text(&o.stderr)
     );
 }
+
+#[test]
+fn memory_breaks_a_cache_down_and_checks_its_arguments() {
+    let o = kivi(
+        &[
+            "memory",
+            "kivi-2, llama-3-8b",
+            "--context",
+            "131072",
+            "--layers",
+            "32",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    // 131072 tokens x 128 channels x 2 bits / 8 = 4 MiB of key codes per sequence; 8 KV heads; 32 layers.
+    assert!(
+        out.contains("| key codes | 4194304 | 32.00 | 1024.00 |"),
+        "{out}"
+    );
+    assert!(
+        out.contains("| fp16 cache, same capacity | 67108864 | 512.00 | 16384.00 |"),
+        "{out}"
+    );
+    assert!(out.contains("5.31x smaller than fp16"), "{out}");
+    let o = kivi(&["memory", "kivi-2", "--batch", "0"], &[]);
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("--batch 0"), "{}", text(&o.stderr));
+}

@@ -17,7 +17,7 @@ use kivi_dsl::{Layout, LayoutError};
 use serde_json::json;
 use tera::{Context, Tera};
 
-pub use storage::{CodePosition, StorageLayout};
+pub use storage::{CodePosition, MemoryBreakdown, StorageLayout};
 pub use tile::{KernelTiles, TileConfig};
 
 /// The largest static shared memory a kernel may use (bytes): the 48 KiB every CUDA GPU gives without opt-in.

@@ -208,6 +208,20 @@ impl StorageLayout {
         blocks * self.bytes_per_block() + self.ring_bytes()
     }
 
+    /// Device bytes of one sequence (one batch entry x one KV head) with room for `capacity` tokens, part by
+    /// part ([`MemoryBreakdown`]); the parts sum to [`StorageLayout::bytes_per_sequence`].
+    pub fn memory(&self, capacity: u32) -> MemoryBreakdown {
+        let blocks = u64::from(self.blocks_for(capacity));
+        MemoryBreakdown {
+            capacity,
+            key_codes: blocks * 4 * u64::from(self.key_block_words()),
+            key_scales_mins: blocks * 2 * u64::from(self.key_block_params()),
+            value_codes: blocks * 4 * u64::from(self.value_block_words()),
+            value_scales_mins: blocks * 2 * 2 * u64::from(self.value_block_params()),
+            residual: self.ring_bytes(),
+        }
+    }
+
     /// Bytes of one quantized block: codes, scales and mins of keys and values.
     pub fn bytes_per_block(&self) -> u64 {
         4 * u64::from(self.key_block_words() + self.value_block_words())
@@ -233,5 +247,43 @@ impl StorageLayout {
     /// Bytes of the two residual rings of one sequence.
     pub fn ring_bytes(&self) -> u64 {
         2 * u64::from(self.head_dim) * u64::from(self.residual_length + self.value_ring)
+    }
+}
+
+/// Device bytes of one sequence (one batch entry x one KV head) of a KIVI cache with room for `capacity` tokens,
+/// as [`StorageLayout`] stores it: quantized blocks of R tokens for the whole capacity (so a cache never moves),
+/// plus the full-precision residual rings. Split-K scratch is per cache, not per sequence (the runtime's
+/// `KiviCache` adds `batch x num_heads x splits x (head_dim + 2) x 4` bytes, splits <= 64 with the automatic
+/// split). Multiply by batch x num_kv_heads for a layer, and by the layers for a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryBreakdown {
+    /// Tokens the sequence has room for.
+    pub capacity: u32,
+    /// Packed key codes (u32 words), bytes.
+    pub key_codes: u64,
+    /// Key scales and mins (fp16), bytes.
+    pub key_scales_mins: u64,
+    /// Packed value codes (u32 words, with the padding of their fragment layout), bytes.
+    pub value_codes: u64,
+    /// Value scales and mins (fp16), bytes.
+    pub value_scales_mins: u64,
+    /// The fp16 residual rings of keys (R tokens) and values (R + 1 tokens), bytes.
+    pub residual: u64,
+}
+
+impl MemoryBreakdown {
+    /// All parts, bytes.
+    pub fn total(&self) -> u64 {
+        self.key_codes
+            + self.key_scales_mins
+            + self.value_codes
+            + self.value_scales_mins
+            + self.residual
+    }
+
+    /// Bytes an fp16 cache of the same capacity takes per sequence: keys and values, `2 x 2 x head_dim x
+    /// capacity`.
+    pub fn fp16_bytes(capacity: u32, head_dim: u32) -> u64 {
+        4 * u64::from(head_dim) * u64::from(capacity)
     }
 }

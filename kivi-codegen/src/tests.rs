@@ -1,4 +1,5 @@
 use super::*;
+use crate::MemoryBreakdown;
 
 fn layout(spec: &str) -> Layout {
     kivi_dsl::parse_spec(spec).unwrap()
@@ -36,6 +37,19 @@ fn storage_numbers_follow_the_layout() {
         s.bytes_per_sequence(129),
         3 * (4 * 1024 + 2 * 2 * 256) + 2 * 64 * 129
     );
+    let m = s.memory(129);
+    assert_eq!(
+        (
+            m.key_codes,
+            m.key_scales_mins,
+            m.value_codes,
+            m.value_scales_mins,
+            m.residual
+        ),
+        (3 * 2048, 3 * 512, 3 * 2048, 3 * 512, 2 * 64 * 129)
+    );
+    assert_eq!(m.total(), s.bytes_per_sequence(129));
+    assert_eq!(MemoryBreakdown::fp16_bytes(129, 64), 4 * 64 * 129);
 }
 
 /// Every (token, channel) of a block has its own code bits inside the block, and every group its own scale
