@@ -61,6 +61,22 @@ pub fn eval_file(path: &Path, specs: &[String], fp8: bool) -> Result<Vec<EvalRow
     }
     let mut rows = Vec::new();
     for spec in specs {
+        // The file sets the heads and head_dim: say so where the user's text set them too.
+        let sets_shape = ["num_heads", "num_kv_heads", "head_dim"]
+            .iter()
+            .any(|f| spec.contains(f))
+            || kivi_dsl::MODEL_PRESETS
+                .iter()
+                .any(|m| spec.contains(m.name));
+        if sets_shape {
+            if let Some((_, case)) = streams.first() {
+                eprintln!(
+                    "note: {spec}: the file's shape (num_heads {}, num_kv_heads {}, head_dim {}) replaces the \
+                     layout's heads and head_dim",
+                    case.heads, case.kv_heads, case.head_dim
+                );
+            }
+        }
         let mut row = EvalRow {
             label: spec.clone(),
             streams: BTreeMap::new(),
@@ -70,7 +86,12 @@ pub fn eval_file(path: &Path, specs: &[String], fp8: bool) -> Result<Vec<EvalRow
                 "{spec}, num_heads: {}, num_kv_heads: {}, head_dim: {}",
                 case.heads, case.kv_heads, case.head_dim
             );
-            let layout = kivi_dsl::parse_spec(&text).map_err(|e| format!("{spec}: {e}"))?;
+            let layout = kivi_dsl::parse_spec(&text).map_err(|e| {
+                format!(
+                    "{spec} with the file's num_heads {}, num_kv_heads {}, head_dim {} (stream {name}): {e}",
+                    case.heads, case.kv_heads, case.head_dim
+                )
+            })?;
             let e = eval_layout(case, &layout).map_err(|e| format!("{spec} on {name}: {e}"))?;
             row.streams.insert(name.clone(), e);
         }

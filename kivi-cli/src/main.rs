@@ -132,7 +132,7 @@ enum Command {
         /// Print the tuning cache and exit (no GPU needed).
         #[arg(long)]
         show: bool,
-        /// The tuning cache file (default: $KIVI_CACHE_DIR/tune.json, else ~/.cache/kivi/tune.json).
+        /// The tuning cache file (default: $KIVI_CACHE_DIR/tune.json, else $XDG_CACHE_HOME/kivi/tune.json, else ~/.cache/kivi/tune.json).
         #[arg(long)]
         cache: Option<PathBuf>,
         /// libnvrtc to use (a file or its folder).
@@ -370,8 +370,23 @@ fn gen(arg: &str, out: Option<&Path>) -> Result<ExitCode, String> {
     let kernels = kernels_of(&spec)?;
     let module = generate_module(&kernels.specs).map_err(|e| e.to_string())?;
     match out {
-        None => print!("{}", module.source),
+        None => {
+            // A closed pipe (`kivi gen | head`) ends the output quietly, as for any Unix filter.
+            use std::io::Write;
+            match std::io::stdout().lock().write_all(module.source.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    return Err(format!("writing to stdout: {e}"))
+                }
+                _ => {}
+            }
+        }
         Some(dir) => {
+            if dir.exists() && !dir.is_dir() {
+                return Err(format!(
+                    "--out {}: not a folder (--out takes a folder; one .cu file per kernel goes into it)",
+                    dir.display()
+                ));
+            }
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let write = |name: &str, text: &str| -> Result<(), String> {
                 let path = dir.join(format!("{name}.cu"));
@@ -620,12 +635,6 @@ fn bench_cmd(
 ) -> Result<ExitCode, String> {
     use kivi_cli::bench::{run_baseline, run_shape, shapes_for, table, Baseline};
     let shapes = shapes_for(spec, shapes)?;
-    let gpu = open_gpu(nvrtc)?;
-    println!(
-        "kivi bench on {} ({}), spec {spec}",
-        gpu.name(),
-        gpu.arch().sm()
-    );
     let tiles: Vec<Option<kivi_codegen::TileConfig>> = if tiles.is_empty() {
         vec![None]
     } else {
@@ -634,6 +643,12 @@ fn bench_cmd(
             .map(|t| parse_tile(t).map(Some))
             .collect::<Result<_, _>>()?
     };
+    let gpu = open_gpu(nvrtc)?;
+    println!(
+        "kivi bench on {} ({}), spec {spec}",
+        gpu.name(),
+        gpu.arch().sm()
+    );
     // Without --decode-tile, a tuned tile from the tuning cache where one exists (kivi tune).
     let tune_cache = kivi_cli::tune::open_cache(None).ok();
     let mut results = Vec::new();
@@ -759,6 +774,10 @@ fn verify_cmd(
                 .into(),
         );
     }
+    // Specs are checked before the GPU is opened, so that a typo is reported as a typo.
+    for sp in specs {
+        load_spec(sp)?;
+    }
     let mut report = |c: &Check| println!("{c}");
     let gpu = if cpu_only {
         None
@@ -844,15 +863,20 @@ fn verify_cmd(
             checks.extend(verify::verify_file_on_gpu(gpu, f, &mut report)?);
         }
     } else {
+        // The path leads every error, once.
+        let with_path = |f: &Path, e: String| {
+            let p = f.display().to_string();
+            if e.contains(&p) {
+                e
+            } else {
+                format!("{p}: {e}")
+            }
+        };
         for f in references {
-            checks.extend(
-                verify::verify_file_on_cpu(f, &mut report)
-                    .map_err(|e| format!("{}: {e}", f.display()))?,
-            );
+            checks.extend(verify::verify_file_on_cpu(f, &mut report).map_err(|e| with_path(f, e))?);
             if let Some(gpu) = &gpu {
                 checks.extend(
-                    verify::verify_file_on_gpu(gpu, f, &mut report)
-                        .map_err(|e| format!("{}: {e}", f.display()))?,
+                    verify::verify_file_on_gpu(gpu, f, &mut report).map_err(|e| with_path(f, e))?,
                 );
             }
         }
