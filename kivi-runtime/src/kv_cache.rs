@@ -48,6 +48,22 @@ fn max_splits(fixed: u32, capacity: u32) -> u32 {
     }
 }
 
+/// [`max_splits`] of `module`'s decode tile at `capacity`, or the error if the kernel cannot merge that many.
+fn checked_max_splits(module: &LayoutModule, capacity: u32) -> Result<u32> {
+    let tile = module.kernels().spec(KernelKind::DecodePartial).tile;
+    let splits = max_splits(tile.split_tokens, capacity);
+    if splits > MAX_SPLITS {
+        return Err(RuntimeError::Limit {
+            what: "split-K blocks per sequence (capacity / split_tokens)",
+            value: splits.into(),
+            limit: format!(
+                "the decode kernel merges at most {MAX_SPLITS}: use a larger split_tokens or 0 (automatic)"
+            ),
+        });
+    }
+    Ok(splits)
+}
+
 /// A KIVI KV cache of `batch x num_kv_heads` sequences on one GPU, with preallocated capacity.
 ///
 /// Quantized keys and values live in blocks of R tokens ([`StorageLayout`]), full-precision tokens in rings, so
@@ -131,17 +147,7 @@ impl KiviCache {
         let stream = gpu.stream().clone();
         let d = storage.head_dim as usize;
         let plan = DecodePlan::new(&layout);
-        let split_tile = module.kernels().spec(KernelKind::DecodePartial).tile;
-        let max_splits = max_splits(split_tile.split_tokens, capacity);
-        if max_splits > MAX_SPLITS {
-            return Err(RuntimeError::Limit {
-                what: "split-K blocks per sequence (capacity / split_tokens)",
-                value: max_splits.into(),
-                limit: format!(
-                    "the decode kernel merges at most {MAX_SPLITS}: use a larger split_tokens or 0 (automatic)"
-                ),
-            });
-        }
+        let max_splits = checked_max_splits(&module, capacity)?;
         let rows = seqs as usize * layout.gqa_ratio() as usize;
         Ok(KiviCache {
             k_codes: stream.alloc_zeros(blocks * storage.key_block_words() as usize)?,
@@ -203,17 +209,7 @@ impl KiviCache {
                 "the module was loaded on another GPU context than this cache's".into(),
             ));
         }
-        let tile = module.kernels().spec(KernelKind::DecodePartial).tile;
-        let needed = max_splits(tile.split_tokens, self.capacity);
-        if needed > MAX_SPLITS {
-            return Err(RuntimeError::Limit {
-                what: "split-K blocks per sequence (capacity / split_tokens)",
-                value: needed.into(),
-                limit: format!(
-                    "the decode kernel merges at most {MAX_SPLITS}: use a larger split_tokens or 0 (automatic)"
-                ),
-            });
-        }
+        let needed = checked_max_splits(&module, self.capacity)?;
         if needed > self.max_splits {
             let rows = self.seqs() as usize * self.layout.gqa_ratio() as usize;
             let d = self.storage.head_dim as usize;
