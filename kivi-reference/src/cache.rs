@@ -15,8 +15,11 @@ use kivi_dsl::{Dtype, Layout, QuantAxis, Rounding, ScaleDtype, Symmetry};
 use crate::error::RefError;
 use crate::quant::{
     check_bits, codes_per_pack, dequantize_keys_per_channel, dequantize_values_per_token,
-    quantize_keys_per_channel, quantize_values_per_token, QuantizedKeys,
+    quantize_keys_per_channel_with, quantize_values_per_token_with, QuantizedKeys,
 };
+
+/// How one tensor is quantized: bits, group size (elements), rounding mode.
+type Quant = (u32, usize, Rounding);
 
 /// The cache of one (batch, KV head).
 #[derive(Clone, Debug, Default)]
@@ -61,6 +64,8 @@ pub struct RefCache {
     v_bits: u32,
     k_group: usize,
     v_group: usize,
+    k_rounding: Rounding,
+    v_rounding: Rounding,
     sinks: usize,
     len: usize,
     nqk: usize,
@@ -218,7 +223,7 @@ impl RefCache {
     ///
     /// # Errors
     /// [`RefError::Unsupported`] for anything but keys per-channel / values per-token, asymmetric, fp16 scales,
-    /// half rounding, fp16 activations, bits 1 to 8, equal key and value head_dim, a key group dividing R and R
+    /// fp16 activations, bits 1 to 8 (either rounding mode), equal key and value head_dim, a key group dividing R and R
     /// a multiple of [`codes_per_pack`]`(k_bits)`, a value group and [`codes_per_pack`]`(v_bits)` dividing
     /// head_dim;
     /// [`RefError::Invalid`] for zero sizes or `num_heads` not a multiple of `num_kv_heads`.
@@ -244,12 +249,6 @@ impl RefCache {
                 return Err(RefError::unsupported(format!(
                     "{} scales for {name}",
                     t.scale_dtype.as_str()
-                )));
-            }
-            if t.rounding != Rounding::Half {
-                return Err(RefError::unsupported(format!(
-                    "{} rounding for {name}",
-                    t.rounding.as_str()
                 )));
             }
             check_bits(t.bits)?;
@@ -307,6 +306,8 @@ impl RefCache {
             v_bits: v.bits,
             k_group,
             v_group,
+            k_rounding: k.rounding,
+            v_rounding: v.rounding,
             sinks: layout.sink_tokens as usize,
             len: 0,
             nqk: 0,
@@ -335,6 +336,14 @@ impl RefCache {
         self.nqv
     }
 
+    fn key_quant(&self) -> Quant {
+        (self.k_bits, self.k_group, self.k_rounding)
+    }
+
+    fn value_quant(&self) -> Quant {
+        (self.v_bits, self.v_group, self.v_rounding)
+    }
+
     /// Sink tokens held per (batch, KV head): `min(len, sink_tokens)`.
     pub fn sink_tokens(&self) -> usize {
         self.len.min(self.sinks)
@@ -350,19 +359,19 @@ impl RefCache {
         self.len - self.sink_tokens() - self.nqv
     }
 
-    fn flush_keys(r: usize, d: usize, bits: u32, group: usize, c: &mut HeadCache) {
+    fn flush_keys(r: usize, d: usize, (bits, group, rounding): Quant, c: &mut HeadCache) {
         let block: Vec<f16> = c.k_res.drain(..r * d).collect();
-        let q =
-            quantize_keys_per_channel(&block, r, d, bits, group).expect("dims validated in new()");
+        let q = quantize_keys_per_channel_with(&block, r, d, bits, group, rounding)
+            .expect("dims validated in new()");
         c.k_deq
             .extend(dequantize_keys_per_channel(&q).expect("consistent"));
         c.k_blocks.push(q);
     }
 
-    fn flush_values(n: usize, d: usize, bits: u32, group: usize, c: &mut HeadCache) {
+    fn flush_values(n: usize, d: usize, (bits, group, rounding): Quant, c: &mut HeadCache) {
         let vals: Vec<f16> = c.v_res.drain(..n * d).collect();
-        let q =
-            quantize_values_per_token(&vals, n, d, bits, group).expect("dims validated in new()");
+        let q = quantize_values_per_token_with(&vals, n, d, bits, group, rounding)
+            .expect("dims validated in new()");
         c.v_deq
             .extend(dequantize_values_per_token(&q).expect("consistent"));
         c.v_code.extend(q.codes);
@@ -406,7 +415,7 @@ impl RefCache {
         let n = len - sinks;
         let nqk = n / self.r * self.r;
         let nqv = n.saturating_sub(self.r);
-        let (r, kb, kg, vb, vg) = (self.r, self.k_bits, self.k_group, self.v_bits, self.v_group);
+        let (r, kq, vq) = (self.r, self.key_quant(), self.value_quant());
         for (i, c) in self.caches.iter_mut().enumerate() {
             let ks = &k[i * len * d..(i + 1) * len * d];
             let vs = &v[i * len * d..(i + 1) * len * d];
@@ -415,11 +424,11 @@ impl RefCache {
             let (ks, vs) = (&ks[sinks * d..], &vs[sinks * d..]);
             c.k_res.extend_from_slice(ks);
             for _ in 0..nqk / r {
-                Self::flush_keys(r, d, kb, kg, c);
+                Self::flush_keys(r, d, kq, c);
             }
             c.v_res.extend_from_slice(vs);
             if nqv > 0 {
-                Self::flush_values(nqv, d, vb, vg, c);
+                Self::flush_values(nqv, d, vq, c);
             }
         }
         self.len = len;
@@ -489,15 +498,15 @@ impl RefCache {
                 }
             }
         }
-        let (r, kb, kg, vb, vg) = (self.r, self.k_bits, self.k_group, self.v_bits, self.v_group);
+        let (r, kq, vq) = (self.r, self.key_quant(), self.value_quant());
         let flush_k = !sink && self.residual_keys() == r;
         let flush_v = !sink && self.residual_values() == r + 1;
         for c in self.caches.iter_mut() {
             if flush_k {
-                Self::flush_keys(r, d, kb, kg, c);
+                Self::flush_keys(r, d, kq, c);
             }
             if flush_v {
-                Self::flush_values(1, d, vb, vg, c);
+                Self::flush_values(1, d, vq, c);
             }
         }
         if flush_k {

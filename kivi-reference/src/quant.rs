@@ -18,6 +18,11 @@
 //!
 //! Dequantization is `f32(code) * f32(scale) + f32(mn)` as one fused multiply-add (GPU `fmaf`).
 //!
+//! The other rounding mode, [`Rounding::F32`] (`rounding: fp32` in a spec), keeps every intermediate in f32:
+//! `scale = f16((mx - mn) / qmax)` and `code = rne(clamp((x - mn) / f32(scale), 0, qmax))`, with `x - mn` and
+//! the division in f32 (the fp32 path the paper's reference does not take; about 0.05% of 2-bit codes differ
+//! from the half mode by one step). The `_with` functions take the mode; the others use [`Rounding::Half`].
+//!
 //! # Cases the reference leaves undefined, and what this crate does
 //!
 //! - **scale == 0** (a constant group, or a range so small that `diff / qmax` underflows fp16): every code is 0,
@@ -43,6 +48,7 @@
 //! a multiple of [`codes_per_pack`] codes (32 / gcd(bits, 32)), so that it fills whole words.
 
 use half::f16;
+pub use kivi_dsl::Rounding;
 
 use crate::error::RefError;
 
@@ -116,11 +122,34 @@ pub fn quantize_group_into(x: &[f16], bits: u32, codes: &mut [u8]) -> Result<(f1
             codes.len(),
         ));
     }
-    Ok(quantize_group_unchecked(x, bits, codes))
+    Ok(quantize_group_unchecked(x, bits, Rounding::Half, codes))
+}
+
+/// [`quantize_group`] with the rounding mode given (module docs).
+///
+/// # Errors
+/// As [`quantize_group`].
+pub fn quantize_group_with(
+    x: &[f16],
+    bits: u32,
+    rounding: Rounding,
+) -> Result<QuantGroup, RefError> {
+    check_bits(bits)?;
+    if x.is_empty() {
+        return Err(RefError::Invalid("cannot quantize an empty group".into()));
+    }
+    let mut codes = vec![0u8; x.len()];
+    let (scale, mn) = quantize_group_unchecked(x, bits, rounding, &mut codes);
+    Ok(QuantGroup { codes, scale, mn })
 }
 
 /// The arithmetic of [`quantize_group_into`], without argument checks (`x` non-empty, same length as `codes`).
-pub(crate) fn quantize_group_unchecked(x: &[f16], bits: u32, codes: &mut [u8]) -> (f16, f16) {
+pub(crate) fn quantize_group_unchecked(
+    x: &[f16],
+    bits: u32,
+    rounding: Rounding,
+    codes: &mut [u8],
+) -> (f16, f16) {
     let qmax = ((1u32 << bits) - 1) as f32;
     if x.iter().any(|v| !v.is_finite()) {
         codes.fill(0);
@@ -140,13 +169,17 @@ pub(crate) fn quantize_group_unchecked(x: &[f16], bits: u32, codes: &mut [u8]) -
     // mn is an fp16 value, so this conversion is exact.
     let mn_h = f16::from_f32(mn);
     let diff = f16::from_f32(mx - mn);
-    if diff.is_infinite() {
+    if diff.is_infinite() || rounding == Rounding::F32 {
         // Range wider than fp16: fp32 steps (module docs). x - mn of two fp16 values is exact in f32.
         let mut scale = f16::from_f32((mx - mn) / qmax);
         if scale.is_infinite() {
             scale = f16::MAX;
         }
         let s = scale.to_f32();
+        if s == 0.0 {
+            codes.fill(0);
+            return (f16::ZERO, mn_h);
+        }
         for (c, v) in codes.iter_mut().zip(x) {
             *c = ((v.to_f32() - mn) / s).clamp(0.0, qmax).round_ties_even() as u8;
         }
@@ -298,6 +331,21 @@ pub fn quantize_keys_per_channel(
     bits: u32,
     group: usize,
 ) -> Result<QuantizedKeys, RefError> {
+    quantize_keys_per_channel_with(k, tokens, head_dim, bits, group, Rounding::Half)
+}
+
+/// [`quantize_keys_per_channel`] with the rounding mode given (module docs).
+///
+/// # Errors
+/// As [`quantize_keys_per_channel`].
+pub fn quantize_keys_per_channel_with(
+    k: &[f16],
+    tokens: usize,
+    head_dim: usize,
+    bits: u32,
+    group: usize,
+    rounding: Rounding,
+) -> Result<QuantizedKeys, RefError> {
     check_bits(bits)?;
     check_dims("keys", k.len(), tokens, head_dim)?;
     let unit = codes_per_pack(bits);
@@ -318,7 +366,7 @@ pub fn quantize_keys_per_channel(
                 *b = k[(g * group + i) * head_dim + d];
             }
             let out = &mut codes[d * tokens + g * group..d * tokens + (g + 1) * group];
-            let (s, m) = quantize_group_unchecked(&buf, bits, out);
+            let (s, m) = quantize_group_unchecked(&buf, bits, rounding, out);
             scale[d * ng + g] = s;
             mn[d * ng + g] = m;
         }
@@ -381,6 +429,21 @@ pub fn quantize_values_per_token(
     bits: u32,
     group: usize,
 ) -> Result<QuantizedValues, RefError> {
+    quantize_values_per_token_with(v, tokens, head_dim, bits, group, Rounding::Half)
+}
+
+/// [`quantize_values_per_token`] with the rounding mode given (module docs).
+///
+/// # Errors
+/// As [`quantize_values_per_token`].
+pub fn quantize_values_per_token_with(
+    v: &[f16],
+    tokens: usize,
+    head_dim: usize,
+    bits: u32,
+    group: usize,
+    rounding: Rounding,
+) -> Result<QuantizedValues, RefError> {
     check_bits(bits)?;
     check_dims("values", v.len(), tokens, head_dim)?;
     check_value_dims(head_dim, bits, group)?;
@@ -389,7 +452,7 @@ pub fn quantize_values_per_token(
     let mut scale = vec![f16::ZERO; tokens * ng];
     let mut mn = vec![f16::ZERO; tokens * ng];
     for (i, (x, c)) in v.chunks(group).zip(codes.chunks_mut(group)).enumerate() {
-        let (s, m) = quantize_group_unchecked(x, bits, c);
+        let (s, m) = quantize_group_unchecked(x, bits, rounding, c);
         scale[i] = s;
         mn[i] = m;
     }
