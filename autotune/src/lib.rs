@@ -122,14 +122,14 @@ pub fn candidates_hash(layout: &Layout, candidates: &[TileConfig]) -> u64 {
 /// once (NVRTC programs are independent), filling `compiler`'s memory and disk caches so that a later
 /// `Gpu::load_layout` of the same tiles only loads. Tile sets whose modules are identical (decode tiles that differ
 /// only in `split_tokens`, a launch parameter) compile once. Returns, per entry of `tiles`, the compile's wall
-/// time in seconds or the codegen or NVRTC error as text.
+/// time in seconds or the codegen or NVRTC error as text, and the number of distinct modules compiled.
 pub fn compile_parallel(
     compiler: &Compiler,
     arch: Arch,
     layout: &Layout,
     tiles: &[KernelTiles],
     workers: usize,
-) -> Vec<Result<f64, String>> {
+) -> (Vec<Result<f64, String>>, usize) {
     let sources: Vec<Result<(String, String), String>> = tiles
         .iter()
         .map(|t| {
@@ -179,14 +179,16 @@ pub fn compile_parallel(
     let done = results
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    (0..sources.len())
+    let per_tile: Vec<Result<f64, String>> = (0..sources.len())
         .map(|i| match &sources[i] {
             Err(e) => Err(e.clone()),
             Ok(_) => done[first[i]]
                 .clone()
                 .unwrap_or_else(|| Err("the compile did not run".into())),
         })
-        .collect()
+        .collect();
+    let modules = distinct.iter().filter(|&&i| sources[i].is_ok()).count();
+    (per_tile, modules)
 }
 
 /// Threads per multiprocessor whose registers a decode candidate budgets (`min_blocks` = budget / threads): 512
@@ -322,8 +324,12 @@ mod tests {
             }
         };
         let arch = Arch::parse("sm_90").unwrap();
-        let r = compile_parallel(&compiler, arch, &l, &[h, split, bad], 4);
+        let (r, modules) = compile_parallel(&compiler, arch, &l, &[h, split, bad], 4);
         assert_eq!(r.len(), 3);
+        assert_eq!(
+            modules, 1,
+            "one module for the heuristic and its split variant"
+        );
         assert!(r[0].is_ok(), "{:?}", r[0]);
         assert_eq!(r[0], r[1], "the split variant reuses the first compile");
         assert!(r[2].as_ref().unwrap_err().contains("48"), "{:?}", r[2]);

@@ -774,10 +774,19 @@ fn verify_cmd(
                 .into(),
         );
     }
-    // Specs are checked before the GPU is opened, so that a typo is reported as a typo.
-    for sp in specs {
-        load_spec(sp)?;
-    }
+    // Specs are resolved before the GPU is opened, so that a typo is reported as a typo.
+    let list: Vec<String> = if specs.is_empty() {
+        verify::VERIFY_PRESETS
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        specs.to_vec()
+    };
+    let resolved: Vec<(&String, ResolvedSpec)> = list
+        .iter()
+        .map(|s| load_spec(s).map(|r| (s, r)))
+        .collect::<Result<_, _>>()?;
     let mut report = |c: &Check| println!("{c}");
     let gpu = if cpu_only {
         None
@@ -805,16 +814,7 @@ fn verify_cmd(
             "--cpu-only checks reference files on the CPU and needs --reference FILE (e.g. the bundled \
              tests/data/*.safetensors)",
         )?;
-        let list: Vec<String> = if specs.is_empty() {
-            verify::VERIFY_PRESETS
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-        } else {
-            specs.to_vec()
-        };
-        for s in &list {
-            let spec = load_spec(s)?;
+        for (s, spec) in &resolved {
             if decode_tiles.is_empty() {
                 checks.extend(verify::verify_layout_on_gpu(
                     gpu,

@@ -16,7 +16,7 @@ use kivi_runtime::bench::{DecodeBench, Timing};
 use kivi_runtime::{Gpu, KernelResources};
 
 use crate::bench::{bench_copies, layout_for, Shape};
-use crate::verify::{rel_l2, ReferenceRuns};
+use crate::verify::{rel_l2, to_f32, ReferenceRuns};
 
 /// Largest relative L2 difference allowed between a candidate's decode output and the heuristic's at the tuned
 /// shape (they differ in the fp32 order of their sums: tokens per warp, the split-K merge; measured differences
@@ -230,18 +230,14 @@ pub fn tune_shape(
 
     // Compile every candidate's module in parallel (split-only variants share one).
     let t = Instant::now();
-    let compiled = compile_parallel(
+    let (compiled, modules) = compile_parallel(
         gpu.compiler(),
         gpu.arch(),
         &layout,
         &all_tiles,
         opts.compile_workers,
     );
-    let distinct: std::collections::BTreeSet<(u32, u32, u32)> = candidates
-        .iter()
-        .map(|c| (c.threads, c.stages, c.min_blocks))
-        .collect();
-    let compiled_info = (distinct.len(), t.elapsed().as_secs_f64());
+    let compiled_info = (modules, t.elapsed().as_secs_f64());
 
     let t = Instant::now();
     let reference_runs = ReferenceRuns::new(&layout, &CHECK_PREFILLS, &[1], CHECK_STEPS);
@@ -400,10 +396,6 @@ pub fn tune_shape(
         compiled: compiled_info,
         phases: [cpu_s, screen_s, final_s],
     })
-}
-
-fn to_f32(x: &[half::f16]) -> Vec<f32> {
-    x.iter().map(|h| h.to_f32()).collect()
 }
 
 /// The cache as a table (for `kivi tune --show`).

@@ -75,7 +75,8 @@ pub fn rel_l2(ours: &[f32], theirs: &[f32]) -> f64 {
     }
 }
 
-fn to_f32(x: &[f16]) -> Vec<f32> {
+/// fp16 values widened to f32.
+pub(crate) fn to_f32(x: &[f16]) -> Vec<f32> {
     x.iter().map(|v| v.to_f32()).collect()
 }
 
@@ -223,19 +224,43 @@ fn gpu_run(gpu: &Gpu, inp: &RunInputs, tiles: &KernelTiles) -> Result<GpuRun, St
     })
 }
 
-/// Pairs a GPU run with the CPU replay of the same inputs (joined from its thread), or says which side failed.
-fn both(
-    gpu: Result<GpuRun, String>,
+/// The CPU replay computed on a thread, or why there is none.
+fn join_cpu(
     cpu: std::thread::ScopedJoinHandle<'_, Result<CpuRun, String>>,
-) -> Result<(GpuRun, CpuRun), String> {
-    let cpu = cpu
-        .join()
-        .unwrap_or_else(|_| Err("the CPU reference panicked".into()));
+) -> Result<CpuRun, String> {
+    cpu.join()
+        .unwrap_or_else(|_| Err("the CPU reference panicked".into()))
+}
+
+/// Pairs a GPU run with the CPU replay of the same inputs, or says which side failed.
+fn pair(
+    gpu: Result<GpuRun, String>,
+    cpu: &Result<CpuRun, String>,
+) -> Result<(GpuRun, &CpuRun), String> {
     match (gpu, cpu) {
         (Ok(g), Ok(c)) => Ok((g, c)),
         (Err(e), _) => Err(format!("GPU: {e}")),
         (_, Err(e)) => Err(format!("CPU reference: {e}")),
     }
+}
+
+/// The check of one generated run: the GPU run against the CPU replay of the same inputs.
+fn check_run(
+    label: &str,
+    inp: &RunInputs,
+    gpu: Result<GpuRun, String>,
+    cpu: &Result<CpuRun, String>,
+) -> Check {
+    let name = format!("{label} batch {} prefill {}", inp.batch, inp.prefill);
+    match pair(gpu, cpu) {
+        Ok((g, c)) => compare_runs(name, inp, &g, c),
+        Err(e) => check(name, false, e),
+    }
+}
+
+/// The seeded random inputs of the run (batch `b`, prefill `p`): the same for every tile configuration.
+fn case_inputs(layout: &Layout, b: u32, p: u32, steps: u32) -> RunInputs {
+    random_inputs(layout, b, p, steps, u64::from(p) * 7919 + u64::from(b))
 }
 
 fn random_inputs(layout: &Layout, batch: u32, prefill: u32, steps: u32, seed: u64) -> RunInputs {
@@ -319,17 +344,11 @@ impl ReferenceRuns {
         let inputs: Vec<RunInputs> = batches
             .iter()
             .flat_map(|&b| prefills.iter().map(move |&p| (b, p)))
-            .map(|(b, p)| random_inputs(layout, b, p, steps, u64::from(p) * 7919 + u64::from(b)))
+            .map(|(b, p)| case_inputs(layout, b, p, steps))
             .collect();
         let cpu: Vec<Result<CpuRun, String>> = std::thread::scope(|s| {
             let handles: Vec<_> = inputs.iter().map(|inp| s.spawn(|| cpu_run(inp))).collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err("the CPU reference panicked".into()))
-                })
-                .collect()
+            handles.into_iter().map(join_cpu).collect()
         });
         ReferenceRuns {
             runs: inputs.into_iter().zip(cpu).collect(),
@@ -341,14 +360,7 @@ impl ReferenceRuns {
     pub fn check(&self, gpu: &Gpu, tiles: &KernelTiles, label: &str) -> Vec<Check> {
         self.runs
             .iter()
-            .map(|(inp, cpu)| {
-                let name = format!("{label} batch {} prefill {}", inp.batch, inp.prefill);
-                match (gpu_run(gpu, inp, tiles), cpu) {
-                    (Ok(g), Ok(c)) => compare_runs(name, inp, &g, c),
-                    (Err(e), _) => check(name, false, format!("GPU: {e}")),
-                    (_, Err(e)) => check(name, false, format!("CPU reference: {e}")),
-                }
-            })
+            .map(|(inp, cpu)| check_run(label, inp, gpu_run(gpu, inp, tiles), cpu))
             .collect()
     }
 }
@@ -395,17 +407,13 @@ pub fn verify_tiles_on_gpu(
     for chunk in cases.chunks(threads) {
         let inputs: Vec<RunInputs> = chunk
             .iter()
-            .map(|&(b, p)| random_inputs(layout, b, p, steps, u64::from(p) * 7919 + u64::from(b)))
+            .map(|&(b, p)| case_inputs(layout, b, p, steps))
             .collect();
         std::thread::scope(|s| {
             let cpu: Vec<_> = inputs.iter().map(|inp| s.spawn(|| cpu_run(inp))).collect();
             let gpu_runs: Vec<_> = inputs.iter().map(|inp| gpu_run(gpu, inp, tiles)).collect();
             for ((inp, g), c) in inputs.iter().zip(gpu_runs).zip(cpu) {
-                let name = format!("{label} batch {} prefill {}", inp.batch, inp.prefill);
-                let result = match both(g, c) {
-                    Ok((g, c)) => compare_runs(name, inp, &g, &c),
-                    Err(e) => check(name, false, e),
-                };
+                let result = check_run(label, inp, g, &join_cpu(c));
                 report(&result);
                 checks.push(result);
             }
@@ -508,18 +516,18 @@ pub fn verify_file_on_gpu(
             }
         };
         let tiles = KernelTiles::heuristic(&inp.layout);
-        let runs = std::thread::scope(|s| {
+        let (g, cpu) = std::thread::scope(|s| {
             let c = s.spawn(|| cpu_run(&inp));
-            both(gpu_run(gpu, &inp, &tiles), c)
+            (gpu_run(gpu, &inp, &tiles), join_cpu(c))
         });
-        let (g, c) = match runs {
+        let (g, c) = match pair(g, &cpu) {
             Ok(r) => r,
             Err(e) => {
                 push(check(name, false, e));
                 continue;
             }
         };
-        push(compare_runs(format!("{name} vs cpu"), &inp, &g, &c));
+        push(compare_runs(format!("{name} vs cpu"), &inp, &g, c));
         let (h, d, steps) = (case.heads, case.head_dim, case.steps);
         let mut e = StepErrors::default();
         for (s, out) in g.outputs.iter().enumerate() {
