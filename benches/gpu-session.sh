@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session: verify, bench, tests, sanitizers. Run from the repository root on the GPU machine
 # after `../shared/gpu/pack.sh tests/data` here (the .gpu folder travels). Logs go to $OUT (or ./gpu-out).
-# Stages are chosen with the first argument: all (default), verify, tune, bench, criterion, tests, sanitize.
+# Stages are chosen with the first argument: all (default), verify, tune, bench, criterion, tests, sanitize,
+# serving (memcheck of the serving tests; also part of sanitize).
 # tune runs before bench so that bench uses the tuned tiles; criterion needs .gpu/bin/kivi-criterion (the bench
 # binary of kivi-benches, copied there by hand: `cargo bench -p kivi-benches --no-run`).
 set -u
@@ -39,6 +40,12 @@ case $what in all|sanitize)
         --prefill 1,31,129,300 --batch 1,3 --steps 140
     stage racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 .gpu/bin/kivi verify \
         --spec "kivi-2, llama-3-8b" --prefill 129,300 --batch 1 --steps 20
+    ;;
+esac
+case $what in all|sanitize|serving)
+    # The serving paths (ragged, paged, bad table entries and lengths, graphs, window, log-sum-exp).
+    stage memcheck-serving 400 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/tests/gpu_serving-* \
+        --include-ignored --test-threads 1
     ;;
 esac
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"

@@ -133,6 +133,8 @@ impl From<StoredTile> for TileConfig {
             split_tokens: t.split_tokens,
             stages: t.stages,
             min_blocks: t.min_blocks,
+            // Tuned on contiguous caches; a paged cache sets it on the tuned tile.
+            paged: false,
         }
     }
 }

@@ -42,6 +42,7 @@ pub fn candidates(kind: KernelKind, layout: &Layout) -> Vec<TileConfig> {
                     split_tokens,
                     stages,
                     min_blocks: if decode { 512 / threads } else { 0 },
+                    paged: false,
                 };
                 if KernelSpec::new(kind, *layout, tile).is_ok() {
                     out.push(tile);

@@ -621,6 +621,7 @@ fn parse_tile(text: &str) -> Result<kivi_codegen::TileConfig, String> {
         split_tokens,
         stages,
         min_blocks,
+        paged: false,
     })
 }
 

@@ -458,6 +458,7 @@ mod tests {
             split_tokens,
             stages: 3,
             min_blocks: 0,
+            paged: false,
         };
         let order = interleaved(vec![
             t(128, 0),

@@ -133,6 +133,11 @@ impl KernelSpec {
                 tile.threads
             )));
         }
+        if kind != KernelKind::DecodePartial && tile.paged {
+            return Err(err(
+                "paged applies to the decode kernel only (the prefill kernels take the table at run time)".into(),
+            ));
+        }
         if kind == KernelKind::DecodePartial {
             let plan = DecodePlan::new(&layout);
             if !tile.split_tokens.is_multiple_of(plan.iter_tokens) {
@@ -173,7 +178,7 @@ impl KernelSpec {
 
     /// The kernel's name: kind, then every parameter that changes its code, e.g.
     /// `kivi_decode_k2c32_v2t32_r128_d128_fp16_gqa4_t128_p3_b4` (`t` threads, `p` pipeline stages, `b` blocks
-    /// per multiprocessor the registers are budgeted for).
+    /// per multiprocessor the registers are budgeted for; `_pg` for the paged variant).
     pub fn name(&self) -> String {
         let mut name = format!("kivi_{}_{}", self.kind.as_str(), layout_tag(&self.layout));
         let _ = write!(name, "_t{}", self.tile.threads);
@@ -181,6 +186,9 @@ impl KernelSpec {
             let _ = write!(name, "_p{}", self.tile.stages);
             if self.tile.min_blocks > 0 {
                 let _ = write!(name, "_b{}", self.tile.min_blocks);
+            }
+            if self.tile.paged {
+                name.push_str("_pg");
             }
         }
         name
@@ -200,6 +208,12 @@ impl KernelSpec {
 /// The most split-K blocks one sequence's decode step may have (the combine keeps a weight per split in shared
 /// memory).
 pub const MAX_SPLITS: u32 = 1024;
+
+/// Tokens per split the automatic split never goes below (per-block overheads would dominate).
+pub const AUTO_SPLIT_MIN_TOKENS: u32 = 2048;
+
+/// The most splits the automatic split makes.
+pub const AUTO_SPLITS: u32 = 64;
 
 /// The numbers of the decode kernel's plan that do not depend on the tile configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -240,6 +254,57 @@ impl DecodePlan {
             head_tiles,
             stage_bytes,
             head_dim: d,
+        }
+    }
+
+    /// Splits of the automatic split for `span` attended tokens (from the first split's start to the end):
+    /// floor(span / [`AUTO_SPLIT_MIN_TOKENS`]), between 1 and [`AUTO_SPLITS`]. A sequence just past a multiple of
+    /// 2048 tokens gets no tiny extra split.
+    pub fn auto_splits(span: u32) -> u32 {
+        (span / AUTO_SPLIT_MIN_TOKENS).clamp(1, AUTO_SPLITS)
+    }
+
+    /// Tokens per split for `span` attended tokens: `fixed` if non-zero (a tuned tile), else `span` shared
+    /// evenly among [`DecodePlan::auto_splits`] splits, rounded up to the iteration. A function of the sequence's
+    /// own length and the tile only, never of the batch or the GPU, so a sequence gets the same splits and the
+    /// same fp32 merge alone or in any batch (batch-invariant results). The decode kernel computes the same
+    /// (`kivi_auto_split` in templates/decode_partial.cu.tera).
+    pub fn split_tokens(&self, fixed: u32, span: u32) -> u32 {
+        if fixed > 0 {
+            return fixed;
+        }
+        let it = self.iter_tokens;
+        span.max(1).div_ceil(Self::auto_splits(span)).div_ceil(it) * it
+    }
+
+    /// The first attended token (inclusive) and the start of the first split, for a step over `len` tokens
+    /// with a sliding `window` (0: none): tokens [len - window, len) when len > window, the start rounded down
+    /// to the iteration.
+    pub fn attended(&self, len: u32, window: u32) -> (u32, u32) {
+        let lo = if window > 0 && len > window {
+            len - window
+        } else {
+            0
+        };
+        (lo, lo / self.iter_tokens * self.iter_tokens)
+    }
+
+    /// (tokens per split, splits) of a decode step over `len` tokens (the new one included) with split
+    /// `fixed` (0: automatic) and sliding `window` (0: none), as the decode kernel computes them.
+    pub fn split_plan(&self, fixed: u32, len: u32, window: u32) -> (u32, u32) {
+        let (_, base) = self.attended(len, window);
+        let span = len - base;
+        let split = self.split_tokens(fixed, span);
+        (split, span.max(1).div_ceil(split))
+    }
+
+    /// The most splits any decode step of up to `capacity` tokens per sequence can make with split `fixed`
+    /// (0: automatic): sizes the split-K scratch and the grid of a CUDA-graph-captured step.
+    pub fn max_splits(&self, fixed: u32, capacity: u32) -> u32 {
+        if fixed > 0 {
+            capacity.div_ceil(fixed)
+        } else {
+            Self::auto_splits(capacity)
         }
     }
 
@@ -425,7 +490,6 @@ fn kernel_context(
         KernelKind::QuantizeValues => json!({ "tokens_per_block": threads / 8 }),
         KernelKind::DecodePartial => {
             let plan = DecodePlan::new(l);
-            let scale = std::f64::consts::LOG2_E / f64::from(st.head_dim).sqrt();
             json!({
                 "warps": threads / 32,
                 "stages": spec.tile.stages,
@@ -435,7 +499,9 @@ fn kernel_context(
                 "iter_tokens": plan.iter_tokens,
                 "max_splits": MAX_SPLITS,
                 "min_blocks": spec.tile.min_blocks,
-                "softmax_scale_log2": format!("{scale:.9e}f"),
+                "paged": spec.tile.paged,
+                "auto_split_min": AUTO_SPLIT_MIN_TOKENS,
+                "auto_splits": AUTO_SPLITS,
             })
         }
         _ => json!({}),

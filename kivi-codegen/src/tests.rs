@@ -135,14 +135,53 @@ fn templates_receive_derived_constants() {
     assert!(!m.source.contains("{{"), "unrendered template text");
     assert!(m.source.contains("constexpr int D = 64;"), "head_dim 64");
     assert!(m.source.contains("constexpr int HT = 3;"), "GQA 3");
-    // log2(e) / sqrt(64)
+    // The automatic split of the host (DecodePlan::split_tokens) is the kernel's.
     assert!(
-        m.source
-            .contains("constexpr float SCALE_LOG2 = 1.803368801e-1f;"),
-        "softmax scale"
+        m.source.contains("min(max(span / 2048, 1), 64)"),
+        "automatic split"
     );
     assert!(!m.source.contains("#include"), "compiles with NVRTC alone");
     assert_eq!(m.kernels.len(), KernelKind::ALL.len());
+}
+
+#[test]
+fn the_automatic_split_depends_on_the_span_only_and_covers_it() {
+    let p = DecodePlan::new(&layout("kivi-2, llama-3-8b"));
+    for len in [
+        1u32,
+        31,
+        1300,
+        2048,
+        2049,
+        4095,
+        4096,
+        4097,
+        32768,
+        131072,
+        1 << 20,
+    ] {
+        let (split, splits) = p.split_plan(0, len, 0);
+        assert_eq!(split % p.iter_tokens, 0, "{len}");
+        assert!(splits * split >= len);
+        assert_eq!(
+            splits,
+            DecodePlan::auto_splits(len),
+            "{len}: the rounding never adds a split"
+        );
+        assert!(splits <= p.max_splits(0, len.max(2048)), "{len}");
+    }
+    // Just past 2048 tokens: one split, not a tiny second one.
+    assert_eq!(p.split_tokens(0, 2049), 2080);
+    assert_eq!(p.split_tokens(0, 131072), 2048);
+    // A tuned split is used as is.
+    assert_eq!(p.split_tokens(1024, 131072), 1024);
+    assert_eq!(p.max_splits(1024, 131072), 128);
+    // A sliding window of 1000 over 5000 tokens attends [4000, 5000); splits start at 4000 rounded down to
+    // the iteration (32 tokens at 2 bits) = 4000, and one split covers the span.
+    assert_eq!(p.attended(5000, 1000), (4000, 4000));
+    assert_eq!(p.split_plan(0, 5000, 1000), (1024, 1));
+    assert_eq!(p.attended(5001, 1000), (4001, 4000));
+    assert_eq!(p.split_plan(256, 5001, 1000), (256, 4));
 }
 
 #[test]
@@ -180,9 +219,26 @@ fn tiles_are_checked() {
         split_tokens: 0,
         stages: 4,
         min_blocks: 0,
+        paged: false,
     };
     let e = KernelSpec::new(KernelKind::DecodePartial, l, big).unwrap_err();
     assert!(e.to_string().contains("shared memory"), "{e}");
+    // The paged decode kernel has its own name; the prefill kernels take the table at run time.
+    let paged = KernelTiles::heuristic(&l).paged();
+    let name = KernelSpec::new(KernelKind::DecodePartial, l, paged.decode)
+        .unwrap()
+        .name();
+    assert!(name.ends_with("_b4_pg"), "{name}");
+    let e = KernelSpec::new(
+        KernelKind::QuantizeKeys,
+        l,
+        TileConfig {
+            paged: true,
+            ..TileConfig::plain(128)
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("decode kernel only"), "{e}");
 }
 
 #[test]

@@ -20,6 +20,10 @@ pub struct TileConfig {
     /// (`__launch_bounds__`' second argument: 65536 registers / (blocks x threads) per thread at most); 0 leaves
     /// the compiler free. More blocks hide more latency, fewer registers may spill.
     pub min_blocks: u32,
+    /// Decode only: the kernel reads the quantized blocks through a block table (a paged cache,
+    /// `kivi_runtime::launch::BlockAddressing::Paged`) instead of contiguously per sequence. A separate kernel,
+    /// so that the contiguous one carries no table in its registers; false for other kinds.
+    pub paged: bool,
 }
 
 impl TileConfig {
@@ -30,6 +34,7 @@ impl TileConfig {
             split_tokens: 0,
             stages: 0,
             min_blocks: 0,
+            paged: false,
         }
     }
 }
@@ -65,6 +70,7 @@ impl KernelTiles {
             split_tokens: 0,
             stages: 3,
             min_blocks: budget(128),
+            paged: false,
         };
         for (threads, stages) in [(128, 3), (128, 2), (64, 3), (64, 2), (32, 2)] {
             decode = TileConfig {
@@ -72,6 +78,7 @@ impl KernelTiles {
                 split_tokens: 0,
                 stages,
                 min_blocks: budget(threads),
+                paged: false,
             };
             if plan.shared_bytes(threads / 32, stages) <= MAX_STATIC_SHARED_BYTES {
                 break;
@@ -83,6 +90,12 @@ impl KernelTiles {
             store_residual: plain,
             decode,
         }
+    }
+
+    /// These tiles with the decode kernel for a paged cache ([`TileConfig::paged`]).
+    pub fn paged(mut self) -> Self {
+        self.decode.paged = true;
+        self
     }
 
     /// The configuration of one kind.

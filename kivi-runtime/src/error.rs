@@ -72,6 +72,21 @@ pub enum RuntimeError {
         /// The rule it breaks.
         limit: String,
     },
+    /// A device pointer given to the raw launch API is null or not aligned as the kernel reads it.
+    #[error("{what}: device pointer {ptr:#x} {problem}")]
+    Pointer {
+        /// Which argument.
+        what: &'static str,
+        /// The pointer given.
+        ptr: u64,
+        /// What is wrong with it (null, or the alignment it needs).
+        problem: String,
+    },
+    /// A kernel found bad input on the device (a sequence length out of range, a block table entry outside the
+    /// pages, too few splits for a step) and set the error flag instead of touching memory out of range; the
+    /// affected sequences' outputs are NaN and their cache state must be reset.
+    #[error("the kernels reported: {0}")]
+    Device(String),
     /// The operation does not fit the cache's state (e.g. prefill twice).
     #[error("{0}")]
     State(String),

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 use half::f16;
 use kivi_codegen::{DecodePlan, KernelKind, StorageLayout, MAX_SPLITS};
 use kivi_dsl::Layout;
@@ -11,47 +11,18 @@ pub use kivi_reference::CacheExport;
 
 use crate::error::{Result, RuntimeError};
 use crate::gpu::{Gpu, LayoutModule};
+use crate::launch::{
+    check_block_count, check_paged_kernel, describe_device_error, BlockAddressing, CacheBuffers,
+    DecodeArgs, DecodeScratch, PrefillArgs, TokenRows,
+};
 
 /// The largest capacity (tokens per sequence) a cache may have: positions are 32-bit in the kernels.
 pub const MAX_CAPACITY: u32 = 1 << 28;
 
-/// Tokens per split the automatic split never goes below (per-block overheads would dominate).
-const MIN_AUTO_SPLIT: u32 = 2048;
-
-/// The most splits the automatic split makes.
-const AUTO_SPLITS: u32 = 64;
-
-/// The number of splits the automatic split makes for `len` tokens: floor(len / 2048), between 1 and 64 (so a
-/// split never holds fewer than 2048 tokens, and a sequence just past a multiple of 2048 gets no tiny split).
-fn auto_splits(len: u32) -> u32 {
-    (len / MIN_AUTO_SPLIT).clamp(1, AUTO_SPLITS)
-}
-
-/// Tokens per split for a decode over `len` tokens: `fixed` if tuned (non-zero), else `len` shared evenly among
-/// [`auto_splits`] splits, rounded up to the decode iteration. Either way a function of the sequence's length and
-/// the tile only, never of the batch or the GPU, so that a sequence gets the same splits, and the same fp32
-/// merge, alone or in any batch (batch-invariant results).
-fn split_tokens(fixed: u32, len: u32, plan: &DecodePlan) -> u32 {
-    if fixed > 0 {
-        return fixed;
-    }
-    let it = plan.iter_tokens;
-    len.max(1).div_ceil(auto_splits(len)).div_ceil(it) * it
-}
-
-/// The most splits any decode step of a cache of `capacity` tokens can have (sizes the split-K scratch).
-fn max_splits(fixed: u32, capacity: u32) -> u32 {
-    if fixed > 0 {
-        capacity.div_ceil(fixed)
-    } else {
-        auto_splits(capacity)
-    }
-}
-
-/// [`max_splits`] of `module`'s decode tile at `capacity`, or the error if the kernel cannot merge that many.
+/// [`DecodePlan::max_splits`] of `module`'s decode tile at `capacity`, or the error if the kernel cannot merge
+/// that many.
 fn checked_max_splits(module: &LayoutModule, capacity: u32) -> Result<u32> {
-    let tile = module.kernels().spec(KernelKind::DecodePartial).tile;
-    let splits = max_splits(tile.split_tokens, capacity);
+    let splits = module.graph_grid_splits(capacity);
     if splits > MAX_SPLITS {
         return Err(RuntimeError::Limit {
             what: "split-K blocks per sequence (capacity / split_tokens)",
@@ -64,12 +35,84 @@ fn checked_max_splits(module: &LayoutModule, capacity: u32) -> Result<u32> {
     Ok(splits)
 }
 
+/// Quantized keys of a sequence of `len` tokens (KIVI Algorithm 1: whole blocks of R).
+fn quantized_keys_of(len: u32, r: u32) -> u32 {
+    len - len % r
+}
+
+/// Quantized values of a sequence of `len` tokens (all but the newest R).
+fn quantized_values_of(len: u32, r: u32) -> u32 {
+    len.saturating_sub(r)
+}
+
+/// Options of a decode step beyond the defaults of [`KiviCache::decode_step`].
+#[derive(Debug, Default)]
+pub struct DecodeOptions<'a> {
+    /// f32 `[batch, num_heads]` on the GPU: receives the natural-log log-sum-exp of each row's scaled scores
+    /// (to merge partial attention results).
+    pub lse: Option<&'a mut CudaSlice<f32>>,
+    /// Attend only the newest `window` tokens (0: all).
+    pub window: u32,
+    /// The softmax scale of the scores (None: 1 / sqrt(head_dim)).
+    pub softmax_scale: Option<f32>,
+}
+
+/// The inputs and outputs of one decode step.
+struct DecodeIo<'a> {
+    q: &'a CudaSlice<f16>,
+    k: &'a CudaSlice<f16>,
+    v: &'a CudaSlice<f16>,
+    out: &'a mut CudaSlice<f16>,
+    lse: Option<&'a mut CudaSlice<f32>>,
+}
+
+/// The scalar options of a step.
+struct StepOptions {
+    window: u32,
+    softmax_scale: Option<f32>,
+}
+
+fn options_only(o: &DecodeOptions<'_>) -> StepOptions {
+    StepOptions {
+        window: o.window,
+        softmax_scale: o.softmax_scale,
+    }
+}
+
+/// A decode step captured in CUDA graphs ([`KiviCache::capture_decode`]), replayed with
+/// [`KiviCache::replay_decode`].
+pub struct DecodeGraph {
+    graphs: [cudarc::driver::CudaGraph; 2],
+    stream: Arc<CudaStream>,
+    cache_id: u64,
+}
+
+impl std::fmt::Debug for DecodeGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecodeGraph")
+            .field("graphs", &2)
+            .field("cache_id", &self.cache_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The block table of a paged cache.
+#[derive(Debug)]
+struct Paging {
+    table: CudaSlice<i32>,
+    entries_per_seq: u32,
+    pages: u32,
+}
+
 /// A KIVI KV cache of `batch x num_kv_heads` sequences on one GPU, with preallocated capacity.
 ///
-/// Quantized keys and values live in blocks of R tokens ([`StorageLayout`]), full-precision tokens in rings, so
-/// appends and flushes never copy the cache. All sequences have the same length. Every method launches on the
-/// GPU's stream and returns without waiting, except the `_host` conveniences and [`KiviCache::export`], which
-/// copy to or from the host and so synchronize.
+/// Quantized keys and values live in blocks of R tokens ([`StorageLayout`]), contiguous per sequence or in pages
+/// through a block table ([`KiviCache::new_paged`]); full-precision tokens in rings, so appends and flushes never
+/// copy the cache. Every batch entry has its own length (a ragged batch, [`KiviCache::prefill_ragged`]); a
+/// sequence's results never depend on the others in the batch. The lengths live on the GPU too (the kernels read
+/// them, so a step needs no host synchronization); the host keeps a copy to size the grids. Every method
+/// launches on the GPU's stream through the raw contract of [`crate::launch`] and returns without waiting, except
+/// the `_host` conveniences, [`KiviCache::export`] and [`KiviCache::check_device_errors`], which synchronize.
 #[derive(Debug)]
 pub struct KiviCache {
     layout: Layout,
@@ -79,6 +122,7 @@ pub struct KiviCache {
     batch: u32,
     capacity: u32,
     blocks_per_seq: u32,
+    paging: Option<Paging>,
     k_codes: CudaSlice<u32>,
     k_params: CudaSlice<f16>,
     k_res: CudaSlice<f16>,
@@ -89,29 +133,100 @@ pub struct KiviCache {
     part_acc: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
     counters: CudaSlice<u32>,
+    /// Lengths on the GPU, double-buffered: a step reads `lens_dev[cur]` and writes the next lengths into the
+    /// other buffer (a kernel may not rewrite what its other blocks still read).
+    lens_dev: [CudaSlice<i32>; 2],
+    cur: usize,
+    error_flag: CudaSlice<u32>,
     plan: DecodePlan,
     max_splits: u32,
-    len: u32,
-    quantized_keys: u32,
-    quantized_values: u32,
+    /// The host's copy of the lengths.
+    lens: Vec<u32>,
 }
 
-fn launch_cfg(grid: (u32, u32, u32), threads: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: grid,
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
+/// A raw device pointer of `s` for a launch on `stream`; the guard (cudarc's event bookkeeping) must live until
+/// the launch is queued.
+fn dptr<'a, T>(
+    s: &'a CudaSlice<T>,
+    stream: &'a CudaStream,
+    guards: &mut Vec<SyncOnDrop<'a>>,
+) -> u64 {
+    let (p, g) = s.device_ptr(stream);
+    guards.push(g);
+    p
+}
+
+/// As [`dptr`], for memory the launch writes.
+fn dptr_mut<'a, T>(
+    s: &'a mut CudaSlice<T>,
+    stream: &'a CudaStream,
+    guards: &mut Vec<SyncOnDrop<'a>>,
+) -> u64 {
+    let (p, g) = s.device_ptr_mut(stream);
+    guards.push(g);
+    p
 }
 
 impl KiviCache {
     /// Allocates a cache for `batch` sequences of up to `capacity` tokens each (per KV head), for the layout of
-    /// `module` (from [`Gpu::load_layout`]).
+    /// `module` (from [`Gpu::load_layout`]); blocks contiguous per sequence.
     ///
     /// # Errors
     /// [`RuntimeError::Limit`] for batch 0, capacity 0 or above [`MAX_CAPACITY`], more than 65535 sequences
-    /// (batch x num_kv_heads, a grid limit); driver errors (e.g. out of memory).
+    /// (batch x num_kv_heads x head tiles, a grid limit); [`RuntimeError::State`] if `module` was loaded with
+    /// the paged decode kernel (`KernelTiles::paged`); driver errors (e.g. out of memory).
     pub fn new(gpu: &Gpu, module: Arc<LayoutModule>, batch: u32, capacity: u32) -> Result<Self> {
+        Self::allocate(gpu, module, batch, capacity, None)
+    }
+
+    /// Allocates a paged cache: `pages` pages of one block (R tokens) of every KV head, addressed through
+    /// `block_table` (i32 `[batch][entries_per_seq]`, host; page indices, copied to the GPU), as vLLM-style
+    /// engines store them; `module` must hold the paged decode kernel (loaded with
+    /// [`kivi_codegen::KernelTiles::paged`] tiles). Each sequence holds up to `entries_per_seq * R` tokens. Entries are checked on the
+    /// device when used: an entry outside `[0, pages)` makes the sequence's output NaN and sets the error flag
+    /// ([`KiviCache::check_device_errors`]) instead of reading out of range.
+    ///
+    /// # Errors
+    /// As [`KiviCache::new`]; [`RuntimeError::Shape`] if the table is not `batch * entries_per_seq` long;
+    /// [`RuntimeError::Limit`] for 0 entries or pages.
+    pub fn new_paged(
+        gpu: &Gpu,
+        module: Arc<LayoutModule>,
+        batch: u32,
+        entries_per_seq: u32,
+        pages: u32,
+        block_table: &[i32],
+    ) -> Result<Self> {
+        let expected = batch as usize * entries_per_seq as usize;
+        if block_table.len() != expected {
+            return Err(RuntimeError::Shape {
+                what: "block_table",
+                shape: format!("[batch {batch}, entries_per_seq {entries_per_seq}]"),
+                expected,
+                got: block_table.len(),
+            });
+        }
+        if entries_per_seq == 0 || pages == 0 || pages > i32::MAX as u32 {
+            return Err(RuntimeError::Limit {
+                what: "entries_per_seq x pages",
+                value: u64::from(entries_per_seq) * u64::from(pages),
+                limit: format!("both must be at least 1 and pages at most {}", i32::MAX),
+            });
+        }
+        let r = StorageLayout::new(&module.kernels().layout).residual_length;
+        let capacity = u64::from(entries_per_seq) * u64::from(r);
+        let capacity = u32::try_from(capacity).unwrap_or(u32::MAX);
+        let paging = Some((block_table, entries_per_seq, pages));
+        Self::allocate(gpu, module, batch, capacity, paging)
+    }
+
+    fn allocate(
+        gpu: &Gpu,
+        module: Arc<LayoutModule>,
+        batch: u32,
+        capacity: u32,
+        paging: Option<(&[i32], u32, u32)>,
+    ) -> Result<Self> {
         let layout = module.kernels().layout;
         if batch == 0 {
             return Err(RuntimeError::Limit {
@@ -143,12 +258,32 @@ impl KiviCache {
         }
         let storage = StorageLayout::new(&layout);
         let blocks_per_seq = storage.blocks_for(capacity);
-        let blocks = seqs as usize * blocks_per_seq as usize;
+        let addressing = match paging {
+            None => BlockAddressing::Contiguous { blocks_per_seq },
+            Some((_, entries_per_seq, pages)) => BlockAddressing::Paged {
+                block_table: 0,
+                entries_per_seq,
+                pages,
+            },
+        };
+        check_paged_kernel(&module, &addressing)?;
+        check_block_count(&layout, batch, &addressing)?;
         let stream = gpu.stream().clone();
+        let (blocks, paging) = match paging {
+            None => (seqs as usize * blocks_per_seq as usize, None),
+            Some((table, entries_per_seq, pages)) => (
+                pages as usize * layout.num_kv_heads as usize,
+                Some(Paging {
+                    table: stream.clone_htod(table)?,
+                    entries_per_seq,
+                    pages,
+                }),
+            ),
+        };
         let d = storage.head_dim as usize;
         let plan = DecodePlan::new(&layout);
         let max_splits = checked_max_splits(&module, capacity)?;
-        let rows = seqs as usize * layout.gqa_ratio() as usize;
+        let (acc, ml, counters) = DecodeScratch::elements(&layout, batch, max_splits);
         Ok(KiviCache {
             k_codes: stream.alloc_zeros(blocks * storage.key_block_words() as usize)?,
             k_params: stream.alloc_zeros(blocks * storage.key_block_params() as usize)?,
@@ -157,9 +292,15 @@ impl KiviCache {
             v_scale: stream.alloc_zeros(blocks * storage.value_block_params() as usize)?,
             v_mn: stream.alloc_zeros(blocks * storage.value_block_params() as usize)?,
             v_res: stream.alloc_zeros(seqs as usize * storage.value_ring as usize * d)?,
-            part_acc: stream.alloc_zeros(rows * max_splits as usize * d)?,
-            part_ml: stream.alloc_zeros(rows * max_splits as usize * 2)?,
-            counters: stream.alloc_zeros(seqs as usize)?,
+            part_acc: stream.alloc_zeros(acc)?,
+            part_ml: stream.alloc_zeros(ml)?,
+            counters: stream.alloc_zeros(counters)?,
+            lens_dev: [
+                stream.alloc_zeros(batch as usize)?,
+                stream.alloc_zeros(batch as usize)?,
+            ],
+            cur: 0,
+            error_flag: stream.alloc_zeros(1)?,
             plan,
             max_splits,
             layout,
@@ -169,24 +310,17 @@ impl KiviCache {
             batch,
             capacity,
             blocks_per_seq,
-            len: 0,
-            quantized_keys: 0,
-            quantized_values: 0,
+            paging,
+            lens: vec![0; batch as usize],
         })
     }
 
-    /// The split-K plan of a decode step over `len` tokens per sequence: (tokens per split, number of splits).
-    /// A tuned `split_tokens` in the decode tile is used as is; 0 (the default) shares `len` evenly among
-    /// floor(len / 2048) splits (1 to 64). Both depend on the length and the tile only, never on the batch or
-    /// the GPU. Either way the split of a sequence depends only on its length
-    /// and this cache's configuration, never on the data.
+    /// The split-K plan of a decode step over `len` tokens (the new one included), no sliding window:
+    /// (tokens per split, number of splits), as [`DecodePlan::split_plan`] computes it for this cache's decode
+    /// tile. A function of the length and the tile only, never of the batch, the GPU or the data.
     pub fn split_plan(&self, len: u32) -> (u32, u32) {
         let tile = self.module.kernels().spec(KernelKind::DecodePartial).tile;
-        let split = split_tokens(tile.split_tokens, len, &self.plan);
-        let splits = len.div_ceil(split);
-        // max_splits bounds every len <= capacity by construction (see max_splits and split_tokens).
-        debug_assert!(splits <= self.max_splits, "{splits} > {}", self.max_splits);
-        (split, splits)
+        self.plan.split_plan(tile.split_tokens, len, 0)
     }
 
     /// Runs later steps with `module`: the same layout compiled with other tiles (the autotuner times candidates
@@ -209,30 +343,47 @@ impl KiviCache {
                 "the module was loaded on another GPU context than this cache's".into(),
             ));
         }
+        check_paged_kernel(&module, &self.addressing())?;
         let needed = checked_max_splits(&module, self.capacity)?;
         if needed > self.max_splits {
-            let rows = self.seqs() as usize * self.layout.gqa_ratio() as usize;
-            let d = self.storage.head_dim as usize;
-            self.part_acc = self.stream.alloc_zeros(rows * needed as usize * d)?;
-            self.part_ml = self.stream.alloc_zeros(rows * needed as usize * 2)?;
+            let (acc, ml, _) = DecodeScratch::elements(&self.layout, self.batch, needed);
+            self.part_acc = self.stream.alloc_zeros(acc)?;
+            self.part_ml = self.stream.alloc_zeros(ml)?;
             self.max_splits = needed;
         }
         self.module = module;
         Ok(())
     }
 
-    /// Empties the cache (length 0), so it can take a new prefill: what it held is never read again (every read
-    /// is bounded by the new length). Also zeroes the decode kernel's per-sequence completion counters (left
-    /// non-zero only by a launch that failed while running).
+    /// Empties the cache (every length 0), so it can take a new prefill: what it held is never read again (every
+    /// read is bounded by the new lengths). Also zeroes the decode kernel's per-sequence completion counters (left
+    /// non-zero only by a launch that failed while running) and the error flag.
     ///
     /// # Errors
-    /// Driver errors (the memset is queued on the stream).
+    /// Driver errors (the memsets are queued on the stream).
     pub fn reset(&mut self) -> Result<()> {
         self.stream.memset_zeros(&mut self.counters)?;
-        self.len = 0;
-        self.quantized_keys = 0;
-        self.quantized_values = 0;
+        self.stream.memset_zeros(&mut self.error_flag)?;
+        for l in &mut self.lens_dev {
+            self.stream.memset_zeros(l)?;
+        }
+        self.lens.iter_mut().for_each(|l| *l = 0);
         Ok(())
+    }
+
+    /// Reads and clears the error flag the kernels set on bad input found on the device (a length or block
+    /// table entry out of range); synchronizes the stream.
+    ///
+    /// # Errors
+    /// [`RuntimeError::Device`] naming what the kernels found (the affected outputs are NaN; reset the cache);
+    /// driver errors.
+    pub fn check_device_errors(&mut self) -> Result<()> {
+        let bits = self.stream.clone_dtoh(&self.error_flag)?[0];
+        if bits == 0 {
+            return Ok(());
+        }
+        self.stream.memset_zeros(&mut self.error_flag)?;
+        Err(RuntimeError::Device(describe_device_error(bits)))
     }
 
     /// The device storage layout.
@@ -255,24 +406,29 @@ impl KiviCache {
         self.capacity
     }
 
-    /// Tokens per sequence now.
+    /// Tokens of the longest sequence (every sequence's, after a uniform prefill and steps).
     pub fn len(&self) -> u32 {
-        self.len
+        self.lens.iter().copied().max().unwrap_or(0)
     }
 
-    /// True before any token was added.
+    /// Tokens of each batch entry.
+    pub fn lens(&self) -> &[u32] {
+        &self.lens
+    }
+
+    /// True while every sequence is empty.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    /// Quantized keys per sequence (a multiple of `residual_length`).
+    /// Quantized keys of the longest sequence (a multiple of `residual_length`).
     pub fn quantized_keys(&self) -> u32 {
-        self.quantized_keys
+        quantized_keys_of(self.len(), self.storage.residual_length)
     }
 
-    /// Quantized values per sequence.
+    /// Quantized values of the longest sequence.
     pub fn quantized_values(&self) -> u32 {
-        self.quantized_values
+        quantized_values_of(self.len(), self.storage.residual_length)
     }
 
     /// The loaded kernels.
@@ -306,13 +462,13 @@ impl KiviCache {
             return Ok(());
         }
         Err(RuntimeError::State(format!(
-            "prefill needs an empty cache, this one holds {} tokens per sequence",
-            self.len
+            "prefill needs an empty cache, this one holds up to {} tokens per sequence",
+            self.len()
         )))
     }
 
     fn check_room(&self, tokens: u32) -> Result<()> {
-        let needed = u64::from(self.len) + u64::from(tokens);
+        let needed = u64::from(self.len()) + u64::from(tokens);
         if needed > u64::from(self.capacity) {
             return Err(RuntimeError::Limit {
                 what: "tokens per sequence",
@@ -323,6 +479,25 @@ impl KiviCache {
         Ok(())
     }
 
+    fn addressing(&self) -> BlockAddressing {
+        match &self.paging {
+            None => BlockAddressing::Contiguous {
+                blocks_per_seq: self.blocks_per_seq,
+            },
+            Some(p) => BlockAddressing::Paged {
+                block_table: self.paging_table_ptr(p),
+                entries_per_seq: p.entries_per_seq,
+                pages: p.pages,
+            },
+        }
+    }
+
+    fn paging_table_ptr(&self, p: &Paging) -> u64 {
+        // The table is written once (new_paged, on this stream) and only read after: no event bookkeeping.
+        let (ptr, _sync) = p.table.device_ptr(&self.stream);
+        ptr
+    }
+
     /// Prefill (KIVI Algorithm 1): `k`, `v` are `[batch, num_kv_heads, len, head_dim]` fp16 on the GPU. Keys: if
     /// `len < R` all stay full precision, else the first `len - len % R` are quantized per-channel. Values: if
     /// `len <= R` all stay full precision, else all but the newest R are quantized per-token.
@@ -331,26 +506,79 @@ impl KiviCache {
     /// [`RuntimeError::State`] if the cache is not empty; [`RuntimeError::Shape`] if a length does not match;
     /// [`RuntimeError::Limit`] if `len` exceeds the capacity; driver errors.
     pub fn prefill(&mut self, k: &CudaSlice<f16>, v: &CudaSlice<f16>, len: u32) -> Result<()> {
+        let lens = vec![len; self.batch as usize];
+        self.prefill_ragged(k, v, len, &lens)
+    }
+
+    /// Prefill of a ragged batch: `k`, `v` are `[batch, num_kv_heads, max_len, head_dim]` fp16 on the GPU
+    /// (padded), and batch entry `b` holds `lens[b] <= max_len` tokens (the rest of its rows is never read).
+    /// Each sequence is prefilled as [`KiviCache::prefill`] would prefill it alone.
+    ///
+    /// # Errors
+    /// As [`KiviCache::prefill`]; [`RuntimeError::Shape`] if `lens` is not `batch` long; [`RuntimeError::Limit`]
+    /// if a length exceeds `max_len`.
+    pub fn prefill_ragged(
+        &mut self,
+        k: &CudaSlice<f16>,
+        v: &CudaSlice<f16>,
+        max_len: u32,
+        lens: &[u32],
+    ) -> Result<()> {
         self.check_empty()?;
         let kv_heads = self.layout.num_kv_heads;
-        self.check_len("prefill k", k.len(), len as usize, kv_heads)?;
-        self.check_len("prefill v", v.len(), len as usize, kv_heads)?;
-        self.check_room(len)?;
-        if len == 0 {
+        self.check_len("prefill k", k.len(), max_len as usize, kv_heads)?;
+        self.check_len("prefill v", v.len(), max_len as usize, kv_heads)?;
+        if lens.len() != self.batch as usize {
+            return Err(RuntimeError::Shape {
+                what: "prefill lens",
+                shape: format!("[batch {}]", self.batch),
+                expected: self.batch as usize,
+                got: lens.len(),
+            });
+        }
+        if let Some((b, &l)) = lens.iter().enumerate().find(|(_, &l)| l > max_len) {
+            return Err(RuntimeError::Limit {
+                what: "prefill length",
+                value: l.into(),
+                limit: format!("batch entry {b}'s length must be at most max_len {max_len}"),
+            });
+        }
+        self.check_room(max_len)?;
+        if max_len == 0 {
+            // Every sequence stays empty: nothing to launch (and k, v hold no memory to point at).
             return Ok(());
         }
-        let r = self.storage.residual_length;
-        let d = i64::from(self.storage.head_dim);
-        let seq_stride = i64::from(len) * d;
-        let qk = if len >= r { len - len % r } else { 0 };
-        let qv = len.saturating_sub(r);
-        self.quantize_keys(k, seq_stride, qk / r)?;
-        self.quantize_values(v, seq_stride, qv)?;
-        self.store_residual(k, seq_stride, qk, len - qk, Ring::Keys, qk)?;
-        self.store_residual(v, seq_stride, qv, len - qv, Ring::Values, qv)?;
-        self.len = len;
-        self.quantized_keys = qk;
-        self.quantized_values = qv;
+        let as_i32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        self.stream
+            .memcpy_htod(&as_i32, &mut self.lens_dev[self.cur])?;
+        let d = self.storage.head_dim;
+        let addressing = self.addressing();
+        let stream = self.stream.clone();
+        let mut g = Vec::new();
+        let args = PrefillArgs {
+            batch: self.batch,
+            keys: TokenRows::heads_major(dptr(k, &stream, &mut g), kv_heads, max_len, d),
+            values: TokenRows::heads_major(dptr(v, &stream, &mut g), kv_heads, max_len, d),
+            seq_lens: dptr(&self.lens_dev[self.cur], &stream, &mut g),
+            max_len,
+            cache: CacheBuffers {
+                k_codes: dptr_mut(&mut self.k_codes, &stream, &mut g),
+                k_params: dptr_mut(&mut self.k_params, &stream, &mut g),
+                k_res: dptr_mut(&mut self.k_res, &stream, &mut g),
+                v_codes: dptr_mut(&mut self.v_codes, &stream, &mut g),
+                v_scale: dptr_mut(&mut self.v_scale, &stream, &mut g),
+                v_mn: dptr_mut(&mut self.v_mn, &stream, &mut g),
+                v_res: dptr_mut(&mut self.v_res, &stream, &mut g),
+            },
+            blocks: addressing,
+            error_flag: dptr_mut(&mut self.error_flag, &stream, &mut g),
+        };
+        // SAFETY: every buffer was allocated for this layout, batch and capacity (allocate); k and v were checked
+        // against [batch, num_kv_heads, max_len, head_dim]; the lengths were checked against max_len and the
+        // capacity.
+        unsafe { self.module.launch_prefill(stream.cu_stream(), &args) }?;
+        drop(g);
+        self.lens.copy_from_slice(lens);
         Ok(())
     }
 
@@ -371,14 +599,15 @@ impl KiviCache {
         self.prefill(&dk, &dv, len)
     }
 
-    /// One decode step (KIVI Algorithm 1): appends `k`, `v` (`[batch, num_kv_heads, head_dim]` fp16), writes the
-    /// attention of `q` (`[batch, num_heads, head_dim]` fp16; query head h reads KV head `h / (H / Hkv)`) over
-    /// every cached token including the new one into `out` (`[batch, num_heads, head_dim]` fp16; scores scaled
-    /// by 1/sqrt(head_dim), softmax in fp32), then flushes as the reference does: the full-precision keys once
-    /// they number R (one block), the oldest full-precision value once they number R + 1.
+    /// One decode step (KIVI Algorithm 1): appends `k`, `v` (`[batch, num_kv_heads, head_dim]` fp16) to every
+    /// sequence, writes the attention of `q` (`[batch, num_heads, head_dim]` fp16; query head h reads KV head
+    /// `h / (H / Hkv)`) over every cached token of its sequence, the new one included, into `out`
+    /// (`[batch, num_heads, head_dim]` fp16; scores scaled by 1/sqrt(head_dim), softmax in fp32), then flushes
+    /// as the reference does: the full-precision keys once they number R (one block), the oldest full-precision
+    /// value once they number R + 1. One kernel launch; the sequences may have different lengths.
     ///
     /// # Errors
-    /// [`RuntimeError::Shape`] if a length does not match; [`RuntimeError::Limit`] when the cache is full;
+    /// [`RuntimeError::Shape`] if a length does not match; [`RuntimeError::Limit`] when a sequence is full;
     /// driver errors.
     pub fn decode_step(
         &mut self,
@@ -387,91 +616,218 @@ impl KiviCache {
         v: &CudaSlice<f16>,
         out: &mut CudaSlice<f16>,
     ) -> Result<()> {
-        let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
-        self.check_len("decode q", q.len(), 1, heads)?;
-        self.check_len("decode k", k.len(), 1, kv_heads)?;
-        self.check_len("decode v", v.len(), 1, kv_heads)?;
-        self.check_len("decode out", out.len(), 1, heads)?;
-        self.check_room(1)?;
-        let before = (self.len, self.quantized_keys, self.quantized_values);
-        let result = self.append_attend_flush(q, k, v, out);
-        if result.is_err() {
-            // A launch that could not be queued leaves the host counters (len, quantized keys and values) where
-            // they were, so the flush rules stay consistent; a kernel that fails while running leaves the CUDA
-            // context in error, and `reset` zeroes the device's completion counters.
-            (self.len, self.quantized_keys, self.quantized_values) = before;
-        }
-        result
+        self.decode_step_with(q, k, v, out, DecodeOptions::default())
     }
 
-    fn append_attend_flush(
+    /// [`KiviCache::decode_step`] with options: the log-sum-exp of each output row, a sliding window, a softmax
+    /// scale.
+    ///
+    /// # Errors
+    /// As [`KiviCache::decode_step`]; [`RuntimeError::Shape`] if `lse` is not `[batch, num_heads]`;
+    /// [`RuntimeError::State`] for a softmax scale that is not finite and positive.
+    pub fn decode_step_with(
         &mut self,
         q: &CudaSlice<f16>,
         k: &CudaSlice<f16>,
         v: &CudaSlice<f16>,
         out: &mut CudaSlice<f16>,
+        options: DecodeOptions<'_>,
     ) -> Result<()> {
-        // One launch: append k and v to the rings, attend over all len + 1 tokens (split-K), merge the splits
-        // into `out` and run the flushes of Algorithm 1 that follow the step.
-        let len = self.len + 1;
-        let r = self.storage.residual_length;
-        let flush_key_block = if len - self.quantized_keys >= r {
-            (self.quantized_keys / r) as i32
-        } else {
-            -1
-        };
-        let flush_value_pos = if len - self.quantized_values > r {
-            self.quantized_values as i32
-        } else {
-            -1
-        };
-        let (split, splits) = self.split_plan(len);
-        let partial = self.module.kernels().spec(KernelKind::DecodePartial);
-        let cfg = launch_cfg(
-            (splits, self.seqs() * self.plan.head_tiles, 1),
-            partial.tile.threads,
-        );
-        let f = self.module.function(KernelKind::DecodePartial);
-        let (len_i, qk, qv) = (
-            len as i32,
-            self.quantized_keys as i32,
-            self.quantized_values as i32,
-        );
-        let (bps, split_i, nsplits) = (self.blocks_per_seq as i32, split as i32, splits as i32);
-        let mut b = self.stream.launch_builder(f);
-        b.arg(q)
-            .arg(&mut self.k_codes)
-            .arg(&mut self.k_params)
-            .arg(&mut self.k_res)
-            .arg(&mut self.v_codes)
-            .arg(&mut self.v_scale)
-            .arg(&mut self.v_mn)
-            .arg(&mut self.v_res)
-            .arg(k)
-            .arg(v)
-            .arg(&len_i)
-            .arg(&qk)
-            .arg(&qv)
-            .arg(&bps)
-            .arg(&split_i)
-            .arg(&nsplits)
-            .arg(&mut self.part_acc)
-            .arg(&mut self.part_ml)
-            .arg(&mut self.counters)
-            .arg(out)
-            .arg(&flush_key_block)
-            .arg(&flush_value_pos);
-        // SAFETY: templates/decode_partial.cu.tera; part_acc/part_ml hold max_splits >= splits splits and
-        // counters one zeroed counter per sequence (the kernel resets it); the caller checked q, k, v and out
-        // against the layout and batch; the flushed block and position lie inside the blocks (len <= capacity).
-        unsafe { b.launch(cfg) }?;
-        self.len = len;
-        if flush_key_block >= 0 {
-            self.quantized_keys += r;
+        let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
+        self.check_len("decode q", q.len(), 1, heads)?;
+        self.check_len("decode k", k.len(), 1, kv_heads)?;
+        self.check_len("decode v", v.len(), 1, kv_heads)?;
+        self.check_len("decode out", out.len(), 1, heads)?;
+        if let Some(lse) = &options.lse {
+            let rows = self.batch as usize * heads as usize;
+            if lse.len() != rows {
+                return Err(RuntimeError::Shape {
+                    what: "decode lse",
+                    shape: format!("[batch {}, num_heads {heads}]", self.batch),
+                    expected: rows,
+                    got: lse.len(),
+                });
+            }
         }
-        if flush_value_pos >= 0 {
-            self.quantized_values += 1;
+        self.check_room(1)?;
+        let grid_splits = self.module.decode_splits(self.len() + 1, options.window);
+        let stream = self.stream.clone();
+        let cur = self.cur;
+        let mut g = Vec::new();
+        let step = options_only(&options);
+        let io = DecodeIo {
+            q,
+            k,
+            v,
+            out,
+            lse: options.lse,
+        };
+        let module = self.module.clone();
+        let args = self.decode_args(&stream, io, cur, grid_splits, &step, &mut g);
+        // SAFETY: every buffer was allocated for this layout, batch and capacity (allocate), the scratch for
+        // max_splits >= grid_splits splits (checked_max_splits at the capacity, which bounds every length); q, k,
+        // v, out and lse were checked against the layout and batch; the lengths leave room for the new token.
+        unsafe { module.launch_decode(stream.cu_stream(), &args) }?;
+        drop(g);
+        self.advance();
+        Ok(())
+    }
+
+    /// After a queued step: the other length buffer is current, and the host's copy of the lengths grows by one.
+    fn advance(&mut self) {
+        self.cur = 1 - self.cur;
+        self.lens.iter_mut().for_each(|l| *l += 1);
+    }
+
+    /// The raw arguments of a step that reads lengths buffer `cur` and writes the next lengths into the other.
+    fn decode_args<'a>(
+        &'a mut self,
+        stream: &'a CudaStream,
+        io: DecodeIo<'a>,
+        cur: usize,
+        grid_splits: u32,
+        options: &StepOptions,
+        g: &mut Vec<SyncOnDrop<'a>>,
+    ) -> DecodeArgs {
+        let addressing = self.addressing();
+        let [lens_a, lens_b] = &mut self.lens_dev;
+        let (lens_now, lens_next) = if cur == 0 {
+            (lens_a, lens_b)
+        } else {
+            (lens_b, lens_a)
+        };
+        DecodeArgs {
+            batch: self.batch,
+            q: dptr(io.q, stream, g),
+            k_new: dptr(io.k, stream, g),
+            v_new: dptr(io.v, stream, g),
+            out: dptr_mut(io.out, stream, g),
+            lse: match io.lse {
+                Some(l) => dptr_mut(l, stream, g),
+                None => 0,
+            },
+            seq_lens: dptr(lens_now, stream, g),
+            seq_lens_next: dptr_mut(lens_next, stream, g),
+            cache: CacheBuffers {
+                k_codes: dptr_mut(&mut self.k_codes, stream, g),
+                k_params: dptr_mut(&mut self.k_params, stream, g),
+                k_res: dptr_mut(&mut self.k_res, stream, g),
+                v_codes: dptr_mut(&mut self.v_codes, stream, g),
+                v_scale: dptr_mut(&mut self.v_scale, stream, g),
+                v_mn: dptr_mut(&mut self.v_mn, stream, g),
+                v_res: dptr_mut(&mut self.v_res, stream, g),
+            },
+            blocks: addressing,
+            scratch: DecodeScratch {
+                part_acc: dptr_mut(&mut self.part_acc, stream, g),
+                part_ml: dptr_mut(&mut self.part_ml, stream, g),
+                counters: dptr_mut(&mut self.counters, stream, g),
+                splits: self.max_splits,
+            },
+            grid_splits,
+            window: options.window,
+            softmax_scale: options.softmax_scale,
+            error_flag: dptr_mut(&mut self.error_flag, stream, g),
         }
+    }
+
+    /// Captures a decode step into CUDA graphs on `capture_stream` (a stream of this cache's context other than
+    /// its own, e.g. `gpu.context().new_stream()`: the legacy default stream cannot be captured). The graphs read
+    /// `q`, `k`, `v` and write `out` (and `lse`) where they are now, so the caller refills those buffers before
+    /// each [`KiviCache::replay_decode`]. The grid is fixed at the splits of the capacity
+    /// ([`LayoutModule::graph_grid_splits`]) and the lengths are read on the device, so one capture serves
+    /// every later step: two graphs are captured, one per length buffer, and replays alternate.
+    ///
+    /// # Errors
+    /// As [`KiviCache::decode_step_with`]; [`RuntimeError::State`] if `capture_stream` is this cache's stream
+    /// or of another context; driver errors (a capture that fails is ended).
+    pub fn capture_decode(
+        &mut self,
+        capture_stream: &Arc<CudaStream>,
+        q: &CudaSlice<f16>,
+        k: &CudaSlice<f16>,
+        v: &CudaSlice<f16>,
+        out: &mut CudaSlice<f16>,
+        options: DecodeOptions<'_>,
+    ) -> Result<DecodeGraph> {
+        if Arc::ptr_eq(capture_stream, &self.stream)
+            || !Arc::ptr_eq(capture_stream.context(), self.stream.context())
+        {
+            return Err(RuntimeError::State(
+                "capture_decode needs a stream of the cache's context other than the cache's own (the legacy default \
+                 stream cannot be captured): gpu.context().new_stream()"
+                    .into(),
+            ));
+        }
+        let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
+        self.check_len("decode q", q.len(), 1, heads)?;
+        self.check_len("decode k", k.len(), 1, kv_heads)?;
+        self.check_len("decode v", v.len(), 1, kv_heads)?;
+        self.check_len("decode out", out.len(), 1, heads)?;
+        let grid_splits = self.module.graph_grid_splits(self.capacity);
+        let step = options_only(&options);
+        let mut lse = options.lse;
+        let mut graphs = Vec::with_capacity(2);
+        for cur in 0..2 {
+            let stream = self.stream.clone();
+            let module = self.module.clone();
+            let mut g = Vec::new();
+            let io = DecodeIo {
+                q,
+                k,
+                v,
+                out: &mut *out,
+                lse: lse.as_deref_mut(),
+            };
+            let args = self.decode_args(&stream, io, cur, grid_splits, &step, &mut g);
+            // cudarc's event bookkeeping happens now, on the cache's stream, outside the capture.
+            drop(g);
+            capture_stream.join(&self.stream)?;
+            capture_stream.begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )?;
+            // SAFETY: as in decode_step_with; the graph keeps the pointers, which stay valid while the cache
+            // and the io buffers live (replay_decode checks the graph belongs to this cache).
+            let launched = unsafe { module.launch_decode(capture_stream.cu_stream(), &args) };
+            let graph =
+                capture_stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+            launched?;
+            graphs.push(
+                graph?.ok_or_else(|| RuntimeError::State("the capture recorded nothing".into()))?,
+            );
+        }
+        let [a, b]: [cudarc::driver::CudaGraph; 2] = graphs
+            .try_into()
+            .map_err(|_| RuntimeError::State("expected two graphs".into()))?;
+        Ok(DecodeGraph {
+            graphs: [a, b],
+            stream: capture_stream.clone(),
+            cache_id: self.cache_id(),
+        })
+    }
+
+    fn cache_id(&self) -> u64 {
+        let (p, _sync) = self.k_codes.device_ptr(&self.stream);
+        p
+    }
+
+    /// Replays a captured decode step ([`KiviCache::capture_decode`]): one step over every sequence, with the
+    /// inputs now in the captured buffers; ordered after the cache's earlier work and before its later work.
+    ///
+    /// # Errors
+    /// [`RuntimeError::State`] if the graph was captured on another cache; [`RuntimeError::Limit`] when a
+    /// sequence is full; driver errors.
+    pub fn replay_decode(&mut self, graph: &DecodeGraph) -> Result<()> {
+        if graph.cache_id != self.cache_id() {
+            return Err(RuntimeError::State(
+                "the decode graph was captured on another cache".into(),
+            ));
+        }
+        self.check_room(1)?;
+        graph.stream.join(&self.stream)?;
+        graph.graphs[self.cur].launch()?;
+        self.stream.join(&graph.stream)?;
+        self.advance();
         Ok(())
     }
 
@@ -493,117 +849,18 @@ impl KiviCache {
         Ok(self.stream.clone_dtoh(&out)?)
     }
 
-    /// Quantizes the first `blocks` key blocks of `src` (`[seqs][seq_stride]` fp16) into blocks `0..blocks`.
-    fn quantize_keys(&mut self, src: &CudaSlice<f16>, seq_stride: i64, blocks: u32) -> Result<()> {
-        if blocks == 0 {
-            return Ok(());
-        }
-        let threads = self
-            .module
-            .kernels()
-            .spec(KernelKind::QuantizeKeys)
-            .tile
-            .threads;
-        let cfg = launch_cfg((blocks, self.seqs(), 1), threads);
-        let (first_block, bps) = (0i32, self.blocks_per_seq as i32);
-        let mut b = self
-            .stream
-            .launch_builder(self.module.function(KernelKind::QuantizeKeys));
-        b.arg(src)
-            .arg(&seq_stride)
-            .arg(&mut self.k_codes)
-            .arg(&mut self.k_params)
-            .arg(&first_block)
-            .arg(&bps);
-        // SAFETY: the argument list matches the kernel's signature (templates/quantize_keys.cu.tera); every
-        // index the kernel forms is inside the buffers allocated in `new` for this layout and capacity.
-        unsafe { b.launch(cfg) }?;
-        Ok(())
-    }
-
-    /// Quantizes the first `tokens` value tokens of `src` (`[seqs][seq_stride]` fp16) to positions `0..tokens`.
-    fn quantize_values(
-        &mut self,
-        src: &CudaSlice<f16>,
-        seq_stride: i64,
-        tokens: u32,
-    ) -> Result<()> {
-        if tokens == 0 {
-            return Ok(());
-        }
-        let threads = self
-            .module
-            .kernels()
-            .spec(KernelKind::QuantizeValues)
-            .tile
-            .threads;
-        let cfg = launch_cfg((tokens.div_ceil(threads / 8), self.seqs(), 1), threads);
-        let (tok0, ring, pos0, count, bps) = (
-            0i32,
-            i32::MAX,
-            0i32,
-            tokens as i32,
-            self.blocks_per_seq as i32,
-        );
-        let mut b = self
-            .stream
-            .launch_builder(self.module.function(KernelKind::QuantizeValues));
-        b.arg(src)
-            .arg(&seq_stride)
-            .arg(&tok0)
-            .arg(&ring)
-            .arg(&mut self.v_codes)
-            .arg(&mut self.v_scale)
-            .arg(&mut self.v_mn)
-            .arg(&pos0)
-            .arg(&count)
-            .arg(&bps);
-        // SAFETY: as in quantize_keys (templates/quantize_values.cu.tera).
-        unsafe { b.launch(cfg) }?;
-        Ok(())
-    }
-
-    fn store_residual(
-        &mut self,
-        src: &CudaSlice<f16>,
-        seq_stride: i64,
-        src_tok0: u32,
-        tokens: u32,
-        ring: Ring,
-        dst_pos0: u32,
-    ) -> Result<()> {
-        if tokens == 0 {
-            return Ok(());
-        }
-        let spec = self.module.kernels().spec(KernelKind::StoreResidual);
-        let threads = spec.tile.threads;
-        let items = tokens * self.storage.head_dim;
-        let cfg = launch_cfg((items.div_ceil(threads), self.seqs(), 1), threads);
-        let f = self.module.function(KernelKind::StoreResidual);
-        let (src_tok0, tokens, dst_pos0) = (src_tok0 as i32, tokens as i32, dst_pos0 as i32);
-        let (dst, ring_size) = match ring {
-            Ring::Keys => (&mut self.k_res, self.storage.residual_length as i32),
-            Ring::Values => (&mut self.v_res, self.storage.value_ring as i32),
-        };
-        let mut b = self.stream.launch_builder(f);
-        b.arg(src)
-            .arg(&seq_stride)
-            .arg(&src_tok0)
-            .arg(&tokens)
-            .arg(dst)
-            .arg(&ring_size)
-            .arg(&dst_pos0);
-        // SAFETY: as in quantize_keys (templates/store_residual.cu.tera).
-        unsafe { b.launch(cfg) }?;
-        Ok(())
-    }
-
     /// Copies the cache to the host in the reference code's layouts (the `final_*` tensors of the reference
     /// files; see [`CacheExport`]), for tests and `kivi verify`. Synchronizes the stream.
     ///
     /// # Errors
     /// Driver errors.
     pub fn export(&self) -> Result<CacheExport> {
+        if self.lens.iter().any(|&l| l != self.len()) {
+            return Err(RuntimeError::State(format!(
+                "export needs every sequence at one length (the reference layout has one), these have {:?}",
+                self.lens
+            )));
+        }
         let st = &self.storage;
         let s = &self.stream;
         let (k_codes, k_params, k_res) = (
@@ -621,9 +878,9 @@ impl KiviCache {
         let r = st.residual_length as usize;
         let bps = self.blocks_per_seq as usize;
         let (len, qk, qv) = (
-            self.len as usize,
-            self.quantized_keys as usize,
-            self.quantized_values as usize,
+            self.len() as usize,
+            self.quantized_keys() as usize,
+            self.quantized_values() as usize,
         );
         let mut e = CacheExport {
             batch: self.batch as usize,
@@ -661,8 +918,28 @@ impl KiviCache {
             (words[base + pos.word] >> pos.bit) & ((1u32 << bits) - 1)
         };
         let vring = st.value_ring as usize;
+        let table = match &self.paging {
+            Some(p) => {
+                let t = s.clone_dtoh(&p.table)?;
+                if let Some(bad) = t.iter().find(|&&e| e < 0 || e as u32 >= p.pages) {
+                    return Err(RuntimeError::State(format!(
+                        "export: block table entry {bad} is outside [0, {})",
+                        p.pages
+                    )));
+                }
+                Some((t, p.entries_per_seq as usize))
+            }
+            None => None,
+        };
+        let hkv = self.layout.num_kv_heads as usize;
+        // The storage index of block i of sequence seq (contiguous, or through the block table).
+        let block_of = |seq: usize, i: usize| -> usize {
+            match &table {
+                None => seq * bps + i,
+                Some((t, per_seq)) => t[(seq / hkv) * per_seq + i] as usize * hkv + seq % hkv,
+            }
+        };
         for seq in 0..self.seqs() as usize {
-            let block0 = seq * bps;
             // Keys in the reference layout: codes [D][qk / cpw] packed along tokens, params [D][qk / G].
             for c in 0..d {
                 for w in 0..qk / kcpw {
@@ -670,15 +947,15 @@ impl KiviCache {
                     for j in 0..kcpw {
                         let t = w * kcpw + j;
                         let pos = st.key_code_position((t % r) as u32, c as u32);
-                        word |=
-                            code_at(&k_codes, (block0 + t / r) * kbw, pos, kb) << (kb as usize * j);
+                        word |= code_at(&k_codes, block_of(seq, t / r) * kbw, pos, kb)
+                            << (kb as usize * j);
                     }
                     e.k_code.push(word as i32);
                 }
                 for g in 0..qk / kg {
                     let t = g * kg;
                     let (scale, min) = st.key_param_index((t % r) as u32, c as u32);
-                    let base = (block0 + t / r) * kbp;
+                    let base = block_of(seq, t / r) * kbp;
                     e.k_scale.push(k_params[base + scale]);
                     e.k_mn.push(k_params[base + min]);
                 }
@@ -689,7 +966,7 @@ impl KiviCache {
             }
             // Values: codes [qv][D / cpw] packed along head_dim, params [qv][D / G].
             for p in 0..qv {
-                let (base, tb) = ((block0 + p / r) * vbw, (p % r) as u32);
+                let (base, tb) = (block_of(seq, p / r) * vbw, (p % r) as u32);
                 for w in 0..d / vcpw {
                     let mut word = 0u32;
                     for j in 0..vcpw {
@@ -699,7 +976,7 @@ impl KiviCache {
                     e.v_code.push(word as i32);
                 }
                 for g in 0..d / vg {
-                    let i = (block0 + p / r) * vbp + st.value_param_index(tb, (g * vg) as u32);
+                    let i = block_of(seq, p / r) * vbp + st.value_param_index(tb, (g * vg) as u32);
                     e.v_scale.push(v_scale[i]);
                     e.v_mn.push(v_mn[i]);
                 }
@@ -710,59 +987,5 @@ impl KiviCache {
             }
         }
         Ok(e)
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Ring {
-    Keys,
-    Values,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn plan(spec: &str) -> DecodePlan {
-        DecodePlan::new(&kivi_dsl::parse_spec(spec).unwrap())
-    }
-
-    #[test]
-    fn the_automatic_split_depends_on_the_length_only_and_covers_the_sequence() {
-        let p = plan("kivi-2, llama-3-8b");
-        for len in [
-            1u32,
-            31,
-            1300,
-            2048,
-            2049,
-            4095,
-            4096,
-            4097,
-            32768,
-            131072,
-            1 << 20,
-        ] {
-            let split = split_tokens(0, len, &p);
-            let splits = len.div_ceil(split);
-            assert_eq!(split % p.iter_tokens, 0, "{len}");
-            assert!(splits * split >= len);
-            assert_eq!(
-                splits,
-                auto_splits(len),
-                "{len}: the rounding never adds a split"
-            );
-            assert!(splits <= max_splits(0, len.max(2048)), "{len}");
-            assert!(
-                split >= MIN_AUTO_SPLIT.min(len.div_ceil(p.iter_tokens) * p.iter_tokens),
-                "{len}"
-            );
-        }
-        // Just past 2048 tokens: one split, not a tiny second one.
-        assert_eq!(split_tokens(0, 2049, &p), 2080);
-        assert_eq!(split_tokens(0, 131072, &p), 2048);
-        // A tuned split is used as is.
-        assert_eq!(split_tokens(1024, 131072, &p), 1024);
-        assert_eq!(max_splits(1024, 131072), 128);
     }
 }

@@ -10,9 +10,10 @@ mod compile;
 mod error;
 mod gpu;
 mod kv_cache;
+pub mod launch;
 pub mod toolkit;
 
 pub use compile::{Arch, Compiler, Cubin, CubinOrigin, NVRTC_OPTIONS};
 pub use error::{Result, RuntimeError};
 pub use gpu::{Gpu, KernelResources, LayoutModule};
-pub use kv_cache::{CacheExport, KiviCache, MAX_CAPACITY};
+pub use kv_cache::{CacheExport, DecodeGraph, DecodeOptions, KiviCache, MAX_CAPACITY};

@@ -1,0 +1,678 @@
+//! The launch contract of kivi's kernels on raw device pointers and the caller's stream: what an inference engine
+//! that owns its memory and streams calls (the C ABI and the Python package sit on it too). Nothing here allocates
+//! or synchronizes: every call checks its arguments on the host, then queues kernels on `stream` and returns.
+//!
+//! The state of a sequence is its length alone (KIVI Algorithm 1's invariants: after a prefill or a decode step
+//! of a sequence of `len` tokens, its first `len - len % R` keys and its first `max(len - R, 0)` values are
+//! quantized, and the rest sit in its full-precision rings). Lengths are `i32` in device memory, one per batch
+//! entry, so the batch may be ragged, a decode step needs no host synchronization, and it can be captured in a
+//! CUDA graph (a fixed grid of [`LayoutModule::graph_grid_splits`] splits; blocks past a sequence's own splits
+//! exit at once). Bad lengths or block-table entries found on the device set bits of an error flag
+//! ([`DEVICE_ERROR_LENGTH`] and the others) and make the affected outputs NaN; nothing is read or written out of
+//! range.
+//!
+//! Storage (all device memory, sizes in elements of the named dtype, from [`StorageLayout`] of the layout;
+//! `seqs = batch * num_kv_heads`, `blocks` = `seqs * blocks_per_seq` contiguous or `pages * num_kv_heads` paged):
+//! `k_codes` u32 `[blocks][key_block_words]`, `k_params` fp16 `[blocks][key_block_params]`, `v_codes` u32
+//! `[blocks][value_block_words]`, `v_scale` and `v_mn` fp16 `[blocks][value_block_params]`, `k_res` fp16
+//! `[seqs][residual_length][head_dim]`, `v_res` fp16 `[seqs][value_ring][head_dim]`; every block buffer 16-byte
+//! aligned. [`StorageLayout::memory`](kivi_codegen::StorageLayout::memory) gives the bytes per sequence.
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys::{CUdeviceptr, CUstream};
+use kivi_codegen::{DecodePlan, KernelKind, StorageLayout, MAX_SPLITS};
+
+use crate::error::{Result, RuntimeError};
+use crate::gpu::LayoutModule;
+use crate::kv_cache::MAX_CAPACITY;
+
+/// Error-flag bit: a sequence length below 0 or beyond what its storage holds (or, at prefill, beyond
+/// `max_len`; at decode, no room for the new token).
+pub const DEVICE_ERROR_LENGTH: u32 = 1;
+/// Error-flag bit: a block-table entry outside `[0, pages)`.
+pub const DEVICE_ERROR_PAGE: u32 = 2;
+/// Error-flag bit: a decode step needs more splits than the grid or the split-K scratch holds.
+pub const DEVICE_ERROR_SPLITS: u32 = 4;
+
+/// The error flag's bits in words (empty for 0).
+pub fn describe_device_error(bits: u32) -> String {
+    let mut parts = Vec::new();
+    if bits & DEVICE_ERROR_LENGTH != 0 {
+        parts.push(
+            "a sequence length outside what its storage holds (or no room for the new token)",
+        );
+    }
+    if bits & DEVICE_ERROR_PAGE != 0 {
+        parts.push("a block table entry outside [0, pages)");
+    }
+    if bits & DEVICE_ERROR_SPLITS != 0 {
+        parts.push(
+            "a decode step that needs more splits than the grid or the split-K scratch holds",
+        );
+    }
+    let unknown = bits & !(DEVICE_ERROR_LENGTH | DEVICE_ERROR_PAGE | DEVICE_ERROR_SPLITS);
+    let mut s = parts.join("; ");
+    if unknown != 0 {
+        s.push_str(&format!("; unknown bits {unknown:#x}"));
+    }
+    s
+}
+
+/// The device buffers of one layer's cache (see the module documentation for their shapes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheBuffers {
+    /// Key codes, u32.
+    pub k_codes: CUdeviceptr,
+    /// Key mins and scales, fp16.
+    pub k_params: CUdeviceptr,
+    /// Full-precision key ring, fp16 `[seqs][residual_length][head_dim]`.
+    pub k_res: CUdeviceptr,
+    /// Value codes, u32.
+    pub v_codes: CUdeviceptr,
+    /// Value scales, fp16.
+    pub v_scale: CUdeviceptr,
+    /// Value mins, fp16.
+    pub v_mn: CUdeviceptr,
+    /// Full-precision value ring, fp16 `[seqs][value_ring][head_dim]`.
+    pub v_res: CUdeviceptr,
+}
+
+/// Where the quantized blocks (`residual_length` tokens each) of a sequence live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockAddressing {
+    /// Sequence `seq = b * num_kv_heads + h` owns blocks `[seq * blocks_per_seq, (seq + 1) * blocks_per_seq)`.
+    Contiguous {
+        /// Blocks per sequence (its capacity is `blocks_per_seq * residual_length` tokens).
+        blocks_per_seq: u32,
+    },
+    /// Paged (vLLM-style): a page holds one block of every KV head, `residual_length` tokens (a multiple of the
+    /// key group size); block `i` of batch entry `b`, KV head `h` is storage block
+    /// `block_table[b * entries_per_seq + i] * num_kv_heads + h`. The kernels check every entry they use against
+    /// `[0, pages)` and flag [`DEVICE_ERROR_PAGE`] instead of reading out of range.
+    Paged {
+        /// i32 `[batch][entries_per_seq]` in device memory, 4-byte aligned.
+        block_table: CUdeviceptr,
+        /// Entries per batch entry (its capacity is `entries_per_seq * residual_length` tokens).
+        entries_per_seq: u32,
+        /// Pages allocated: the block buffers hold `pages * num_kv_heads` blocks.
+        pages: u32,
+    },
+}
+
+impl BlockAddressing {
+    /// Tokens one sequence can hold.
+    pub fn max_tokens(&self, storage: &StorageLayout) -> u64 {
+        let per_seq = match *self {
+            BlockAddressing::Contiguous { blocks_per_seq } => blocks_per_seq,
+            BlockAddressing::Paged {
+                entries_per_seq, ..
+            } => entries_per_seq,
+        };
+        u64::from(per_seq) * u64::from(storage.residual_length)
+    }
+
+    /// (table pointer or 0, blocks or entries per sequence, pages) as the kernels take them.
+    fn kernel_args(&self) -> (CUdeviceptr, i32, i32) {
+        match *self {
+            BlockAddressing::Contiguous { blocks_per_seq } => (0, blocks_per_seq as i32, 0),
+            BlockAddressing::Paged {
+                block_table,
+                entries_per_seq,
+                pages,
+            } => (block_table, entries_per_seq as i32, pages as i32),
+        }
+    }
+
+    fn check(&self, storage: &StorageLayout) -> Result<()> {
+        let (table, per_seq, pages) = match *self {
+            BlockAddressing::Contiguous { blocks_per_seq } => (None, blocks_per_seq, 1),
+            BlockAddressing::Paged {
+                block_table,
+                entries_per_seq,
+                pages,
+            } => (Some(block_table), entries_per_seq, pages),
+        };
+        if let Some(t) = table {
+            check_ptr("block_table", t, 4)?;
+        }
+        if per_seq == 0 || self.max_tokens(storage) > u64::from(MAX_CAPACITY) {
+            return Err(RuntimeError::Limit {
+                what: "blocks per sequence",
+                value: per_seq.into(),
+                limit: format!(
+                    "it must be in 1..={} (a capacity of at most {MAX_CAPACITY} tokens)",
+                    MAX_CAPACITY / storage.residual_length
+                ),
+            });
+        }
+        if pages == 0 || pages > i32::MAX as u32 {
+            return Err(RuntimeError::Limit {
+                what: "pages",
+                value: pages.into(),
+                limit: format!("it must be in 1..={}", i32::MAX),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// fp16 tokens of `head_dim` contiguous channels in device memory: token `t` of batch entry `b`, KV head `h` is
+/// at `ptr + (b * stride_batch + h * stride_head + t * stride_token) * 2` bytes. Strides are in elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenRows {
+    /// The first element, 4-byte aligned.
+    pub ptr: CUdeviceptr,
+    /// Elements between batch entries (even).
+    pub stride_batch: i64,
+    /// Elements between KV heads (even).
+    pub stride_head: i64,
+    /// Elements between tokens (even, at least head_dim).
+    pub stride_token: i64,
+}
+
+impl TokenRows {
+    /// `[batch][num_kv_heads][tokens][head_dim]`, row-major (the layout of [`crate::KiviCache::prefill`]).
+    pub fn heads_major(ptr: CUdeviceptr, num_kv_heads: u32, tokens: u32, head_dim: u32) -> Self {
+        let per_head = i64::from(tokens) * i64::from(head_dim);
+        TokenRows {
+            ptr,
+            stride_batch: i64::from(num_kv_heads) * per_head,
+            stride_head: per_head,
+            stride_token: i64::from(head_dim),
+        }
+    }
+
+    /// `[batch][tokens][num_kv_heads][head_dim]`, row-major (the layout of most engines' projections).
+    pub fn tokens_major(ptr: CUdeviceptr, num_kv_heads: u32, tokens: u32, head_dim: u32) -> Self {
+        let row = i64::from(num_kv_heads) * i64::from(head_dim);
+        TokenRows {
+            ptr,
+            stride_batch: i64::from(tokens) * row,
+            stride_head: i64::from(head_dim),
+            stride_token: row,
+        }
+    }
+
+    fn check(&self, what: &'static str, head_dim: u32) -> Result<()> {
+        check_ptr(what, self.ptr, 4)?;
+        for (name, s) in [
+            ("stride_batch", self.stride_batch),
+            ("stride_head", self.stride_head),
+            ("stride_token", self.stride_token),
+        ] {
+            if s < 0 || s % 2 != 0 {
+                return Err(RuntimeError::Limit {
+                    what,
+                    value: s.unsigned_abs(),
+                    limit: format!("its {name} must be even and non-negative (elements; rows are read in pairs)"),
+                });
+            }
+        }
+        if self.stride_token < i64::from(head_dim) {
+            return Err(RuntimeError::Limit {
+                what,
+                value: self.stride_token as u64,
+                limit: format!("its stride_token must be at least head_dim {head_dim}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Arguments of a prefill (KIVI Algorithm 1) into empty sequences.
+#[derive(Clone, Copy, Debug)]
+pub struct PrefillArgs {
+    /// Batch entries (sequences = batch x num_kv_heads).
+    pub batch: u32,
+    /// Keys, fp16.
+    pub keys: TokenRows,
+    /// Values, fp16.
+    pub values: TokenRows,
+    /// i32 `[batch]` in device memory: tokens of each batch entry (0 leaves it empty).
+    pub seq_lens: CUdeviceptr,
+    /// An upper bound of every `seq_lens` entry (sizes the grids; a larger length is flagged).
+    pub max_len: u32,
+    /// The cache.
+    pub cache: CacheBuffers,
+    /// Where its blocks live.
+    pub blocks: BlockAddressing,
+    /// u32 in device memory that the kernels OR error bits into, or 0 for none.
+    pub error_flag: CUdeviceptr,
+}
+
+/// The split-K scratch of decode steps: `part_acc` f32 `[batch * num_heads][splits][head_dim]`, `part_ml` f32
+/// `[batch * num_heads][splits][2]`, `counters` u32 `[batch * num_kv_heads]`, zeroed once before the first step
+/// (each step leaves them zero).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeScratch {
+    /// f32 partial outputs.
+    pub part_acc: CUdeviceptr,
+    /// f32 partial (max, sum) pairs.
+    pub part_ml: CUdeviceptr,
+    /// u32 completion counters.
+    pub counters: CUdeviceptr,
+    /// Splits per row the scratch holds.
+    pub splits: u32,
+}
+
+impl DecodeScratch {
+    /// Elements of (`part_acc`, `part_ml`, `counters`) for `batch` entries and `splits` splits per row.
+    pub fn elements(layout: &kivi_dsl::Layout, batch: u32, splits: u32) -> (usize, usize, usize) {
+        let rows = batch as usize * layout.num_heads as usize;
+        let d = StorageLayout::new(layout).head_dim as usize;
+        (
+            rows * splits as usize * d,
+            rows * splits as usize * 2,
+            batch as usize * layout.num_kv_heads as usize,
+        )
+    }
+}
+
+/// Arguments of one decode step (KIVI Algorithm 1) over a batch of sequences of any lengths: appends each
+/// sequence's new key and value, attends its query heads over its tokens (the new one included) and runs the
+/// flushes that follow, in one launch.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeArgs {
+    /// Batch entries.
+    pub batch: u32,
+    /// fp16 `[batch][num_heads][head_dim]`, 4-byte aligned.
+    pub q: CUdeviceptr,
+    /// fp16 `[batch][num_kv_heads][head_dim]`: the new keys.
+    pub k_new: CUdeviceptr,
+    /// fp16 `[batch][num_kv_heads][head_dim]`: the new values.
+    pub v_new: CUdeviceptr,
+    /// fp16 `[batch][num_heads][head_dim]`: the attention output.
+    pub out: CUdeviceptr,
+    /// f32 `[batch][num_heads]`, or 0: the natural-log log-sum-exp of each row's scaled scores, to merge partial
+    /// attention results (out = sum_i exp(lse_i - lse) out_i over parts with lse = log sum_i exp(lse_i)).
+    pub lse: CUdeviceptr,
+    /// i32 `[batch]`: tokens of each sequence before this step (not changed by it).
+    pub seq_lens: CUdeviceptr,
+    /// i32 `[batch]`, or 0: receives `seq_lens + 1` (a different buffer from `seq_lens`; for a CUDA graph pass 0
+    /// and advance the lengths yourself).
+    pub seq_lens_next: CUdeviceptr,
+    /// The cache.
+    pub cache: CacheBuffers,
+    /// Where its blocks live.
+    pub blocks: BlockAddressing,
+    /// Split-K scratch.
+    pub scratch: DecodeScratch,
+    /// The grid's splits: at least the splits of the longest sequence ([`LayoutModule::decode_splits`]), or
+    /// [`LayoutModule::graph_grid_splits`] for a step that must serve any length (CUDA graphs).
+    pub grid_splits: u32,
+    /// Sliding window: attend the newest `window` tokens only (0: all).
+    pub window: u32,
+    /// Softmax scale of the scores (None: 1 / sqrt(head_dim)).
+    pub softmax_scale: Option<f32>,
+    /// u32 error flag, or 0.
+    pub error_flag: CUdeviceptr,
+}
+
+fn check_ptr(what: &'static str, ptr: CUdeviceptr, align: u64) -> Result<()> {
+    if ptr == 0 {
+        return Err(RuntimeError::Pointer {
+            what,
+            ptr,
+            problem: "is null".into(),
+        });
+    }
+    if !ptr.is_multiple_of(align) {
+        return Err(RuntimeError::Pointer {
+            what,
+            ptr,
+            problem: format!("is not {align}-byte aligned"),
+        });
+    }
+    Ok(())
+}
+
+fn check_optional_ptr(what: &'static str, ptr: CUdeviceptr, align: u64) -> Result<()> {
+    if ptr == 0 {
+        Ok(())
+    } else {
+        check_ptr(what, ptr, align)
+    }
+}
+
+impl CacheBuffers {
+    fn check(&self) -> Result<()> {
+        for (what, p) in [
+            ("k_codes", self.k_codes),
+            ("k_params", self.k_params),
+            ("k_res", self.k_res),
+            ("v_codes", self.v_codes),
+            ("v_scale", self.v_scale),
+            ("v_mn", self.v_mn),
+            ("v_res", self.v_res),
+        ] {
+            check_ptr(what, p, 16)?;
+        }
+        Ok(())
+    }
+}
+
+/// Kernel parameters: pointers to each argument's value, in the kernel's order.
+struct Params(Vec<*mut c_void>);
+
+impl Params {
+    fn new() -> Self {
+        Params(Vec::with_capacity(32))
+    }
+    /// Pushes a pointer to `v`, which must outlive the launch.
+    fn push<T>(&mut self, v: &T) -> &mut Self {
+        self.0.push(v as *const T as *mut c_void);
+        self
+    }
+}
+
+/// Storage block indices are 32-bit in the kernels: batch x num_kv_heads x blocks_per_seq (contiguous) or
+/// pages x num_kv_heads (paged) must stay below 2^31.
+pub(crate) fn check_block_count(
+    layout: &kivi_dsl::Layout,
+    batch: u32,
+    blocks: &BlockAddressing,
+) -> Result<()> {
+    let hkv = u64::from(layout.num_kv_heads);
+    let count = match *blocks {
+        BlockAddressing::Contiguous { blocks_per_seq } => {
+            u64::from(batch) * hkv * u64::from(blocks_per_seq)
+        }
+        BlockAddressing::Paged { pages, .. } => u64::from(pages) * hkv,
+    };
+    if count > i32::MAX as u64 {
+        return Err(RuntimeError::Limit {
+            what: "storage blocks (sequences x blocks per sequence, or pages x num_kv_heads)",
+            value: count,
+            limit: format!("it must be at most {} (32-bit block indices)", i32::MAX),
+        });
+    }
+    Ok(())
+}
+
+/// The decode kernel reads blocks one way: a paged cache needs the paged kernel and the other way round.
+pub(crate) fn check_paged_kernel(module: &LayoutModule, blocks: &BlockAddressing) -> Result<()> {
+    let kernel = module.kernels().spec(KernelKind::DecodePartial).tile.paged;
+    let wanted = matches!(blocks, BlockAddressing::Paged { .. });
+    if kernel == wanted {
+        return Ok(());
+    }
+    Err(RuntimeError::State(if wanted {
+        "a paged cache needs the paged decode kernel: load the layout with `KernelTiles::paged()` tiles".into()
+    } else {
+        "a contiguous cache needs the contiguous decode kernel: this module was loaded with paged tiles".into()
+    }))
+}
+
+fn check_batch(layout: &kivi_dsl::Layout, batch: u32, head_tiles: u32) -> Result<u32> {
+    let seqs = u64::from(batch) * u64::from(layout.num_kv_heads);
+    if batch == 0 || seqs * u64::from(head_tiles) > 65535 {
+        return Err(RuntimeError::Limit {
+            what: "batch",
+            value: batch.into(),
+            limit: format!(
+                "it must be at least 1 and batch x num_kv_heads ({}) x head tiles ({head_tiles}) at most 65535 (the \
+                 grid's y limit)",
+                layout.num_kv_heads
+            ),
+        });
+    }
+    Ok(seqs as u32)
+}
+
+impl LayoutModule {
+    fn launch(
+        &self,
+        kind: KernelKind,
+        stream: CUstream,
+        grid: (u32, u32),
+        params: &mut Params,
+    ) -> Result<()> {
+        let threads = self.kernels().spec(kind).tile.threads;
+        self.context().bind_to_thread()?;
+        // SAFETY: the caller of the public launch functions vouches for the pointers (their contract); the
+        // parameter list matches the kernel's signature in templates/ (one push per parameter, in order).
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                self.function(kind).cu_function(),
+                (grid.0, grid.1, 1),
+                (threads, 1, 1),
+                0,
+                stream,
+                &mut params.0,
+            )
+        }?;
+        Ok(())
+    }
+
+    /// The splits a decode step over sequences of at most `max_len` tokens (the new one included) makes with a
+    /// sliding `window` (0: none): the least [`DecodeArgs::grid_splits`] for them.
+    pub fn decode_splits(&self, max_len: u32, window: u32) -> u32 {
+        let fixed = self
+            .kernels()
+            .spec(KernelKind::DecodePartial)
+            .tile
+            .split_tokens;
+        DecodePlan::new(&self.kernels().layout)
+            .split_plan(fixed, max_len.max(1), window)
+            .1
+    }
+
+    /// The splits that serve every length up to `capacity` tokens: the grid (and scratch) of a decode step that
+    /// is captured once in a CUDA graph and replayed at any length.
+    pub fn graph_grid_splits(&self, capacity: u32) -> u32 {
+        let fixed = self
+            .kernels()
+            .spec(KernelKind::DecodePartial)
+            .tile
+            .split_tokens;
+        DecodePlan::new(&self.kernels().layout).max_splits(fixed, capacity.max(1))
+    }
+
+    /// Queues a prefill (KIVI Algorithm 1) on `stream`: per batch entry, the first `len - len % R` keys are
+    /// quantized per-channel and the first `max(len - R, 0)` values per-token into its blocks, and the rest of
+    /// its tokens go to its full-precision rings. The sequences must be empty (a prefill overwrites what their
+    /// blocks and rings held). Four kernels; no allocation, no synchronization.
+    ///
+    /// # Errors
+    /// [`RuntimeError::Pointer`] for a null or misaligned pointer; [`RuntimeError::Limit`] for batch 0 or too
+    /// large, bad strides, `max_len` beyond the storage; driver errors. Lengths are checked on the device
+    /// ([`DEVICE_ERROR_LENGTH`], [`DEVICE_ERROR_PAGE`] in `error_flag`).
+    ///
+    /// # Safety
+    /// Every pointer must be device memory of this module's context, valid for the shapes in the module
+    /// documentation and [`PrefillArgs`] for the whole time the kernels run, and not in use by other work.
+    pub unsafe fn launch_prefill(&self, stream: CUstream, a: &PrefillArgs) -> Result<()> {
+        let layout = &self.kernels().layout;
+        let st = StorageLayout::new(layout);
+        let seqs = check_batch(layout, a.batch, 1)?;
+        a.cache.check()?;
+        a.blocks.check(&st)?;
+        check_block_count(layout, a.batch, &a.blocks)?;
+        a.keys.check("prefill keys", st.head_dim)?;
+        a.values.check("prefill values", st.head_dim)?;
+        check_ptr("seq_lens", a.seq_lens, 4)?;
+        check_optional_ptr("error_flag", a.error_flag, 4)?;
+        if u64::from(a.max_len) > a.blocks.max_tokens(&st) {
+            return Err(RuntimeError::Limit {
+                what: "prefill max_len",
+                value: a.max_len.into(),
+                limit: format!(
+                    "the storage holds {} tokens per sequence",
+                    a.blocks.max_tokens(&st)
+                ),
+            });
+        }
+        if a.max_len == 0 {
+            return Ok(());
+        }
+        let r = st.residual_length;
+        let (table, per_seq, pages) = a.blocks.kernel_args();
+        let (max_len, kv_heads) = (a.max_len as i32, layout.num_kv_heads as i32);
+        let key_blocks = a.max_len / r;
+        if key_blocks > 0 {
+            let mut p = Params::new();
+            p.push(&a.keys.ptr)
+                .push(&a.keys.stride_batch)
+                .push(&a.keys.stride_head)
+                .push(&a.keys.stride_token)
+                .push(&a.seq_lens)
+                .push(&max_len)
+                .push(&kv_heads)
+                .push(&table)
+                .push(&per_seq)
+                .push(&pages)
+                .push(&a.cache.k_codes)
+                .push(&a.cache.k_params)
+                .push(&a.error_flag);
+            self.launch(KernelKind::QuantizeKeys, stream, (key_blocks, seqs), &mut p)?;
+        }
+        let values = a.max_len.saturating_sub(r);
+        if values > 0 {
+            let per_block = self.kernels().spec(KernelKind::QuantizeValues).tile.threads / 8;
+            let mut p = Params::new();
+            p.push(&a.values.ptr)
+                .push(&a.values.stride_batch)
+                .push(&a.values.stride_head)
+                .push(&a.values.stride_token)
+                .push(&a.seq_lens)
+                .push(&max_len)
+                .push(&kv_heads)
+                .push(&table)
+                .push(&per_seq)
+                .push(&pages)
+                .push(&a.cache.v_codes)
+                .push(&a.cache.v_scale)
+                .push(&a.cache.v_mn)
+                .push(&a.error_flag);
+            self.launch(
+                KernelKind::QuantizeValues,
+                stream,
+                (values.div_ceil(per_block), seqs),
+                &mut p,
+            )?;
+        }
+        let threads = self.kernels().spec(KernelKind::StoreResidual).tile.threads;
+        for (rows, ring, ring_size, is_values) in [
+            (&a.keys, a.cache.k_res, st.residual_length as i32, 0i32),
+            (&a.values, a.cache.v_res, st.value_ring as i32, 1i32),
+        ] {
+            let mut p = Params::new();
+            p.push(&rows.ptr)
+                .push(&rows.stride_batch)
+                .push(&rows.stride_head)
+                .push(&rows.stride_token)
+                .push(&a.seq_lens)
+                .push(&kv_heads)
+                .push(&max_len)
+                .push(&is_values)
+                .push(&ring)
+                .push(&ring_size);
+            let grid = (ring_size as u32 * st.head_dim).div_ceil(threads);
+            self.launch(KernelKind::StoreResidual, stream, (grid, seqs), &mut p)?;
+        }
+        Ok(())
+    }
+
+    /// Queues one decode step (KIVI Algorithm 1, the decode kernel: append, attention with split-K, merge and
+    /// flushes in one launch) on `stream`. No allocation, no synchronization; with `seq_lens_next` 0 and a fixed
+    /// `grid_splits` it can be captured in a CUDA graph and replayed after the lengths change.
+    ///
+    /// # Errors
+    /// [`RuntimeError::Pointer`] for a null or misaligned pointer; [`RuntimeError::Limit`] for batch 0 or too
+    /// large, `grid_splits` outside `1..=min(scratch.splits, 1024)`, a softmax scale that is not finite and
+    /// positive; [`RuntimeError::State`] if `seq_lens_next` is `seq_lens`; driver errors. Lengths and table
+    /// entries are checked on the device (`error_flag`).
+    ///
+    /// # Safety
+    /// As [`LayoutModule::launch_prefill`]; the scratch must hold `scratch.splits` splits per row
+    /// ([`DecodeScratch::elements`]) and its counters start zeroed.
+    pub unsafe fn launch_decode(&self, stream: CUstream, a: &DecodeArgs) -> Result<()> {
+        let layout = &self.kernels().layout;
+        let st = StorageLayout::new(layout);
+        let plan = DecodePlan::new(layout);
+        let seqs = check_batch(layout, a.batch, plan.head_tiles)?;
+        a.cache.check()?;
+        a.blocks.check(&st)?;
+        check_paged_kernel(self, &a.blocks)?;
+        check_block_count(layout, a.batch, &a.blocks)?;
+        check_ptr("q", a.q, 4)?;
+        check_ptr("k_new", a.k_new, 2)?;
+        check_ptr("v_new", a.v_new, 2)?;
+        check_ptr("out", a.out, 2)?;
+        check_optional_ptr("lse", a.lse, 4)?;
+        check_ptr("seq_lens", a.seq_lens, 4)?;
+        check_optional_ptr("seq_lens_next", a.seq_lens_next, 4)?;
+        check_optional_ptr("error_flag", a.error_flag, 4)?;
+        check_ptr("part_acc", a.scratch.part_acc, 4)?;
+        check_ptr("part_ml", a.scratch.part_ml, 4)?;
+        check_ptr("counters", a.scratch.counters, 4)?;
+        if a.seq_lens_next == a.seq_lens {
+            return Err(RuntimeError::State(
+                "seq_lens_next must be another buffer than seq_lens (other blocks of the step still read it)".into(),
+            ));
+        }
+        let most = a.scratch.splits.min(MAX_SPLITS);
+        if a.grid_splits == 0 || a.grid_splits > most {
+            return Err(RuntimeError::Limit {
+                what: "grid_splits",
+                value: a.grid_splits.into(),
+                limit: format!(
+                    "it must be in 1..={most} (the scratch holds {} splits; the kernel merges at most {MAX_SPLITS})",
+                    a.scratch.splits
+                ),
+            });
+        }
+        let scale = a.softmax_scale.unwrap_or(1.0 / (st.head_dim as f32).sqrt());
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(RuntimeError::State(format!(
+                "softmax_scale {scale} must be finite and positive"
+            )));
+        }
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let (table, per_seq, pages) = a.blocks.kernel_args();
+        let kv_heads = layout.num_kv_heads as i32;
+        let fixed = self
+            .kernels()
+            .spec(KernelKind::DecodePartial)
+            .tile
+            .split_tokens as i32;
+        let (stride, window) = (
+            a.scratch.splits as i32,
+            a.window.min(i32::MAX as u32) as i32,
+        );
+        let mut p = Params::new();
+        p.push(&a.q)
+            .push(&a.cache.k_codes)
+            .push(&a.cache.k_params)
+            .push(&a.cache.k_res)
+            .push(&a.cache.v_codes)
+            .push(&a.cache.v_scale)
+            .push(&a.cache.v_mn)
+            .push(&a.cache.v_res)
+            .push(&a.k_new)
+            .push(&a.v_new)
+            .push(&a.seq_lens)
+            .push(&a.seq_lens_next)
+            .push(&kv_heads)
+            .push(&table)
+            .push(&per_seq)
+            .push(&pages)
+            .push(&fixed)
+            .push(&stride)
+            .push(&window)
+            .push(&scale_log2)
+            .push(&a.scratch.part_acc)
+            .push(&a.scratch.part_ml)
+            .push(&a.scratch.counters)
+            .push(&a.out)
+            .push(&a.lse)
+            .push(&a.error_flag);
+        self.launch(
+            KernelKind::DecodePartial,
+            stream,
+            (a.grid_splits, seqs * plan.head_tiles),
+            &mut p,
+        )
+    }
+}

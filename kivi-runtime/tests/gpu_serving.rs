@@ -1,0 +1,636 @@
+//! GPU tests of the serving features: ragged batches, paged caches, CUDA-graph replay, the log-sum-exp, a
+//! sliding window and a custom softmax scale, and bad input through the raw launch API. The CPU reference
+//! (kivi-reference) is the oracle; identities between GPU runs are bit for bit. They need a CUDA GPU, so they are
+//! ignored by default; run them on one with `--include-ignored`.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, DevicePtr};
+use half::f16;
+use kivi_codegen::KernelTiles;
+use kivi_dsl::Layout;
+use kivi_reference::{attention_f32, RefCache};
+use kivi_runtime::launch::{
+    BlockAddressing, CacheBuffers, DecodeArgs, DecodeScratch, DEVICE_ERROR_LENGTH,
+};
+use kivi_runtime::{Compiler, DecodeOptions, Gpu, KiviCache, LayoutModule, RuntimeError};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The CPU-reference tolerance of `kivi verify`: relative L2 error per (batch, head, step).
+const TOL: f64 = 3e-3;
+
+fn gpu() -> Gpu {
+    let compiler = Compiler::new(None, None).expect("NVRTC");
+    Gpu::new(0, Arc::new(compiler)).expect("a CUDA GPU")
+}
+
+fn layout(spec: &str) -> Layout {
+    kivi_dsl::parse_spec(spec).unwrap()
+}
+
+fn module(gpu: &Gpu, l: &Layout, split_tokens: u32) -> Arc<LayoutModule> {
+    let mut tiles = KernelTiles::heuristic(l);
+    tiles.decode.split_tokens = split_tokens;
+    gpu.load_layout(l, &tiles).unwrap()
+}
+
+fn random(rng: &mut StdRng, n: usize, amp: f32) -> Vec<f16> {
+    (0..n)
+        .map(|_| f16::from_f32(rng.gen_range(-amp..amp)))
+        .collect()
+}
+
+fn rel_l2(ours: &[f32], theirs: &[f32]) -> f64 {
+    let (mut err, mut norm) = (0f64, 0f64);
+    for (&a, &b) in ours.iter().zip(theirs) {
+        let e = f64::from(a) - f64::from(b);
+        err += e * e;
+        norm += f64::from(b) * f64::from(b);
+    }
+    assert_eq!(ours.len(), theirs.len());
+    if err == 0.0 {
+        0.0
+    } else {
+        (err / norm.max(1e-30)).sqrt()
+    }
+}
+
+fn bits(x: &[f16]) -> Vec<u16> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+/// One step's q, k and v of one batch entry.
+type StepInputs = (Vec<f16>, Vec<f16>, Vec<f16>);
+
+/// The inputs of a ragged run: per batch entry its prefill keys and values (`[Hkv][len][D]`) and per step its
+/// q (`[H][D]`), k and v (`[Hkv][D]`).
+struct Run {
+    lens: Vec<u32>,
+    prefill: Vec<(Vec<f16>, Vec<f16>)>,
+    steps: Vec<Vec<StepInputs>>,
+}
+
+impl Run {
+    fn new(l: &Layout, lens: &[u32], steps: usize, seed: u64) -> Run {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let (h, hkv, d) = (
+            l.num_heads as usize,
+            l.num_kv_heads as usize,
+            l.keys.head_dim as usize,
+        );
+        let prefill = lens
+            .iter()
+            .map(|&n| {
+                let n = n as usize * hkv * d;
+                (random(&mut rng, n, 2.0), random(&mut rng, n, 1.0))
+            })
+            .collect();
+        let steps = (0..steps)
+            .map(|_| {
+                lens.iter()
+                    .map(|_| {
+                        (
+                            random(&mut rng, h * d, 1.0),
+                            random(&mut rng, hkv * d, 2.0),
+                            random(&mut rng, hkv * d, 1.0),
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        Run {
+            lens: lens.to_vec(),
+            prefill,
+            steps,
+        }
+    }
+
+    /// Batch entries `which`, prefill padded to their longest: `[B][Hkv][max][D]` keys and values, the max, lens.
+    fn padded(&self, l: &Layout, which: &[usize]) -> (Vec<f16>, Vec<f16>, u32, Vec<u32>) {
+        let (hkv, d) = (l.num_kv_heads as usize, l.keys.head_dim as usize);
+        let max = which.iter().map(|&b| self.lens[b]).max().unwrap_or(0) as usize;
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for &b in which {
+            let n = self.lens[b] as usize;
+            for h in 0..hkv {
+                for t in 0..max {
+                    // Padding rows are NaN: a kernel that reads one poisons the output.
+                    let src = |x: &[f16]| -> Vec<f16> {
+                        if t < n {
+                            x[(h * n + t) * d..(h * n + t + 1) * d].to_vec()
+                        } else {
+                            vec![f16::NAN; d]
+                        }
+                    };
+                    k.extend(src(&self.prefill[b].0));
+                    v.extend(src(&self.prefill[b].1));
+                }
+            }
+        }
+        let lens = which.iter().map(|&b| self.lens[b]).collect();
+        (k, v, max as u32, lens)
+    }
+
+    /// Step `s`'s q, k, v of batch entries `which`, concatenated.
+    fn step(&self, s: usize, which: &[usize]) -> (Vec<f16>, Vec<f16>, Vec<f16>) {
+        let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        for &b in which {
+            let (a, bb, c) = &self.steps[s][b];
+            q.extend_from_slice(a);
+            k.extend_from_slice(bb);
+            v.extend_from_slice(c);
+        }
+        (q, k, v)
+    }
+}
+
+/// Runs batch entries `which` of `run` on `cache` (prefill, then every step): each step's output.
+fn run_gpu(
+    gpu: &Gpu,
+    cache: &mut KiviCache,
+    l: &Layout,
+    run: &Run,
+    which: &[usize],
+) -> Vec<Vec<f16>> {
+    let s = gpu.stream();
+    let (k, v, max, lens) = run.padded(l, which);
+    let (dk, dv) = (s.clone_htod(&k).unwrap(), s.clone_htod(&v).unwrap());
+    cache.prefill_ragged(&dk, &dv, max, &lens).unwrap();
+    (0..run.steps.len())
+        .map(|i| {
+            let (q, k, v) = run.step(i, which);
+            cache.decode_step_host(&q, &k, &v).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_ragged_batch_is_bit_identical_to_each_sequence_alone_and_matches_the_cpu_reference() {
+    let gpu = gpu();
+    let l = layout("kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 128");
+    let (h, d) = (l.num_heads as usize, l.keys.head_dim as usize);
+    // Empty, shorter than a group, around R = 128, and long enough for several automatic splits.
+    let lens = [0u32, 1, 127, 128, 129, 300, 2100, 4500];
+    let run = Run::new(&l, &lens, 3, 7);
+    let all: Vec<usize> = (0..lens.len()).collect();
+    // The automatic split and a tuned one (256 tokens: up to 18 splits).
+    for split in [0u32, 256] {
+        let m = module(&gpu, &l, split);
+        let mut cache = KiviCache::new(&gpu, m.clone(), lens.len() as u32, 4600).unwrap();
+        let batch = run_gpu(&gpu, &mut cache, &l, &run, &all);
+        cache.check_device_errors().unwrap();
+        assert_eq!(cache.lens(), &lens.map(|n| n + 3));
+        for b in 0..lens.len() {
+            let mut alone = KiviCache::new(&gpu, m.clone(), 1, 4600).unwrap();
+            let single = run_gpu(&gpu, &mut alone, &l, &run, &[b]);
+            let mut cpu = RefCache::new(&l, 1).unwrap();
+            let (pk, pv) = &run.prefill[b];
+            cpu.prefill(pk, pv, lens[b] as usize).unwrap();
+            for (step, out) in batch.iter().enumerate() {
+                let mine = &out[b * h * d..(b + 1) * h * d];
+                assert_eq!(
+                    bits(mine),
+                    bits(&single[step]),
+                    "split {split} entry {b} step {step}: batch vs alone"
+                );
+                let (q, k, v) = run.step(step, &[b]);
+                let expected = cpu.decode_step(&q, &k, &v).unwrap();
+                for head in 0..h {
+                    let ours: Vec<f32> = mine[head * d..(head + 1) * d]
+                        .iter()
+                        .map(|x| x.to_f32())
+                        .collect();
+                    let e = rel_l2(&ours, &expected[head * d..(head + 1) * d]);
+                    assert!(
+                        e <= TOL,
+                        "split {split} entry {b} (len {}) step {step} head {head}: {e:.2e}",
+                        lens[b]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_paged_cache_is_bit_identical_to_a_contiguous_one_and_flags_bad_table_entries() {
+    let gpu = gpu();
+    let l = layout("kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 128");
+    let m = module(&gpu, &l, 0);
+    let lens = [300u32, 1000, 77];
+    // 130 steps: every sequence flushes a key block and values on the way.
+    let run = Run::new(&l, &lens, 130, 11);
+    let all = [0usize, 1, 2];
+    let entries = 10u32; // 1280 tokens per sequence
+    let pages = 40u32;
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut free: Vec<i32> = (0..pages as i32).collect();
+    let mut table = Vec::new();
+    for _ in 0..lens.len() * entries as usize {
+        let i = rng.gen_range(0..free.len());
+        table.push(free.swap_remove(i));
+    }
+    let pm = gpu
+        .load_layout(&l, &KernelTiles::heuristic(&l).paged())
+        .unwrap();
+    // Each kind of cache needs its own decode kernel.
+    assert!(matches!(
+        KiviCache::new_paged(&gpu, m.clone(), 3, entries, pages, &table),
+        Err(RuntimeError::State(_))
+    ));
+    assert!(matches!(
+        KiviCache::new(&gpu, pm.clone(), 3, 128),
+        Err(RuntimeError::State(_))
+    ));
+    let mut contiguous = KiviCache::new(&gpu, m.clone(), 3, entries * 128).unwrap();
+    let mut paged = KiviCache::new_paged(&gpu, pm.clone(), 3, entries, pages, &table).unwrap();
+    let a = run_gpu(&gpu, &mut contiguous, &l, &run, &all);
+    let b = run_gpu(&gpu, &mut paged, &l, &run, &all);
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(bits(x), bits(y), "step {step}");
+    }
+    paged.check_device_errors().unwrap();
+    // The stored codes, scales, mins and rings are the same too (export needs one length: a uniform batch).
+    let uniform = Run::new(&l, &[300, 300, 300], 130, 13);
+    let mut contiguous = KiviCache::new(&gpu, m.clone(), 3, entries * 128).unwrap();
+    let mut paged_u = KiviCache::new_paged(&gpu, pm.clone(), 3, entries, pages, &table).unwrap();
+    let a_u = run_gpu(&gpu, &mut contiguous, &l, &uniform, &all);
+    let b_u = run_gpu(&gpu, &mut paged_u, &l, &uniform, &all);
+    assert_eq!(
+        a_u.iter().map(|x| bits(x)).collect::<Vec<_>>(),
+        b_u.iter().map(|x| bits(x)).collect::<Vec<_>>()
+    );
+    assert_eq!(contiguous.export().unwrap(), paged_u.export().unwrap());
+
+    // Entry 1 of batch entry 1 points past the pages: its outputs are NaN, the flag says why, the others are
+    // unchanged, and the context stays usable.
+    let mut bad_table = table.clone();
+    bad_table[entries as usize + 1] = pages as i32 + 5;
+    let mut bad = KiviCache::new_paged(&gpu, pm, 3, entries, pages, &bad_table).unwrap();
+    let c = run_gpu(&gpu, &mut bad, &l, &run, &all);
+    let (h, d) = (l.num_heads as usize, l.keys.head_dim as usize);
+    for (step, (x, y)) in a.iter().zip(&c).enumerate() {
+        assert!(
+            y[h * d..2 * h * d].iter().all(|v| v.is_nan()),
+            "step {step}: entry 1 must be NaN"
+        );
+        assert_eq!(bits(&x[..h * d]), bits(&y[..h * d]), "step {step}: entry 0");
+        assert_eq!(
+            bits(&x[2 * h * d..]),
+            bits(&y[2 * h * d..]),
+            "step {step}: entry 2"
+        );
+    }
+    match bad.check_device_errors() {
+        Err(RuntimeError::Device(msg)) => assert!(msg.contains("block table"), "{msg}"),
+        other => panic!("expected a device error, got {other:?}"),
+    }
+    bad.check_device_errors().unwrap(); // read and cleared
+    bad.reset().unwrap();
+    gpu.stream().synchronize().unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn graph_replays_are_bit_identical_to_direct_launches() {
+    let gpu = gpu();
+    let l = layout("kivi-2, num_heads: 32, num_kv_heads: 8, head_dim: 128");
+    let m = module(&gpu, &l, 0);
+    let lens = [5u32, 126, 2500, 700];
+    let steps = 6;
+    let run = Run::new(&l, &lens, steps, 3);
+    let all = [0usize, 1, 2, 3];
+    let mut direct = KiviCache::new(&gpu, m.clone(), 4, 5000).unwrap();
+    let a = run_gpu(&gpu, &mut direct, &l, &run, &all);
+
+    let s = gpu.stream().clone();
+    let mut replayed = KiviCache::new(&gpu, m, 4, 5000).unwrap();
+    let (k, v, max, plens) = run.padded(&l, &all);
+    let (dk, dv) = (s.clone_htod(&k).unwrap(), s.clone_htod(&v).unwrap());
+    replayed.prefill_ragged(&dk, &dv, max, &plens).unwrap();
+    let (q0, k0, v0) = run.step(0, &all);
+    let mut q = s.clone_htod(&q0).unwrap();
+    let mut kn = s.clone_htod(&k0).unwrap();
+    let mut vn = s.clone_htod(&v0).unwrap();
+    let mut out = s.clone_htod(&vec![f16::NAN; q0.len()]).unwrap();
+    let capture = gpu.context().new_stream().unwrap();
+    let graph = replayed
+        .capture_decode(&capture, &q, &kn, &vn, &mut out, DecodeOptions::default())
+        .unwrap();
+    assert_eq!(replayed.lens(), &lens, "capturing runs nothing");
+    for (step, expected) in a.iter().enumerate() {
+        let (qs, ks, vs) = run.step(step, &all);
+        s.memcpy_htod(&qs, &mut q).unwrap();
+        s.memcpy_htod(&ks, &mut kn).unwrap();
+        s.memcpy_htod(&vs, &mut vn).unwrap();
+        replayed.replay_decode(&graph).unwrap();
+        let got = s.clone_dtoh(&out).unwrap();
+        assert_eq!(bits(&got), bits(expected), "step {step}");
+    }
+    replayed.check_device_errors().unwrap();
+    assert_eq!(replayed.lens(), direct.lens());
+    assert_eq!(replayed.export().is_err(), direct.export().is_err());
+    // A graph belongs to the cache it was captured on.
+    assert!(matches!(
+        direct.replay_decode(&graph),
+        Err(RuntimeError::State(_))
+    ));
+}
+
+/// Exact attention of head `head` of batch entry `b` over the reference cache's tokens plus the new (k, v),
+/// with a window and a scale: (output `[D]`, natural-log log-sum-exp of the scaled scores).
+fn expected_step(
+    cpu: &RefCache,
+    l: &Layout,
+    (q, kn, vn): (&[f16], &[f16], &[f16]),
+    head: usize,
+    window: usize,
+    scale: f64,
+) -> (Vec<f32>, f64) {
+    let (h, hkv, d) = (
+        l.num_heads as usize,
+        l.num_kv_heads as usize,
+        l.keys.head_dim as usize,
+    );
+    let kvh = head / (h / hkv);
+    let (mut k, mut v) = cpu.effective_kv(0, kvh).unwrap();
+    k.extend(kn[kvh * d..(kvh + 1) * d].iter().map(|x| x.to_f32()));
+    v.extend(vn[kvh * d..(kvh + 1) * d].iter().map(|x| x.to_f32()));
+    let t = k.len() / d;
+    let lo = if window > 0 && t > window {
+        t - window
+    } else {
+        0
+    };
+    let qh: Vec<f64> = q[head * d..(head + 1) * d]
+        .iter()
+        .map(|x| f64::from(x.to_f32()))
+        .collect();
+    let scores: Vec<f64> = (lo..t)
+        .map(|j| (0..d).map(|c| qh[c] * f64::from(k[j * d + c])).sum::<f64>() * scale)
+        .collect();
+    let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+    let sum: f64 = w.iter().sum();
+    let out: Vec<f32> = (0..d)
+        .map(|c| {
+            (w.iter()
+                .enumerate()
+                .map(|(i, wi)| wi * f64::from(v[(lo + i) * d + c]))
+                .sum::<f64>()
+                / sum) as f32
+        })
+        .collect();
+    // Without window and scale, this is the reference's own attention.
+    if window == 0 && (scale - 1.0 / (d as f64).sqrt()).abs() < 1e-12 {
+        let qf: Vec<f32> = qh.iter().map(|&x| x as f32).collect();
+        let r = attention_f32(&qf, &k, &v, d).unwrap();
+        assert!(rel_l2(&out, &r) < 1e-6);
+    }
+    (out, mx + sum.ln())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn log_sum_exp_sliding_window_and_softmax_scale_match_the_cpu_reference() {
+    let gpu = gpu();
+    let l = layout("kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 128");
+    let (h, d) = (l.num_heads as usize, l.keys.head_dim as usize);
+    let s = gpu.stream().clone();
+    for (split, window, scale) in [
+        (0u32, 0u32, None),
+        (0, 200, Some(0.05f32)),
+        (256, 1000, None),
+        (0, 1, Some(0.2)),
+    ] {
+        let m = module(&gpu, &l, split);
+        let lens = [3000u32, 150, 40];
+        let run = Run::new(&l, &lens, 3, 17);
+        for (b, &len) in lens.iter().enumerate() {
+            let mut cache = KiviCache::new(&gpu, m.clone(), 1, 3100).unwrap();
+            let mut cpu = RefCache::new(&l, 1).unwrap();
+            let (pk, pv) = &run.prefill[b];
+            cache.prefill_host(pk, pv, len).unwrap();
+            cpu.prefill(pk, pv, len as usize).unwrap();
+            for step in 0..3 {
+                let (q, k, v) = run.step(step, &[b]);
+                let (dq, dk, dv) = (
+                    s.clone_htod(&q).unwrap(),
+                    s.clone_htod(&k).unwrap(),
+                    s.clone_htod(&v).unwrap(),
+                );
+                let mut out = s.clone_htod(&vec![f16::NAN; q.len()]).unwrap();
+                let mut lse: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; h]).unwrap();
+                let options = DecodeOptions {
+                    lse: Some(&mut lse),
+                    window,
+                    softmax_scale: scale,
+                };
+                cache
+                    .decode_step_with(&dq, &dk, &dv, &mut out, options)
+                    .unwrap();
+                let (out, lse) = (s.clone_dtoh(&out).unwrap(), s.clone_dtoh(&lse).unwrap());
+                let sc = f64::from(scale.unwrap_or(1.0 / (d as f32).sqrt()));
+                for head in 0..h {
+                    let (e_out, e_lse) =
+                        expected_step(&cpu, &l, (&q, &k, &v), head, window as usize, sc);
+                    let ours: Vec<f32> = out[head * d..(head + 1) * d]
+                        .iter()
+                        .map(|x| x.to_f32())
+                        .collect();
+                    let err = rel_l2(&ours, &e_out);
+                    let what = format!("split {split} window {window} scale {scale:?} len {len} step {step} head {head}");
+                    assert!(err <= TOL, "{what}: output {err:.2e}");
+                    let lse_err = (f64::from(lse[head]) - e_lse).abs();
+                    assert!(
+                        lse_err <= 1e-3 * e_lse.abs().max(1.0),
+                        "{what}: lse {} vs {e_lse}",
+                        lse[head]
+                    );
+                }
+                cpu.decode_step(&q, &k, &v).unwrap();
+            }
+            cache.check_device_errors().unwrap();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn the_raw_api_rejects_bad_arguments_and_flags_bad_lengths_without_breaking_the_context() {
+    let gpu = gpu();
+    let l = layout("kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 64");
+    let m = module(&gpu, &l, 0);
+    let s = gpu.stream().clone();
+    let st = kivi_codegen::StorageLayout::new(&l);
+    let (batch, blocks_per_seq) = (2u32, 4u32);
+    let seqs = (batch * l.num_kv_heads) as usize;
+    let blocks = seqs * blocks_per_seq as usize;
+    let d = st.head_dim as usize;
+    let k_codes = s
+        .alloc_zeros::<u32>(blocks * st.key_block_words() as usize)
+        .unwrap();
+    let k_params = s
+        .alloc_zeros::<f16>(blocks * st.key_block_params() as usize)
+        .unwrap();
+    let k_res = s
+        .alloc_zeros::<f16>(seqs * st.residual_length as usize * d)
+        .unwrap();
+    let v_codes = s
+        .alloc_zeros::<u32>(blocks * st.value_block_words() as usize)
+        .unwrap();
+    let v_scale = s
+        .alloc_zeros::<f16>(blocks * st.value_block_params() as usize)
+        .unwrap();
+    let v_mn = s
+        .alloc_zeros::<f16>(blocks * st.value_block_params() as usize)
+        .unwrap();
+    let v_res = s
+        .alloc_zeros::<f16>(seqs * st.value_ring as usize * d)
+        .unwrap();
+    let splits = m.graph_grid_splits(blocks_per_seq * st.residual_length);
+    let (acc, ml, counters) = DecodeScratch::elements(&l, batch, splits);
+    let part_acc = s.alloc_zeros::<f32>(acc).unwrap();
+    let part_ml = s.alloc_zeros::<f32>(ml).unwrap();
+    let counters = s.alloc_zeros::<u32>(counters).unwrap();
+    let rows = (batch * l.num_heads) as usize;
+    let q = s.clone_htod(&vec![f16::from_f32(0.5); rows * d]).unwrap();
+    let kv = s.clone_htod(&vec![f16::from_f32(0.25); seqs * d]).unwrap();
+    let out = s.clone_htod(&vec![f16::ZERO; rows * d]).unwrap();
+    // Batch entry 1 claims more tokens than its storage holds (4 blocks of 128 = 512).
+    let lens = s.clone_htod(&[3i32, 700]).unwrap();
+    let flag = s.alloc_zeros::<u32>(1).unwrap();
+    let p = |x: &dyn Fn() -> u64| x();
+    let ptr = |x: &CudaSlice<u32>| x.device_ptr(&s).0;
+    let ph = |x: &CudaSlice<f16>| x.device_ptr(&s).0;
+    let pf = |x: &CudaSlice<f32>| x.device_ptr(&s).0;
+    let good = DecodeArgs {
+        batch,
+        q: ph(&q),
+        k_new: ph(&kv),
+        v_new: ph(&kv),
+        out: ph(&out),
+        lse: 0,
+        seq_lens: p(&|| lens.device_ptr(&s).0),
+        seq_lens_next: 0,
+        cache: CacheBuffers {
+            k_codes: ptr(&k_codes),
+            k_params: ph(&k_params),
+            k_res: ph(&k_res),
+            v_codes: ptr(&v_codes),
+            v_scale: ph(&v_scale),
+            v_mn: ph(&v_mn),
+            v_res: ph(&v_res),
+        },
+        blocks: BlockAddressing::Contiguous { blocks_per_seq },
+        scratch: DecodeScratch {
+            part_acc: pf(&part_acc),
+            part_ml: pf(&part_ml),
+            counters: ptr(&counters),
+            splits,
+        },
+        grid_splits: splits,
+        window: 0,
+        softmax_scale: None,
+        error_flag: ptr(&flag),
+    };
+    let cu = s.cu_stream();
+    let launch = |a: &DecodeArgs| unsafe { m.launch_decode(cu, a) };
+    let cases: Vec<(&str, DecodeArgs)> = vec![
+        ("null q", DecodeArgs { q: 0, ..good }),
+        (
+            "misaligned q",
+            DecodeArgs {
+                q: good.q + 2,
+                ..good
+            },
+        ),
+        (
+            "misaligned k_codes",
+            DecodeArgs {
+                cache: CacheBuffers {
+                    k_codes: good.cache.k_codes + 4,
+                    ..good.cache
+                },
+                ..good
+            },
+        ),
+        (
+            "seq_lens_next = seq_lens",
+            DecodeArgs {
+                seq_lens_next: good.seq_lens,
+                ..good
+            },
+        ),
+        (
+            "grid 0",
+            DecodeArgs {
+                grid_splits: 0,
+                ..good
+            },
+        ),
+        (
+            "grid beyond the scratch",
+            DecodeArgs {
+                grid_splits: splits + 1,
+                ..good
+            },
+        ),
+        ("batch 0", DecodeArgs { batch: 0, ..good }),
+        (
+            "NaN scale",
+            DecodeArgs {
+                softmax_scale: Some(f32::NAN),
+                ..good
+            },
+        ),
+        (
+            "null table",
+            DecodeArgs {
+                blocks: BlockAddressing::Paged {
+                    block_table: 0,
+                    entries_per_seq: 4,
+                    pages: 8,
+                },
+                ..good
+            },
+        ),
+    ];
+    for (what, a) in &cases {
+        let e = launch(a).expect_err(what);
+        assert!(
+            matches!(
+                e,
+                RuntimeError::Pointer { .. } | RuntimeError::Limit { .. } | RuntimeError::State(_)
+            ),
+            "{what}: {e}"
+        );
+    }
+    // The good arguments launch; entry 1's bad length is flagged on the device and its output is NaN, entry 0
+    // is attended normally.
+    launch(&good).unwrap();
+    let o = s.clone_dtoh(&out).unwrap();
+    let per = l.num_heads as usize * d;
+    assert!(o[per..].iter().all(|x| x.is_nan()));
+    assert!(o[..per].iter().all(|x| x.is_finite()));
+    assert_eq!(
+        s.clone_dtoh(&flag).unwrap()[0] & DEVICE_ERROR_LENGTH,
+        DEVICE_ERROR_LENGTH
+    );
+    // The context still works: a fresh cache runs a step.
+    let mut cache = KiviCache::new(&gpu, m, 1, 64).unwrap();
+    cache
+        .prefill_host(&vec![f16::ONE; 2 * 10 * d], &vec![f16::ONE; 2 * 10 * d], 10)
+        .unwrap();
+    let out = cache
+        .decode_step_host(
+            &vec![f16::ONE; 8 * d],
+            &vec![f16::ONE; 2 * d],
+            &vec![f16::ONE; 2 * d],
+        )
+        .unwrap();
+    assert!(out.iter().all(|x| (x.to_f32() - 1.0).abs() < 1e-3));
+}
