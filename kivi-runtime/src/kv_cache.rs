@@ -12,8 +12,8 @@ pub use kivi_reference::CacheExport;
 use crate::error::{Result, RuntimeError};
 use crate::gpu::{Gpu, LayoutModule};
 use crate::launch::{
-    check_block_count, check_paged_kernel, describe_device_error, BlockAddressing, CacheBuffers,
-    DecodeArgs, DecodeScratch, PrefillArgs, TokenRows,
+    check_block_count, check_paged_kernel, describe_device_error, BlockAddressing, BufferBytes,
+    CUstream, CacheBuffers, DecodeArgs, DecodeScratch, PrefillArgs, TokenRows,
 };
 
 /// The largest capacity (tokens per sequence) a cache may have: positions are 32-bit in the kernels.
@@ -269,32 +269,30 @@ impl KiviCache {
         check_paged_kernel(&module, &addressing)?;
         check_block_count(&layout, batch, &addressing)?;
         let stream = gpu.stream().clone();
-        let (blocks, paging) = match paging {
-            None => (seqs as usize * blocks_per_seq as usize, None),
-            Some((table, entries_per_seq, pages)) => (
-                pages as usize * layout.num_kv_heads as usize,
-                Some(Paging {
-                    table: stream.clone_htod(table)?,
-                    entries_per_seq,
-                    pages,
-                }),
-            ),
+        let paging = match paging {
+            None => None,
+            Some((table, entries_per_seq, pages)) => Some(Paging {
+                table: stream.clone_htod(table)?,
+                entries_per_seq,
+                pages,
+            }),
         };
-        let d = storage.head_dim as usize;
         let plan = DecodePlan::new(&layout);
         let max_splits = checked_max_splits(&module, capacity)?;
-        let (acc, ml, counters) = DecodeScratch::elements(&layout, batch, max_splits);
+        // The raw API's size calculator sizes every buffer (elements = bytes / element size).
+        let bytes = BufferBytes::new(&layout, batch, &addressing, max_splits);
+        let n = |b: u64, size: u64| (b / size) as usize;
         Ok(KiviCache {
-            k_codes: stream.alloc_zeros(blocks * storage.key_block_words() as usize)?,
-            k_params: stream.alloc_zeros(blocks * storage.key_block_params() as usize)?,
-            k_res: stream.alloc_zeros(seqs as usize * storage.residual_length as usize * d)?,
-            v_codes: stream.alloc_zeros(blocks * storage.value_block_words() as usize)?,
-            v_scale: stream.alloc_zeros(blocks * storage.value_block_params() as usize)?,
-            v_mn: stream.alloc_zeros(blocks * storage.value_block_params() as usize)?,
-            v_res: stream.alloc_zeros(seqs as usize * storage.value_ring as usize * d)?,
-            part_acc: stream.alloc_zeros(acc)?,
-            part_ml: stream.alloc_zeros(ml)?,
-            counters: stream.alloc_zeros(counters)?,
+            k_codes: stream.alloc_zeros(n(bytes.k_codes, 4))?,
+            k_params: stream.alloc_zeros(n(bytes.k_params, 2))?,
+            k_res: stream.alloc_zeros(n(bytes.k_res, 2))?,
+            v_codes: stream.alloc_zeros(n(bytes.v_codes, 4))?,
+            v_scale: stream.alloc_zeros(n(bytes.v_scale, 2))?,
+            v_mn: stream.alloc_zeros(n(bytes.v_mn, 2))?,
+            v_res: stream.alloc_zeros(n(bytes.v_res, 2))?,
+            part_acc: stream.alloc_zeros(n(bytes.part_acc, 4))?,
+            part_ml: stream.alloc_zeros(n(bytes.part_ml, 4))?,
+            counters: stream.alloc_zeros(n(bytes.counters, 4))?,
             lens_dev: [
                 stream.alloc_zeros(batch as usize)?,
                 stream.alloc_zeros(batch as usize)?,
@@ -576,7 +574,10 @@ impl KiviCache {
         // SAFETY: every buffer was allocated for this layout, batch and capacity (allocate); k and v were checked
         // against [batch, num_kv_heads, max_len, head_dim]; the lengths were checked against max_len and the
         // capacity.
-        unsafe { self.module.launch_prefill(stream.cu_stream(), &args) }?;
+        unsafe {
+            self.module
+                .launch_prefill(stream.cu_stream() as CUstream, &args)
+        }?;
         drop(g);
         self.lens.copy_from_slice(lens);
         Ok(())
@@ -667,7 +668,7 @@ impl KiviCache {
         // SAFETY: every buffer was allocated for this layout, batch and capacity (allocate), the scratch for
         // max_splits >= grid_splits splits (checked_max_splits at the capacity, which bounds every length); q, k,
         // v, out and lse were checked against the layout and batch; the lengths leave room for the new token.
-        unsafe { module.launch_decode(stream.cu_stream(), &args) }?;
+        unsafe { module.launch_decode(stream.cu_stream() as CUstream, &args) }?;
         drop(g);
         self.advance();
         Ok(())
@@ -788,7 +789,8 @@ impl KiviCache {
             )?;
             // SAFETY: as in decode_step_with; the graph keeps the pointers, which stay valid while the cache
             // and the io buffers live (replay_decode checks the graph belongs to this cache).
-            let launched = unsafe { module.launch_decode(capture_stream.cu_stream(), &args) };
+            let launched =
+                unsafe { module.launch_decode(capture_stream.cu_stream() as CUstream, &args) };
             let graph =
                 capture_stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
             launched?;

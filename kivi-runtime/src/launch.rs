@@ -20,12 +20,20 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use kivi_codegen::{DecodePlan, KernelKind, StorageLayout, MAX_SPLITS};
 
 use crate::error::{Result, RuntimeError};
 use crate::gpu::LayoutModule;
 use crate::kv_cache::MAX_CAPACITY;
+
+/// A device address (CUDA's `CUdeviceptr`: what `cuMemAlloc`, `cudaMalloc` or `torch.Tensor.data_ptr()` give);
+/// 0 means none where an argument is optional. A plain integer, so that the contract does not depend on a
+/// particular version of a CUDA binding.
+pub type CUdeviceptr = u64;
+
+/// A CUDA stream handle (CUDA's `CUstream` / `cudaStream_t`; null is the legacy default stream), of the context the
+/// module was loaded into.
+pub type CUstream = *mut c_void;
 
 /// Error-flag bit: a sequence length below 0 or beyond what its storage holds (or, at prefill, beyond
 /// `max_len`; at decode, no room for the new token).
@@ -217,6 +225,80 @@ impl TokenRows {
             });
         }
         Ok(())
+    }
+}
+
+/// Bytes of each buffer of one layer's cache for `batch` entries stored as `blocks` (the memory-size calculator
+/// of the raw API; [`StorageLayout::memory`](kivi_codegen::StorageLayout::memory) breaks down one sequence), and
+/// of the decode scratch for `splits` splits per row ([`LayoutModule::graph_grid_splits`] of the capacity serves
+/// every length).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BufferBytes {
+    /// `k_codes` (u32).
+    pub k_codes: u64,
+    /// `k_params` (fp16).
+    pub k_params: u64,
+    /// `k_res` (fp16).
+    pub k_res: u64,
+    /// `v_codes` (u32).
+    pub v_codes: u64,
+    /// `v_scale` (fp16).
+    pub v_scale: u64,
+    /// `v_mn` (fp16).
+    pub v_mn: u64,
+    /// `v_res` (fp16).
+    pub v_res: u64,
+    /// Split-K scratch `part_acc` (f32).
+    pub part_acc: u64,
+    /// Split-K scratch `part_ml` (f32).
+    pub part_ml: u64,
+    /// Completion counters (u32, zeroed once).
+    pub counters: u64,
+}
+
+impl BufferBytes {
+    /// The sizes for `layout`, `batch` entries, blocks stored as `blocks` and `splits` splits of scratch per row.
+    pub fn new(
+        layout: &kivi_dsl::Layout,
+        batch: u32,
+        blocks: &BlockAddressing,
+        splits: u32,
+    ) -> Self {
+        let st = StorageLayout::new(layout);
+        let hkv = u64::from(layout.num_kv_heads);
+        let seqs = u64::from(batch) * hkv;
+        let n = match *blocks {
+            BlockAddressing::Contiguous { blocks_per_seq } => seqs * u64::from(blocks_per_seq),
+            BlockAddressing::Paged { pages, .. } => u64::from(pages) * hkv,
+        };
+        let d = u64::from(st.head_dim);
+        let (acc, ml, counters) = DecodeScratch::elements(layout, batch, splits);
+        BufferBytes {
+            k_codes: n * u64::from(st.key_block_words()) * 4,
+            k_params: n * u64::from(st.key_block_params()) * 2,
+            k_res: seqs * u64::from(st.residual_length) * d * 2,
+            v_codes: n * u64::from(st.value_block_words()) * 4,
+            v_scale: n * u64::from(st.value_block_params()) * 2,
+            v_mn: n * u64::from(st.value_block_params()) * 2,
+            v_res: seqs * u64::from(st.value_ring) * d * 2,
+            part_acc: acc as u64 * 4,
+            part_ml: ml as u64 * 4,
+            counters: counters as u64 * 4,
+        }
+    }
+
+    /// All of them.
+    pub fn total(&self) -> u64 {
+        self.k_codes
+            + self.k_params
+            + self.k_res
+            + self.v_codes
+            + self.v_scale
+            + self.v_mn
+            + self.v_res
+            + self.part_acc
+            + self.part_ml
+            + self.counters
     }
 }
 
@@ -438,7 +520,7 @@ impl LayoutModule {
                 (grid.0, grid.1, 1),
                 (threads, 1, 1),
                 0,
-                stream,
+                stream as cudarc::driver::sys::CUstream,
                 &mut params.0,
             )
         }?;

@@ -5,8 +5,21 @@ use std::sync::OnceLock;
 
 use crate::error::{Result, RuntimeError};
 
-/// The CUDA major version this build's NVRTC bindings expect (`libnvrtc.so.13`).
+/// The CUDA major version this build's NVRTC bindings expect (`libnvrtc.so.13` with the default feature
+/// `cuda-13`, `libnvrtc.so.12` with `cuda-12`).
+#[cfg(all(feature = "cuda-13", not(feature = "cuda-12")))]
 pub const CUDA_MAJOR: u32 = 13;
+/// The CUDA major version this build's NVRTC bindings expect (`libnvrtc.so.12`: the `cuda-12` feature).
+#[cfg(all(feature = "cuda-12", not(feature = "cuda-13")))]
+pub const CUDA_MAJOR: u32 = 12;
+#[cfg(not(any(
+    all(feature = "cuda-13", not(feature = "cuda-12")),
+    all(feature = "cuda-12", not(feature = "cuda-13"))
+)))]
+compile_error!(
+    "kivi-runtime needs exactly one of the features `cuda-13` (the default) and `cuda-12`: build with \
+     `--no-default-features --features cuda-12` for CUDA 12"
+);
 
 /// What [`locate_nvrtc`] found.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -537,7 +537,7 @@ fn the_raw_api_rejects_bad_arguments_and_flags_bad_lengths_without_breaking_the_
         softmax_scale: None,
         error_flag: ptr(&flag),
     };
-    let cu = s.cu_stream();
+    let cu = s.cu_stream() as kivi_runtime::launch::CUstream;
     let launch = |a: &DecodeArgs| unsafe { m.launch_decode(cu, a) };
     let cases: Vec<(&str, DecodeArgs)> = vec![
         ("null q", DecodeArgs { q: 0, ..good }),

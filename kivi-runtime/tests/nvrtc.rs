@@ -20,7 +20,7 @@ fn compiler(cache_dir: Option<std::path::PathBuf>) -> Option<Compiler> {
 }
 
 #[test]
-fn every_preset_compiles_for_sm80_and_sm90_without_warnings() {
+fn every_preset_compiles_for_sm80_and_sm90_without_warnings_contiguous_and_paged() {
     let Some(compiler) = compiler(None) else {
         return;
     };
@@ -29,22 +29,28 @@ fn every_preset_compiles_for_sm80_and_sm90_without_warnings() {
         for m in MODEL_PRESETS {
             let spec = format!("{}, {}", q.name, m.name);
             let layout = parse_spec(&spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
-            let kernels = LayoutKernels::new(&layout, &KernelTiles::heuristic(&layout))
-                .unwrap_or_else(|e| panic!("{spec}: {e}"));
-            let module = generate_module(&kernels.specs).unwrap();
-            for arch in ["sm_80", "sm_90"] {
-                let arch = Arch::parse(arch).unwrap();
-                let cubin = compiler
-                    .compile(&module.name, &module.source, arch)
-                    .unwrap_or_else(|e| panic!("{spec} {}: {e}", arch.sm()));
-                assert!(
-                    cubin.log.is_empty(),
-                    "{spec} {}: NVRTC warnings:\n{}",
-                    arch.sm(),
-                    cubin.log
-                );
-                assert!(cubin.image.starts_with(b"\x7fELF"), "{spec}: not a CUBIN");
-                count += 1;
+            // The contiguous module, and the paged one (its decode kernel reads through a block table).
+            for tiles in [
+                KernelTiles::heuristic(&layout),
+                KernelTiles::heuristic(&layout).paged(),
+            ] {
+                let kernels =
+                    LayoutKernels::new(&layout, &tiles).unwrap_or_else(|e| panic!("{spec}: {e}"));
+                let module = generate_module(&kernels.specs).unwrap();
+                for arch in ["sm_80", "sm_90"] {
+                    let arch = Arch::parse(arch).unwrap();
+                    let cubin = compiler
+                        .compile(&module.name, &module.source, arch)
+                        .unwrap_or_else(|e| panic!("{spec} {}: {e}", arch.sm()));
+                    assert!(
+                        cubin.log.is_empty(),
+                        "{spec} {}: NVRTC warnings:\n{}",
+                        arch.sm(),
+                        cubin.log
+                    );
+                    assert!(cubin.image.starts_with(b"\x7fELF"), "{spec}: not a CUBIN");
+                    count += 1;
+                }
             }
         }
     }
