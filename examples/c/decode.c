@@ -9,6 +9,7 @@
  * An engine would pass its own device memory and stream; this program uses kivi's synchronous helpers
  * (kivi_device_alloc, kivi_memcpy_*) so that it needs no CUDA header. 8-bit keys and values keep the quantization
  * error small enough to compare with exact attention (relative L2 error per head below 2%). */
+#include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -98,8 +99,9 @@ int main(void) {
     const uint32_t splits = kivi_graph_grid_splits(module, capacity);
     KiviBufferBytes bytes;
     if (!check(kivi_buffer_bytes(module, BATCH, &blocks, splits, &bytes), "kivi_buffer_bytes")) return 1;
-    printf("layout: %u heads, %u KV heads, head_dim %u, R %u; cache of %d x %u tokens: %llu bytes\n", H, HKV, D, R,
-           BATCH, capacity, (unsigned long long)bytes.total);
+    printf("layout: %" PRIu32 " heads, %" PRIu32 " KV heads, head_dim %" PRIu32 ", R %" PRIu32
+           "; cache of %d x %" PRIu32 " tokens: %" PRIu64 " bytes\n",
+           H, HKV, D, R, BATCH, capacity, bytes.total);
 
     KiviCacheBuffers cache = {alloc_zeroed(bytes.k_codes), alloc_zeroed(bytes.k_params), alloc_zeroed(bytes.k_res),
                               alloc_zeroed(bytes.v_codes), alloc_zeroed(bytes.v_scale),  alloc_zeroed(bytes.v_mn),
@@ -150,9 +152,10 @@ int main(void) {
                     keys[(((size_t)b * HKV + h) * T + (uint32_t)cur[b]) * D + d] = from_half(kn[i]);
                     vals[(((size_t)b * HKV + h) * T + (uint32_t)cur[b]) * D + d] = from_half(vn[i]);
                 }
-        kivi_memcpy_htod(module, dq, q, (uint64_t)BATCH * H * D * 2);
-        kivi_memcpy_htod(module, dkn, kn, (uint64_t)BATCH * HKV * D * 2);
-        kivi_memcpy_htod(module, dvn, vn, (uint64_t)BATCH * HKV * D * 2);
+        if (!check(kivi_memcpy_htod(module, dq, q, (uint64_t)BATCH * H * D * 2), "kivi_memcpy_htod") ||
+            !check(kivi_memcpy_htod(module, dkn, kn, (uint64_t)BATCH * HKV * D * 2), "kivi_memcpy_htod") ||
+            !check(kivi_memcpy_htod(module, dvn, vn, (uint64_t)BATCH * HKV * D * 2), "kivi_memcpy_htod"))
+            return 1;
         /* The lengths double-buffer: this step reads d_lens and writes the next lengths into d_lens_next. */
         KiviDecodeArgs args = {0};
         args.batch = BATCH;
@@ -203,7 +206,7 @@ int main(void) {
                worst);
     }
     uint32_t bits = 0;
-    kivi_memcpy_dtoh(module, &bits, flag, 4);
+    if (!check(kivi_memcpy_dtoh(module, &bits, flag, 4), "kivi_memcpy_dtoh")) return 1;
     if (bits != 0) {
         char msg[256];
         kivi_error_flag_message(bits, msg, sizeof msg);
@@ -215,6 +218,20 @@ int main(void) {
     KiviStatus s = kivi_decode(module, NULL, &bad);
     printf("zeroed arguments: status %d (%s)\n", (int)s, kivi_last_error());
     if (s == KIVI_STATUS_OK) return 1;
+    const uint64_t device_buffers[] = {cache.k_codes, cache.k_params, cache.k_res, cache.v_codes, cache.v_scale,
+                                       cache.v_mn,    cache.v_res,    part_acc,    part_ml,       counters,
+                                       flag,          dk,             dv,          d_lens,        d_lens_next,
+                                       dq,            dkn,            dvn,         dout};
+    for (size_t i = 0; i < sizeof device_buffers / sizeof device_buffers[0]; i++)
+        if (!check(kivi_device_free(module, device_buffers[i]), "kivi_device_free")) return 1;
+    free(keys);
+    free(vals);
+    free(kh);
+    free(vh);
+    free(q);
+    free(kn);
+    free(vn);
+    free(out);
     kivi_module_free(module);
     if (!(worst < 0.02)) {
         fprintf(stderr, "error %.3e is above 2e-2\n", worst);

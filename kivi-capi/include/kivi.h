@@ -221,8 +221,8 @@ enum KiviStatus kivi_buffer_bytes(const struct KiviModule *module,
                                   uint32_t splits,
                                   struct KiviBufferBytes *out);
 
-// The least grid (and scratch) splits of a decode step over sequences of at most `max_len` tokens, the new one
-// included, with a sliding `window` (0: none); 0 for a null module.
+// Grid splits that serve a decode step over any sequences of at most `max_len` tokens, the new one included, with
+// a sliding `window` (0: none); 0 for a null module.
 //
 // # Safety
 // `module` is null or a live module.

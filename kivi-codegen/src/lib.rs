@@ -298,11 +298,25 @@ impl DecodePlan {
         (split, span.max(1).div_ceil(split))
     }
 
+    /// The most splits a decode step of any sequence of at most `max_len` tokens (the new one included) makes with
+    /// split `fixed` (0: automatic) and sliding `window` (0: none): the grid a ragged batch needs. The split count
+    /// is not monotone in the length (a window's start is rounded down to the iteration, and the automatic split
+    /// rounds up to it), so this bounds it: a sequence's span is at most `max_len`, and with a window at most
+    /// `window + iter_tokens - 1`; [`DecodePlan::auto_splits`] and `ceil(span / fixed)` grow with the span and are
+    /// never below the splits actually made.
+    pub fn grid_splits(&self, fixed: u32, max_len: u32, window: u32) -> u32 {
+        let mut span = max_len.max(1);
+        if window > 0 {
+            span = span.min(window.saturating_add(self.iter_tokens - 1));
+        }
+        self.max_splits(fixed, span)
+    }
+
     /// The most splits any decode step of up to `capacity` tokens per sequence can make with split `fixed`
     /// (0: automatic): sizes the split-K scratch and the grid of a CUDA-graph-captured step.
     pub fn max_splits(&self, fixed: u32, capacity: u32) -> u32 {
         if fixed > 0 {
-            capacity.div_ceil(fixed)
+            capacity.max(1).div_ceil(fixed)
         } else {
             Self::auto_splits(capacity)
         }

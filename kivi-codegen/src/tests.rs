@@ -185,6 +185,39 @@ fn the_automatic_split_depends_on_the_span_only_and_covers_it() {
 }
 
 #[test]
+fn the_grid_serves_every_shorter_sequence_of_a_ragged_batch() {
+    // The split count is not monotone in the length: with a window, a shorter sequence can span more tokens
+    // (its start rounds down further), and the automatic split rounds up. The grid must cover every length.
+    for spec in [
+        "kivi-2, llama-3-8b",
+        "keys: { bits: 1 }, kivi-2, llama-3-8b",
+        "kivi-4, llama-3-8b",
+    ] {
+        let p = DecodePlan::new(&layout(spec));
+        for (fixed, window) in [(0u32, 0u32), (0, 4095), (0, 1000), (1024, 4096), (256, 300)] {
+            for max_len in [1u32, 100, 2049, 7295, 8192, 69633, 70000] {
+                let grid = p.grid_splits(fixed, max_len, window);
+                for len in (1..=max_len)
+                    .step_by(7)
+                    .chain(max_len.saturating_sub(200).max(1)..=max_len)
+                {
+                    let splits = p.split_plan(fixed, len, window).1;
+                    assert!(
+                        splits <= grid,
+                        "{spec} fixed {fixed} window {window}: len {len} needs {splits} > grid {grid} of {max_len}"
+                    );
+                }
+            }
+        }
+    }
+    // The reviewer's cases: 2-bit, window 4095: lengths 7295 and 7294 make 1 and 2 splits.
+    let p = DecodePlan::new(&layout("kivi-2, llama-3-8b"));
+    assert_eq!(p.split_plan(0, 7295, 4095).1, 1);
+    assert_eq!(p.split_plan(0, 7294, 4095).1, 2);
+    assert!(p.grid_splits(0, 7295, 4095) >= 2);
+}
+
+#[test]
 fn tiles_are_checked() {
     let l = layout("kivi-2, llama-2-7b");
     let bad = TileConfig {

@@ -85,6 +85,9 @@ pub struct DecodeGraph {
     graphs: [cudarc::driver::CudaGraph; 2],
     stream: Arc<CudaStream>,
     cache_id: u64,
+    generation: u64,
+    /// Keeps the captured kernels loaded.
+    _module: Arc<LayoutModule>,
 }
 
 impl std::fmt::Debug for DecodeGraph {
@@ -92,6 +95,7 @@ impl std::fmt::Debug for DecodeGraph {
         f.debug_struct("DecodeGraph")
             .field("graphs", &2)
             .field("cache_id", &self.cache_id)
+            .field("generation", &self.generation)
             .finish_non_exhaustive()
     }
 }
@@ -142,7 +146,13 @@ pub struct KiviCache {
     max_splits: u32,
     /// The host's copy of the lengths.
     lens: Vec<u32>,
+    /// Unique per cache (process-wide), and bumped by set_module: a captured graph serves this cache as it was.
+    id: u64,
+    generation: u64,
 }
+
+/// Source of [`KiviCache`] ids.
+static NEXT_CACHE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A raw device pointer of `s` for a launch on `stream`; the guard (cudarc's event bookkeeping) must live until
 /// the launch is queued.
@@ -310,6 +320,8 @@ impl KiviCache {
             blocks_per_seq,
             paging,
             lens: vec![0; batch as usize],
+            id: NEXT_CACHE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            generation: 0,
         })
     }
 
@@ -350,6 +362,8 @@ impl KiviCache {
             self.max_splits = needed;
         }
         self.module = module;
+        // Graphs captured before hold the old kernels and perhaps the old scratch.
+        self.generation += 1;
         Ok(())
     }
 
@@ -373,8 +387,9 @@ impl KiviCache {
     /// table entry out of range); synchronizes the stream.
     ///
     /// # Errors
-    /// [`RuntimeError::Device`] naming what the kernels found (the affected outputs are NaN; reset the cache);
-    /// driver errors.
+    /// [`RuntimeError::Device`] naming what the kernels found (the affected outputs are NaN and those sequences
+    /// kept their length on the device while the host's copy moved on: [`KiviCache::reset`] the cache); driver
+    /// errors.
     pub fn check_device_errors(&mut self) -> Result<()> {
         let bits = self.stream.clone_dtoh(&self.error_flag)?[0];
         if bits == 0 {
@@ -634,22 +649,7 @@ impl KiviCache {
         out: &mut CudaSlice<f16>,
         options: DecodeOptions<'_>,
     ) -> Result<()> {
-        let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
-        self.check_len("decode q", q.len(), 1, heads)?;
-        self.check_len("decode k", k.len(), 1, kv_heads)?;
-        self.check_len("decode v", v.len(), 1, kv_heads)?;
-        self.check_len("decode out", out.len(), 1, heads)?;
-        if let Some(lse) = &options.lse {
-            let rows = self.batch as usize * heads as usize;
-            if lse.len() != rows {
-                return Err(RuntimeError::Shape {
-                    what: "decode lse",
-                    shape: format!("[batch {}, num_heads {heads}]", self.batch),
-                    expected: rows,
-                    got: lse.len(),
-                });
-            }
-        }
+        self.check_step_io(q, k, v, out, options.lse.as_deref())?;
         self.check_room(1)?;
         let grid_splits = self.module.decode_splits(self.len() + 1, options.window);
         let stream = self.stream.clone();
@@ -671,6 +671,34 @@ impl KiviCache {
         unsafe { module.launch_decode(stream.cu_stream() as CUstream, &args) }?;
         drop(g);
         self.advance();
+        Ok(())
+    }
+
+    /// Checks a step's q, k, v, out and lse against the layout and batch.
+    fn check_step_io(
+        &self,
+        q: &CudaSlice<f16>,
+        k: &CudaSlice<f16>,
+        v: &CudaSlice<f16>,
+        out: &CudaSlice<f16>,
+        lse: Option<&CudaSlice<f32>>,
+    ) -> Result<()> {
+        let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
+        self.check_len("decode q", q.len(), 1, heads)?;
+        self.check_len("decode k", k.len(), 1, kv_heads)?;
+        self.check_len("decode v", v.len(), 1, kv_heads)?;
+        self.check_len("decode out", out.len(), 1, heads)?;
+        if let Some(lse) = lse {
+            let rows = self.batch as usize * heads as usize;
+            if lse.len() != rows {
+                return Err(RuntimeError::Shape {
+                    what: "decode lse",
+                    shape: format!("[batch {}, num_heads {heads}]", self.batch),
+                    expected: rows,
+                    got: lse.len(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -737,7 +765,10 @@ impl KiviCache {
     /// `q`, `k`, `v` and write `out` (and `lse`) where they are now, so the caller refills those buffers before
     /// each [`KiviCache::replay_decode`]. The grid is fixed at the splits of the capacity
     /// ([`LayoutModule::graph_grid_splits`]) and the lengths are read on the device, so one capture serves
-    /// every later step: two graphs are captured, one per length buffer, and replays alternate.
+    /// every later step: two graphs are captured, one per length buffer, and replays alternate. The graphs
+    /// hold the addresses of the cache's buffers and of `q`, `k`, `v`, `out` and `lse`: they serve this cache until
+    /// [`KiviCache::set_module`] (which may move the scratch; replay then refuses them), and the io buffers must
+    /// outlive every replay ([`KiviCache::replay_decode`] is `unsafe` for that reason).
     ///
     /// # Errors
     /// As [`KiviCache::decode_step_with`]; [`RuntimeError::State`] if `capture_stream` is this cache's stream
@@ -760,11 +791,7 @@ impl KiviCache {
                     .into(),
             ));
         }
-        let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
-        self.check_len("decode q", q.len(), 1, heads)?;
-        self.check_len("decode k", k.len(), 1, kv_heads)?;
-        self.check_len("decode v", v.len(), 1, kv_heads)?;
-        self.check_len("decode out", out.len(), 1, heads)?;
+        self.check_step_io(q, k, v, out, options.lse.as_deref())?;
         let grid_splits = self.module.graph_grid_splits(self.capacity);
         let step = options_only(&options);
         let mut lse = options.lse;
@@ -804,25 +831,26 @@ impl KiviCache {
         Ok(DecodeGraph {
             graphs: [a, b],
             stream: capture_stream.clone(),
-            cache_id: self.cache_id(),
+            cache_id: self.id,
+            generation: self.generation,
+            _module: self.module.clone(),
         })
-    }
-
-    fn cache_id(&self) -> u64 {
-        let (p, _sync) = self.k_codes.device_ptr(&self.stream);
-        p
     }
 
     /// Replays a captured decode step ([`KiviCache::capture_decode`]): one step over every sequence, with the
     /// inputs now in the captured buffers; ordered after the cache's earlier work and before its later work.
     ///
     /// # Errors
-    /// [`RuntimeError::State`] if the graph was captured on another cache; [`RuntimeError::Limit`] when a
-    /// sequence is full; driver errors.
-    pub fn replay_decode(&mut self, graph: &DecodeGraph) -> Result<()> {
-        if graph.cache_id != self.cache_id() {
+    /// [`RuntimeError::State`] if the graph was captured on another cache, or before a
+    /// [`KiviCache::set_module`]; [`RuntimeError::Limit`] when a sequence is full; driver errors.
+    ///
+    /// # Safety
+    /// The `q`, `k`, `v`, `out` and `lse` buffers given to [`KiviCache::capture_decode`] are still allocated (the
+    /// graph writes `out` and `lse` and reads the others at the addresses they had then).
+    pub unsafe fn replay_decode(&mut self, graph: &DecodeGraph) -> Result<()> {
+        if graph.cache_id != self.id || graph.generation != self.generation {
             return Err(RuntimeError::State(
-                "the decode graph was captured on another cache".into(),
+                "the decode graph was captured on another cache, or before set_module: capture it again".into(),
             ));
         }
         self.check_room(1)?;
@@ -923,7 +951,13 @@ impl KiviCache {
         let table = match &self.paging {
             Some(p) => {
                 let t = s.clone_dtoh(&p.table)?;
-                if let Some(bad) = t.iter().find(|&&e| e < 0 || e as u32 >= p.pages) {
+                // Only the entries of blocks that hold quantized tokens are read (vLLM-style padding may be -1).
+                let used = (self.quantized_keys() as usize).div_ceil(r);
+                let per_seq = p.entries_per_seq as usize;
+                let live = t
+                    .chunks(per_seq.max(1))
+                    .flat_map(|row| row.iter().take(used));
+                if let Some(bad) = live.into_iter().find(|&&e| e < 0 || e as u32 >= p.pages) {
                     return Err(RuntimeError::State(format!(
                         "export: block table entry {bad} is outside [0, {})",
                         p.pages

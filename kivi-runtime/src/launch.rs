@@ -313,7 +313,8 @@ pub struct PrefillArgs {
     pub values: TokenRows,
     /// i32 `[batch]` in device memory: tokens of each batch entry (0 leaves it empty).
     pub seq_lens: CUdeviceptr,
-    /// An upper bound of every `seq_lens` entry (sizes the grids; a larger length is flagged).
+    /// An upper bound of every `seq_lens` entry (sizes the grids; a larger or negative length is flagged and that
+    /// sequence left as it was).
     pub max_len: u32,
     /// The cache.
     pub cache: CacheBuffers,
@@ -371,8 +372,9 @@ pub struct DecodeArgs {
     pub lse: CUdeviceptr,
     /// i32 `[batch]`: tokens of each sequence before this step (not changed by it).
     pub seq_lens: CUdeviceptr,
-    /// i32 `[batch]`, or 0: receives `seq_lens + 1` (a different buffer from `seq_lens`; for a CUDA graph pass 0
-    /// and advance the lengths yourself).
+    /// i32 `[batch]`, or 0: receives `seq_lens + 1` (unchanged lengths for sequences flagged with an error);
+    /// a buffer that does not overlap `seq_lens`. For CUDA graphs either pass 0 and advance the lengths yourself,
+    /// or capture two graphs that swap the buffers and replay them alternately (`KiviCache::capture_decode`).
     pub seq_lens_next: CUdeviceptr,
     /// The cache.
     pub cache: CacheBuffers,
@@ -380,7 +382,7 @@ pub struct DecodeArgs {
     pub blocks: BlockAddressing,
     /// Split-K scratch.
     pub scratch: DecodeScratch,
-    /// The grid's splits: at least the splits of the longest sequence ([`LayoutModule::decode_splits`]), or
+    /// The grid's splits: at least every sequence's splits ([`LayoutModule::decode_splits`] of the longest), or
     /// [`LayoutModule::graph_grid_splits`] for a step that must serve any length (CUDA graphs).
     pub grid_splits: u32,
     /// Sliding window: attend the newest `window` tokens only (0: all).
@@ -460,11 +462,16 @@ pub(crate) fn check_block_count(
         BlockAddressing::Contiguous { blocks_per_seq } => {
             u64::from(batch) * hkv * u64::from(blocks_per_seq)
         }
-        BlockAddressing::Paged { pages, .. } => u64::from(pages) * hkv,
+        // The table's entries (batch x entries) are indexed in 32 bits too.
+        BlockAddressing::Paged {
+            pages,
+            entries_per_seq,
+            ..
+        } => (u64::from(pages) * hkv).max(u64::from(batch) * u64::from(entries_per_seq)),
     };
     if count > i32::MAX as u64 {
         return Err(RuntimeError::Limit {
-            what: "storage blocks (sequences x blocks per sequence, or pages x num_kv_heads)",
+            what: "storage blocks (sequences x blocks per sequence; paged: pages x num_kv_heads and the table's entries)",
             value: count,
             limit: format!("it must be at most {} (32-bit block indices)", i32::MAX),
         });
@@ -527,17 +534,15 @@ impl LayoutModule {
         Ok(())
     }
 
-    /// The splits a decode step over sequences of at most `max_len` tokens (the new one included) makes with a
-    /// sliding `window` (0: none): the least [`DecodeArgs::grid_splits`] for them.
+    /// A [`DecodeArgs::grid_splits`] that serves every sequence of at most `max_len` tokens (the new one
+    /// included) with a sliding `window` (0: none), whatever the mix of lengths ([`DecodePlan::grid_splits`]).
     pub fn decode_splits(&self, max_len: u32, window: u32) -> u32 {
         let fixed = self
             .kernels()
             .spec(KernelKind::DecodePartial)
             .tile
             .split_tokens;
-        DecodePlan::new(&self.kernels().layout)
-            .split_plan(fixed, max_len.max(1), window)
-            .1
+        DecodePlan::new(&self.kernels().layout).grid_splits(fixed, max_len, window)
     }
 
     /// The splits that serve every length up to `capacity` tokens: the grid (and scratch) of a decode step that
@@ -649,7 +654,8 @@ impl LayoutModule {
                 .push(&max_len)
                 .push(&is_values)
                 .push(&ring)
-                .push(&ring_size);
+                .push(&ring_size)
+                .push(&a.error_flag);
             let grid = (ring_size as u32 * st.head_dim).div_ceil(threads);
             self.launch(KernelKind::StoreResidual, stream, (grid, seqs), &mut p)?;
         }
@@ -689,10 +695,22 @@ impl LayoutModule {
         check_ptr("part_acc", a.scratch.part_acc, 4)?;
         check_ptr("part_ml", a.scratch.part_ml, 4)?;
         check_ptr("counters", a.scratch.counters, 4)?;
-        if a.seq_lens_next == a.seq_lens {
+        let lens_bytes = 4 * u64::from(a.batch);
+        if a.seq_lens_next != 0
+            && a.seq_lens_next < a.seq_lens.saturating_add(lens_bytes)
+            && a.seq_lens < a.seq_lens_next.saturating_add(lens_bytes)
+        {
             return Err(RuntimeError::State(
-                "seq_lens_next must be another buffer than seq_lens (other blocks of the step still read it)".into(),
+                "seq_lens_next must not overlap seq_lens (other blocks of the step still read it)"
+                    .into(),
             ));
+        }
+        if a.scratch.splits > i32::MAX as u32 {
+            return Err(RuntimeError::Limit {
+                what: "scratch splits",
+                value: a.scratch.splits.into(),
+                limit: format!("it must be at most {}", i32::MAX),
+            });
         }
         let most = a.scratch.splits.min(MAX_SPLITS);
         if a.grid_splits == 0 || a.grid_splits > most {

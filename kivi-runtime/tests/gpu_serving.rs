@@ -326,16 +326,24 @@ fn graph_replays_are_bit_identical_to_direct_launches() {
         s.memcpy_htod(&qs, &mut q).unwrap();
         s.memcpy_htod(&ks, &mut kn).unwrap();
         s.memcpy_htod(&vs, &mut vn).unwrap();
-        replayed.replay_decode(&graph).unwrap();
+        // SAFETY: q, kn, vn and out live until the end of the test.
+        unsafe { replayed.replay_decode(&graph) }.unwrap();
         let got = s.clone_dtoh(&out).unwrap();
         assert_eq!(bits(&got), bits(expected), "step {step}");
     }
     replayed.check_device_errors().unwrap();
     assert_eq!(replayed.lens(), direct.lens());
     assert_eq!(replayed.export().is_err(), direct.export().is_err());
-    // A graph belongs to the cache it was captured on.
+    // A graph belongs to the cache it was captured on (SAFETY: q, kn, vn and out are alive).
     assert!(matches!(
-        direct.replay_decode(&graph),
+        unsafe { direct.replay_decode(&graph) },
+        Err(RuntimeError::State(_))
+    ));
+    // After set_module (which may move the scratch) the graph is refused too.
+    let again = gpu.load_layout(&l, &KernelTiles::heuristic(&l)).unwrap();
+    replayed.set_module(again).unwrap();
+    assert!(matches!(
+        unsafe { replayed.replay_decode(&graph) },
         Err(RuntimeError::State(_))
     ));
 }
