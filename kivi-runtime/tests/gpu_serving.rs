@@ -642,3 +642,57 @@ fn the_raw_api_rejects_bad_arguments_and_flags_bad_lengths_without_breaking_the_
         .unwrap();
     assert!(out.iter().all(|x| (x.to_f32() - 1.0).abs() < 1e-3));
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_sliding_window_over_a_ragged_batch_serves_every_length() {
+    // With a window, a shorter sequence can need more splits than a longer one (2-bit, window 4095: lengths
+    // 7295 and 7294 make 1 and 2 splits); the grid must serve both, bit-identical to each alone.
+    let gpu = gpu();
+    let l = layout("kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 128");
+    let m = module(&gpu, &l, 0);
+    let lens = [7294u32, 7293, 100];
+    let run = Run::new(&l, &lens, 2, 23);
+    let s = gpu.stream().clone();
+    let step = |cache: &mut KiviCache, which: &[usize]| -> Vec<Vec<f16>> {
+        let (k, v, max, plens) = run.padded(&l, which);
+        let (dk, dv) = (s.clone_htod(&k).unwrap(), s.clone_htod(&v).unwrap());
+        cache.prefill_ragged(&dk, &dv, max, &plens).unwrap();
+        (0..2)
+            .map(|i| {
+                let (q, k, v) = run.step(i, which);
+                let (dq, dk, dv) = (
+                    s.clone_htod(&q).unwrap(),
+                    s.clone_htod(&k).unwrap(),
+                    s.clone_htod(&v).unwrap(),
+                );
+                let mut out = s.clone_htod(&vec![f16::NAN; q.len()]).unwrap();
+                let options = DecodeOptions {
+                    lse: None,
+                    window: 4095,
+                    softmax_scale: None,
+                };
+                cache
+                    .decode_step_with(&dq, &dk, &dv, &mut out, options)
+                    .unwrap();
+                s.clone_dtoh(&out).unwrap()
+            })
+            .collect()
+    };
+    let mut batch = KiviCache::new(&gpu, m.clone(), 3, 7400).unwrap();
+    let outs = step(&mut batch, &[0, 1, 2]);
+    batch.check_device_errors().unwrap();
+    let (h, d) = (l.num_heads as usize, l.keys.head_dim as usize);
+    for b in 0..3 {
+        let mut alone = KiviCache::new(&gpu, m.clone(), 1, 7400).unwrap();
+        let single = step(&mut alone, &[b]);
+        for (i, out) in outs.iter().enumerate() {
+            let mine = &out[b * h * d..(b + 1) * h * d];
+            assert!(
+                mine.iter().all(|x| x.is_finite()),
+                "entry {b} step {i}: not finite"
+            );
+            assert_eq!(bits(mine), bits(&single[i]), "entry {b} step {i}");
+        }
+    }
+}
