@@ -19,6 +19,15 @@ pub enum LayoutError {
         /// The offending bit width.
         value: u32,
     },
+    /// Symmetric quantization with 1 bit: codes -q..=q need q = 2^(bits-1) - 1 >= 1.
+    #[error(
+        "{field} is 1, but symmetric quantization needs at least 2 bits (codes -q..=q with q = 2^(bits-1) - 1); \
+         use 2 or more bits, or `quant: asymmetric`"
+    )]
+    SymmetricOneBit {
+        /// `"keys.bits"` or `"values.bits"`.
+        field: &'static str,
+    },
     /// `num_heads` or `num_kv_heads` is 0.
     #[error("{field} is 0; a layout needs at least one head")]
     ZeroHeads {
@@ -113,6 +122,7 @@ impl LayoutError {
     pub fn field(&self) -> &str {
         match self {
             LayoutError::BitsOutOfRange { field, .. }
+            | LayoutError::SymmetricOneBit { field }
             | LayoutError::ZeroHeads { field }
             | LayoutError::BadHeadDim { field, .. }
             | LayoutError::BadGroupSize { field, .. } => field,

@@ -608,6 +608,13 @@ fn validation_errors_point_where_the_field_was_set() {
         "keys.bits 9 is out of range; bits must be in 1..=8",
     );
     assert_err(
+        "kivi-2, llama-3-8b, keys: { bits: 1, quant: symmetric }",
+        1,
+        29,
+        "keys.bits is 1, but symmetric quantization needs at least 2 bits (codes -q..=q with q = 2^(bits-1) - 1); \
+         use 2 or more bits, or `quant: asymmetric`",
+    );
+    assert_err(
         "kivi-2, llama-3-8b, head_dim: 100",
         1,
         21,
@@ -1036,7 +1043,12 @@ fn valid_layout() -> impl Strategy<Value = Layout> {
                             axis,
                             group_size,
                             head_dim,
-                            symmetry,
+                            // Symmetric needs 2 bits or more (a validation rule).
+                            symmetry: if bits == 1 {
+                                Symmetry::Asymmetric
+                            } else {
+                                symmetry
+                            },
                             scale_dtype,
                             rounding,
                         }

@@ -51,7 +51,7 @@ fn tensor_names(t: &str) -> [&'static str; 4] {
 }
 
 impl Layout {
-    /// Checks that the layout is possible: bits in 1..=8; at least one head and KV head, `num_heads` a multiple
+    /// Checks that the layout is possible: bits in 1..=8 (2..=8 when symmetric); at least one head and KV head, `num_heads` a multiple
     /// of `num_kv_heads`; each head_dim a multiple of 16 in 16..=256; each group size a power of two (not 0)
     /// that divides `residual_length` (per-channel groups) or that tensor's head_dim (per-token groups);
     /// `residual_length` in 1..=4096; `sink_tokens` at most 65536.
@@ -66,6 +66,9 @@ impl Layout {
                     field: bits,
                     value: t.bits,
                 });
+            }
+            if t.bits == 1 && t.symmetry == Symmetry::Symmetric {
+                return Err(LayoutError::SymmetricOneBit { field: bits });
             }
         }
         if self.num_heads == 0 {

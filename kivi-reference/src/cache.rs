@@ -10,16 +10,16 @@
 //! reference's own fp16 rounding of scores and weights (which costs it about 1.5e-3 relative error).
 
 use half::f16;
-use kivi_dsl::{Dtype, Layout, QuantAxis, Rounding, ScaleDtype, Symmetry};
+use kivi_dsl::{Dtype, Layout, QuantAxis, ScaleDtype};
 
 use crate::error::RefError;
 use crate::quant::{
-    check_bits, codes_per_pack, dequantize_keys_per_channel, dequantize_values_per_token,
-    quantize_keys_per_channel_with, quantize_values_per_token_with, QuantizedKeys,
+    check_mode, codes_per_pack, dequantize_keys_per_channel, dequantize_values_per_token,
+    quantize_keys_per_channel_with, quantize_values_per_token_with, GroupQuant, QuantizedKeys,
 };
 
-/// How one tensor is quantized: bits, group size (elements), rounding mode.
-type Quant = (u32, usize, Rounding);
+/// How one tensor is quantized: bits, group size (elements), rounding mode and symmetry.
+type Quant = (u32, usize, GroupQuant);
 
 /// The cache of one (batch, KV head).
 #[derive(Clone, Debug, Default)]
@@ -64,8 +64,8 @@ pub struct RefCache {
     v_bits: u32,
     k_group: usize,
     v_group: usize,
-    k_rounding: Rounding,
-    v_rounding: Rounding,
+    k_mode: GroupQuant,
+    v_mode: GroupQuant,
     sinks: usize,
     len: usize,
     nqk: usize,
@@ -222,8 +222,8 @@ impl RefCache {
     /// An empty cache for `layout` and `batch` sequences.
     ///
     /// # Errors
-    /// [`RefError::Unsupported`] for anything but keys per-channel / values per-token, asymmetric, fp16 scales,
-    /// fp16 activations, bits 1 to 8 (either rounding mode), equal key and value head_dim, a key group dividing R and R
+    /// [`RefError::Unsupported`] for anything but keys per-channel / values per-token, fp16 scales, fp16
+    /// activations, bits 1 to 8 (either rounding mode; asymmetric, or symmetric from 2 bits), equal key and value head_dim, a key group dividing R and R
     /// a multiple of [`codes_per_pack`]`(k_bits)`, a value group and [`codes_per_pack`]`(v_bits)` dividing
     /// head_dim;
     /// [`RefError::Invalid`] for zero sizes or `num_heads` not a multiple of `num_kv_heads`.
@@ -240,18 +240,19 @@ impl RefCache {
             ));
         }
         for (name, t) in [("keys", k), ("values", v)] {
-            if t.symmetry != Symmetry::Asymmetric {
-                return Err(RefError::unsupported(format!(
-                    "symmetric quantization of {name}"
-                )));
-            }
             if t.scale_dtype != ScaleDtype::F16 {
                 return Err(RefError::unsupported(format!(
                     "{} scales for {name}",
                     t.scale_dtype.as_str()
                 )));
             }
-            check_bits(t.bits)?;
+            check_mode(
+                t.bits,
+                GroupQuant {
+                    rounding: t.rounding,
+                    symmetry: t.symmetry,
+                },
+            )?;
         }
         if layout.dtype != Dtype::F16 {
             return Err(RefError::unsupported(format!(
@@ -306,8 +307,14 @@ impl RefCache {
             v_bits: v.bits,
             k_group,
             v_group,
-            k_rounding: k.rounding,
-            v_rounding: v.rounding,
+            k_mode: GroupQuant {
+                rounding: k.rounding,
+                symmetry: k.symmetry,
+            },
+            v_mode: GroupQuant {
+                rounding: v.rounding,
+                symmetry: v.symmetry,
+            },
             sinks: layout.sink_tokens as usize,
             len: 0,
             nqk: 0,
@@ -337,11 +344,11 @@ impl RefCache {
     }
 
     fn key_quant(&self) -> Quant {
-        (self.k_bits, self.k_group, self.k_rounding)
+        (self.k_bits, self.k_group, self.k_mode)
     }
 
     fn value_quant(&self) -> Quant {
-        (self.v_bits, self.v_group, self.v_rounding)
+        (self.v_bits, self.v_group, self.v_mode)
     }
 
     /// Sink tokens held per (batch, KV head): `min(len, sink_tokens)`.
@@ -359,18 +366,18 @@ impl RefCache {
         self.len - self.sink_tokens() - self.nqv
     }
 
-    fn flush_keys(r: usize, d: usize, (bits, group, rounding): Quant, c: &mut HeadCache) {
+    fn flush_keys(r: usize, d: usize, (bits, group, mode): Quant, c: &mut HeadCache) {
         let block: Vec<f16> = c.k_res.drain(..r * d).collect();
-        let q = quantize_keys_per_channel_with(&block, r, d, bits, group, rounding)
+        let q = quantize_keys_per_channel_with(&block, r, d, bits, group, mode)
             .expect("dims validated in new()");
         c.k_deq
             .extend(dequantize_keys_per_channel(&q).expect("consistent"));
         c.k_blocks.push(q);
     }
 
-    fn flush_values(n: usize, d: usize, (bits, group, rounding): Quant, c: &mut HeadCache) {
+    fn flush_values(n: usize, d: usize, (bits, group, mode): Quant, c: &mut HeadCache) {
         let vals: Vec<f16> = c.v_res.drain(..n * d).collect();
-        let q = quantize_values_per_token_with(&vals, n, d, bits, group, rounding)
+        let q = quantize_values_per_token_with(&vals, n, d, bits, group, mode)
             .expect("dims validated in new()");
         c.v_deq
             .extend(dequantize_values_per_token(&q).expect("consistent"));

@@ -23,6 +23,23 @@
 //! the division in f32 (the fp32 path the paper's reference does not take; about 0.05% of 2-bit codes differ
 //! from the half mode by one step). The `_with` functions take the mode; the others use [`Rounding::Half`].
 //!
+//! # Symmetric quantization (`quant: symmetric`; not in the paper's code, so defined here)
+//!
+//! With `h = 2^(bits-1)` and `q = h - 1` (bits >= 2; the DSL rejects 1-bit symmetric), a group's zero point is its
+//! middle code:
+//!
+//! ```text
+//! amax  = max |x|                      (an fp16 value)
+//! scale = f16(f32(amax) / q)
+//! mn    = f16(-h * scale)              (exact: a power of two times an fp16 value)
+//! code  = rne(clamp(f16(f32(x) / f32(scale)), -q, q)) + h
+//! ```
+//!
+//! so that it is stored and dequantized like an asymmetric group (`code * scale + mn = (code - h) * scale`): the
+//! kernels need nothing new, and a zero dequantizes to exactly zero. [`Rounding::F32`] skips the fp16 rounding of
+//! the quotient. A group whose `h * scale` would overflow fp16 (|x| above about 65504 * q / h) is quantized
+//! asymmetrically instead (below), as is any group in which `scale` rounds to 0 (all zeros: codes `h`, scale 0).
+//!
 //! # Cases the reference leaves undefined, and what this crate does
 //!
 //! - **scale == 0** (a constant group, or a range so small that `diff / qmax` underflows fp16): every code is 0,
@@ -48,7 +65,26 @@
 //! a multiple of [`codes_per_pack`] codes (32 / gcd(bits, 32)), so that it fills whole words.
 
 use half::f16;
-pub use kivi_dsl::Rounding;
+pub use kivi_dsl::{Rounding, Symmetry};
+
+/// How a group is quantized: the rounding mode and the symmetry (module docs). A [`Rounding`] alone means
+/// asymmetric, the paper's choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupQuant {
+    /// fp16 steps (the reference's) or fp32.
+    pub rounding: Rounding,
+    /// Asymmetric (scale and min) or symmetric (scale; min = -2^(bits-1) * scale).
+    pub symmetry: Symmetry,
+}
+
+impl From<Rounding> for GroupQuant {
+    fn from(rounding: Rounding) -> Self {
+        GroupQuant {
+            rounding,
+            symmetry: Symmetry::Asymmetric,
+        }
+    }
+}
 
 use crate::error::RefError;
 
@@ -122,32 +158,76 @@ pub fn quantize_group_into(x: &[f16], bits: u32, codes: &mut [u8]) -> Result<(f1
             codes.len(),
         ));
     }
-    Ok(quantize_group_unchecked(x, bits, Rounding::Half, codes))
+    Ok(quantize_group_unchecked(
+        x,
+        bits,
+        Rounding::Half.into(),
+        codes,
+    ))
 }
 
-/// [`quantize_group`] with the rounding mode given (module docs).
+/// [`quantize_group`] with the rounding mode, and optionally the symmetry, given (module docs).
 ///
 /// # Errors
-/// As [`quantize_group`].
+/// As [`quantize_group`]; [`RefError::Unsupported`] for symmetric 1-bit.
 pub fn quantize_group_with(
     x: &[f16],
     bits: u32,
-    rounding: Rounding,
+    mode: impl Into<GroupQuant>,
 ) -> Result<QuantGroup, RefError> {
-    check_bits(bits)?;
+    let mode = mode.into();
+    check_mode(bits, mode)?;
     if x.is_empty() {
         return Err(RefError::Invalid("cannot quantize an empty group".into()));
     }
     let mut codes = vec![0u8; x.len()];
-    let (scale, mn) = quantize_group_unchecked(x, bits, rounding, &mut codes);
+    let (scale, mn) = quantize_group_unchecked(x, bits, mode, &mut codes);
     Ok(QuantGroup { codes, scale, mn })
 }
 
-/// The arithmetic of [`quantize_group_into`], without argument checks (`x` non-empty, same length as `codes`).
-pub(crate) fn quantize_group_unchecked(
+/// Checks bits (1..=8) and that symmetric groups have at least 2 of them.
+pub(crate) fn check_mode(bits: u32, mode: GroupQuant) -> Result<(), RefError> {
+    check_bits(bits)?;
+    if bits == 1 && mode.symmetry == Symmetry::Symmetric {
+        return Err(RefError::unsupported(
+            "symmetric 1-bit quantization (codes -q..=q need q = 2^(bits-1) - 1 >= 1)",
+        ));
+    }
+    Ok(())
+}
+
+/// The symmetric arithmetic (module docs), or None where the group falls back to the asymmetric one.
+fn quantize_symmetric(
     x: &[f16],
     bits: u32,
     rounding: Rounding,
+    codes: &mut [u8],
+) -> Option<(f16, f16)> {
+    let h = (1u32 << (bits - 1)) as f32;
+    let q = h - 1.0;
+    let amax = x.iter().map(|v| v.to_f32().abs()).fold(0.0f32, f32::max);
+    let scale = f16::from_f32(amax / q);
+    let mn = f16::from_f32(-h * scale.to_f32());
+    let s = scale.to_f32();
+    if s == 0.0 || mn.is_infinite() {
+        return None;
+    }
+    for (c, v) in codes.iter_mut().zip(x) {
+        let t = match rounding {
+            Rounding::Half => f16::from_f32(v.to_f32() / s).to_f32(),
+            Rounding::F32 => v.to_f32() / s,
+        };
+        *c = (t.clamp(-q, q).round_ties_even() + h) as u8;
+    }
+    Some((scale, mn))
+}
+
+/// The arithmetic of [`quantize_group_into`], without argument checks (`x` non-empty, same length as `codes`,
+/// symmetric only with bits >= 2).
+pub(crate) fn quantize_group_unchecked(
+    x: &[f16],
+    bits: u32,
+    mode: GroupQuant,
     codes: &mut [u8],
 ) -> (f16, f16) {
     let qmax = ((1u32 << bits) - 1) as f32;
@@ -155,6 +235,12 @@ pub(crate) fn quantize_group_unchecked(
         codes.fill(0);
         return (f16::NAN, f16::NAN);
     }
+    if mode.symmetry == Symmetry::Symmetric {
+        if let Some(params) = quantize_symmetric(x, bits, mode.rounding, codes) {
+            return params;
+        }
+    }
+    let rounding = mode.rounding;
     let (mut mn, mut mx) = (f32::INFINITY, f32::NEG_INFINITY);
     for v in x {
         // -0 orders below +0 (IEEE 754-2019 minimum/maximum), so the stored min is deterministic.
@@ -334,19 +420,20 @@ pub fn quantize_keys_per_channel(
     quantize_keys_per_channel_with(k, tokens, head_dim, bits, group, Rounding::Half)
 }
 
-/// [`quantize_keys_per_channel`] with the rounding mode given (module docs).
+/// [`quantize_keys_per_channel`] with the rounding mode, and optionally the symmetry, given (module docs).
 ///
 /// # Errors
-/// As [`quantize_keys_per_channel`].
+/// As [`quantize_keys_per_channel`]; [`RefError::Unsupported`] for symmetric 1-bit.
 pub fn quantize_keys_per_channel_with(
     k: &[f16],
     tokens: usize,
     head_dim: usize,
     bits: u32,
     group: usize,
-    rounding: Rounding,
+    mode: impl Into<GroupQuant>,
 ) -> Result<QuantizedKeys, RefError> {
-    check_bits(bits)?;
+    let mode = mode.into();
+    check_mode(bits, mode)?;
     check_dims("keys", k.len(), tokens, head_dim)?;
     let unit = codes_per_pack(bits);
     if group == 0 || !tokens.is_multiple_of(group) || !tokens.is_multiple_of(unit) {
@@ -366,7 +453,7 @@ pub fn quantize_keys_per_channel_with(
                 *b = k[(g * group + i) * head_dim + d];
             }
             let out = &mut codes[d * tokens + g * group..d * tokens + (g + 1) * group];
-            let (s, m) = quantize_group_unchecked(&buf, bits, rounding, out);
+            let (s, m) = quantize_group_unchecked(&buf, bits, mode, out);
             scale[d * ng + g] = s;
             mn[d * ng + g] = m;
         }
@@ -432,19 +519,20 @@ pub fn quantize_values_per_token(
     quantize_values_per_token_with(v, tokens, head_dim, bits, group, Rounding::Half)
 }
 
-/// [`quantize_values_per_token`] with the rounding mode given (module docs).
+/// [`quantize_values_per_token`] with the rounding mode, and optionally the symmetry, given (module docs).
 ///
 /// # Errors
-/// As [`quantize_values_per_token`].
+/// As [`quantize_values_per_token`]; [`RefError::Unsupported`] for symmetric 1-bit.
 pub fn quantize_values_per_token_with(
     v: &[f16],
     tokens: usize,
     head_dim: usize,
     bits: u32,
     group: usize,
-    rounding: Rounding,
+    mode: impl Into<GroupQuant>,
 ) -> Result<QuantizedValues, RefError> {
-    check_bits(bits)?;
+    let mode = mode.into();
+    check_mode(bits, mode)?;
     check_dims("values", v.len(), tokens, head_dim)?;
     check_value_dims(head_dim, bits, group)?;
     let ng = head_dim / group;
@@ -452,7 +540,7 @@ pub fn quantize_values_per_token_with(
     let mut scale = vec![f16::ZERO; tokens * ng];
     let mut mn = vec![f16::ZERO; tokens * ng];
     for (i, (x, c)) in v.chunks(group).zip(codes.chunks_mut(group)).enumerate() {
-        let (s, m) = quantize_group_unchecked(x, bits, rounding, c);
+        let (s, m) = quantize_group_unchecked(x, bits, mode, c);
         scale[i] = s;
         mn[i] = m;
     }

@@ -377,7 +377,10 @@ fn unsupported_layouts_are_typed() {
     assert!(unsupported(l));
     let mut l = base;
     l.values.symmetry = Symmetry::Symmetric;
-    assert!(unsupported(l));
+    assert!(
+        RefCache::new(&l, 1).is_ok(),
+        "symmetric values are supported"
+    );
     let mut l = base;
     l.dtype = Dtype::Bf16;
     assert!(unsupported(l));
@@ -532,4 +535,62 @@ fn every_width_from_1_to_8_bits_runs_the_cache() {
             "{bits} bits: values {worst_v} > {step}/2"
         );
     }
+}
+
+/// A symmetric cache (2 to 8 bits): every quantized group's min is -2^(bits-1) * scale, every element lies within
+/// half a step (plus rounding slack) of its dequantized value, and the codes differ from the asymmetric ones.
+#[test]
+fn symmetric_layouts_run_the_cache() {
+    let (d, r, g) = (64usize, 64u32, 32u32);
+    for bits in 2..=8u32 {
+        let mut l = layout(bits, bits, g, r, d as u32, 1, 1);
+        let asym = l;
+        l.keys.symmetry = Symmetry::Symmetric;
+        l.values.symmetry = Symmetry::Symmetric;
+        let (mut c, mut a) = (
+            RefCache::new(&l, 1).unwrap(),
+            RefCache::new(&asym, 1).unwrap(),
+        );
+        let mut rn = rng(100 + u64::from(bits));
+        let p = 200;
+        let k = rand_f16(&mut rn, p * d, 1.0);
+        let v = rand_f16(&mut rn, p * d, 1.0);
+        c.prefill(&k, &v, p).unwrap();
+        a.prefill(&k, &v, p).unwrap();
+        let e = c.export();
+        let half = f32::from(1u16 << (bits - 1));
+        for (s, m) in e
+            .k_scale
+            .iter()
+            .zip(&e.k_mn)
+            .chain(e.v_scale.iter().zip(&e.v_mn))
+        {
+            assert_eq!(m.to_f32(), -half * s.to_f32(), "{bits} bits");
+        }
+        assert_ne!(
+            e.k_code,
+            a.export().k_code,
+            "{bits} bits: symmetric codes differ"
+        );
+        let (ek, ev) = c.effective_kv(0, 0).unwrap();
+        // |x| < 1: scale <= 1 / (2^(bits-1) - 1), half a step plus the quotient's fp16 rounding.
+        let step = 1.0 / (half - 1.0);
+        let worst_k = max_abs_diff(
+            &ek[..192 * d],
+            &k[..192 * d].iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
+        );
+        let worst_v = max_abs_diff(
+            &ev[..136 * d],
+            &v[..136 * d].iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
+        );
+        assert!(worst_k <= step * 0.5 + 2e-3, "{bits} bits: keys {worst_k}");
+        assert!(
+            worst_v <= step * 0.5 + 2e-3,
+            "{bits} bits: values {worst_v}"
+        );
+    }
+    // 1-bit symmetric is rejected by the layout rules.
+    let mut l = layout(1, 1, g, r, d as u32, 1, 1);
+    l.keys.symmetry = Symmetry::Symmetric;
+    assert!(RefCache::new(&l, 1).is_err());
 }

@@ -8,7 +8,7 @@ use half::f16;
 use kivi_reference::{
     codes_per_pack, dequantize, dequantize_keys_per_channel, dequantize_values_per_token,
     pack_codes, quantize_group, quantize_group_with, quantize_keys_per_channel,
-    quantize_values_per_token, unpack_codes, RefError, Rounding,
+    quantize_values_per_token, unpack_codes, GroupQuant, RefError, Rounding, Symmetry,
 };
 use proptest::prelude::*;
 
@@ -275,4 +275,74 @@ fn fp32_rounding_keeps_intermediates_in_f32() {
     // The two modes are different arithmetic (the reference files need the half mode), yet close.
     assert!(differ > 0, "no code differed in {total}");
     assert!(differ * 100 < total, "{differ} of {total} codes differ");
+}
+
+fn symmetric(rounding: Rounding) -> GroupQuant {
+    GroupQuant {
+        rounding,
+        symmetry: Symmetry::Symmetric,
+    }
+}
+
+#[test]
+fn symmetric_groups_centre_on_zero() {
+    // h = 2, q = 1 at 2 bits: amax 2 -> scale 2, min -4; x / scale = -1, -0.5, 0, 0.5, 1 -> -1, -0, 0, 0, 1 (ties
+    // to even) -> codes 1, 2, 2, 2, 3.
+    let x = h(&[-2.0, -1.0, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0]);
+    let q = quantize_group_with(&x, 2, symmetric(Rounding::Half)).unwrap();
+    assert_eq!((q.scale.to_f32(), q.mn.to_f32()), (2.0, -4.0));
+    assert_eq!(q.codes, vec![1, 2, 2, 2, 3, 2, 2, 2]);
+    let deq: Vec<f32> = q
+        .codes
+        .iter()
+        .map(|&c| dequantize(c, q.scale, q.mn))
+        .collect();
+    assert_eq!(deq, vec![-2.0, 0.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0]);
+    // All zeros: scale 0 (the asymmetric rule: codes 0, min 0), dequantizing to zero.
+    let z = quantize_group_with(&h(&[0.0; 16]), 4, symmetric(Rounding::Half)).unwrap();
+    assert!(z.codes.iter().all(|&c| dequantize(c, z.scale, z.mn) == 0.0));
+    // 1-bit symmetric has no codes -q..=q.
+    assert!(matches!(
+        quantize_group_with(&x, 1, symmetric(Rounding::Half)),
+        Err(RefError::Unsupported { .. })
+    ));
+    // |x| so large that -2^(bits-1) * scale overflows fp16: the asymmetric arithmetic instead.
+    let wide = h(&[60000.0, -100.0, 3.0, 0.0]);
+    let s = quantize_group_with(&wide, 2, symmetric(Rounding::Half)).unwrap();
+    let a = quantize_group_with(&wide, 2, Rounding::Half).unwrap();
+    assert_eq!((s.codes, s.scale, s.mn), (a.codes, a.scale, a.mn));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Symmetric groups (2 to 8 bits, both rounding modes): codes in 1..=2^bits - 1, the stored min is
+    /// -2^(bits-1) * scale, a zero dequantizes to exactly zero, and every element is within half a step of its
+    /// dequantized value (plus the fp16 rounding of the quotient in the half mode, and of the scale).
+    #[test]
+    fn symmetric_quantization_is_bounded_and_centred(x in group(), bits in 2u32..=8, f32_mode in any::<bool>()) {
+        let rounding = if f32_mode { Rounding::F32 } else { Rounding::Half };
+        let q = quantize_group_with(&x, bits, symmetric(rounding)).unwrap();
+        let hh = (1u32 << (bits - 1)) as f32;
+        let s = q.scale.to_f32();
+        // Groups that fall back to the asymmetric arithmetic (zero scale, or a min that overflows fp16) are the
+        // asymmetric tests' business.
+        let amax = x.iter().map(|v| v.to_f32().abs()).fold(0.0f32, f32::max);
+        let sym = f16::from_f32(amax / (hh - 1.0)).to_f32();
+        prop_assume!(sym > 0.0 && f16::from_f32(-hh * sym).is_finite());
+        prop_assert_eq!(s, sym);
+        prop_assert_eq!(q.mn.to_f32(), -hh * s);
+        let slack = if f32_mode { 0.0 } else { (hh - 1.0) * 2f32.powi(-11) };
+        for (&c, v) in q.codes.iter().zip(&x) {
+            prop_assert!(c >= 1 && u32::from(c) < (1u32 << bits), "code {}", c);
+            let d = dequantize(c, q.scale, q.mn);
+            if v.to_f32() == 0.0 {
+                prop_assert_eq!(d, 0.0);
+            }
+            let err = (d - v.to_f32()).abs();
+            // The scale's own rounding: relative 2^-11, or absolute 2^-25 (half a subnormal step) times q.
+            let bound = s * (0.5 + slack) * (1.0 + 1e-6) + (hh - 1.0) * (s * 2f32.powi(-11) + 2f32.powi(-25));
+            prop_assert!(err <= bound, "x {} -> {} (scale {})", v, d, s);
+        }
+    }
 }
