@@ -3,7 +3,7 @@
  *
  * Build (from the repository root, after `cargo build --release -p kivi-capi`):
  *   cc -std=c11 -O2 -I kivi-capi/include examples/c/decode.c -L target/release -Wl,-rpath,$PWD/target/release \
- *      -lkivi_capi -lm -o kivi_c_example
+ *      -lkivi_capi -lm -o target/kivi_c_example
  * Run it on a machine with an NVIDIA GPU and libnvrtc (see the README); without one it prints why and exits 2.
  *
  * An engine would pass its own device memory and stream; this program uses kivi's synchronous helpers

@@ -338,11 +338,17 @@ fn memory(spec: &str, context: u32, batch: u32, layers: u32) -> Result<ExitCode,
         mib(fp16),
         mib(fp16 * u64::from(layers))
     );
+    let ratio = fp16 as f64 / per_layer as f64;
+    let comparison = if ratio >= 1.0 {
+        format!("{ratio:.2}x smaller than fp16")
+    } else {
+        // Tiny contexts: the fp16 rings and whole blocks outweigh what the codes save.
+        format!("{:.2}x larger than fp16", 1.0 / ratio)
+    };
     println!(
-        "{:.2}x smaller than fp16. Blocks of {} tokens are allocated for the whole capacity; the decode kernel's \
+        "{comparison}. Blocks of {} tokens are allocated for the whole capacity; the decode kernel's \
          split-K scratch (batch x num_heads x splits x (head_dim + 2) x 4 bytes, at most {:.2} MiB per layer with the \
          automatic split) comes on top.",
-        fp16 as f64 / per_layer as f64,
         l.residual_length,
         mib(u64::from(batch) * u64::from(l.num_heads) * 64 * (u64::from(l.keys.head_dim) + 2) * 4)
     );

@@ -8,7 +8,7 @@ pub enum RuntimeError {
     /// libnvrtc could not be loaded.
     #[error(
         "libnvrtc (CUDA {cuda_major}) not found; looked in: {searched}. Install the CUDA toolkit or the \
-         `nvidia-cuda-nvrtc` wheel, then set KIVI_NVRTC to the library or its folder, CUDA_HOME to the toolkit, \
+         `nvidia-cuda-nvrtc` wheel (CUDA 13; `nvidia-cuda-nvrtc-cu12` for CUDA 12), then set KIVI_NVRTC to the library or its folder, CUDA_HOME to the toolkit, \
          or add its lib folder to LD_LIBRARY_PATH"
     )]
     NvrtcMissing {

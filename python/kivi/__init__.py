@@ -29,7 +29,7 @@ def _torch():
     try:
         import torch
     except ImportError as e:  # pragma: no cover - torch is a run-time requirement
-        raise ImportError("kivi needs PyTorch with CUDA (import torch failed)") from e
+        raise ImportError("kivi needs PyTorch with CUDA (import torch failed: pip install torch)") from e
     return torch
 
 
