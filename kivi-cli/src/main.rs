@@ -28,6 +28,9 @@ enum Command {
         /// Write one `<kernel>.cu` per kernel (plus the whole module) into this folder.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// The module of a paged cache (its decode kernel reads blocks through a block table, `_pg`).
+        #[arg(long)]
+        paged: bool,
     },
     /// Device memory of a KIVI cache for a layout: bytes of codes, scales and mins, and residual per sequence, per
     /// layer and per model, against an fp16 cache (no GPU needed).
@@ -58,6 +61,9 @@ enum Command {
         /// libnvrtc to use (a file or its folder); default: KIVI_NVRTC, CUDA_HOME, /usr/local/cuda, the loader.
         #[arg(long)]
         nvrtc: Option<PathBuf>,
+        /// The module of a paged cache (its decode kernel reads blocks through a block table, `_pg`).
+        #[arg(long)]
+        paged: bool,
     },
     /// Time decode steps and prefill on the GPU against FP16 attention (PyTorch SDPA) and the copy bandwidth.
     ///
@@ -194,7 +200,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Gen { spec, out } => gen(&spec, out.as_deref()),
+        Command::Gen { spec, out, paged } => gen(&spec, out.as_deref(), paged),
         Command::Memory {
             spec,
             context,
@@ -206,7 +212,8 @@ fn main() -> ExitCode {
             arch,
             out,
             nvrtc,
-        } => compile(&spec, &arch, out.as_deref(), nvrtc.as_deref()),
+            paged,
+        } => compile(&spec, &arch, out.as_deref(), nvrtc.as_deref(), paged),
         Command::Bench {
             spec,
             shapes,
@@ -366,14 +373,18 @@ fn load_spec(arg: &str) -> Result<ResolvedSpec, String> {
     Ok(r)
 }
 
-fn kernels_of(spec: &ResolvedSpec) -> Result<LayoutKernels, String> {
-    LayoutKernels::new(&spec.layout, &KernelTiles::heuristic(&spec.layout))
-        .map_err(|e| e.to_string())
+/// The kernels of the layout with the heuristic tiles (`paged`: the paged decode kernel).
+fn kernels_of(spec: &ResolvedSpec, paged: bool) -> Result<LayoutKernels, String> {
+    let mut tiles = KernelTiles::heuristic(&spec.layout);
+    if paged {
+        tiles = tiles.paged();
+    }
+    LayoutKernels::new(&spec.layout, &tiles).map_err(|e| e.to_string())
 }
 
-fn gen(arg: &str, out: Option<&Path>) -> Result<ExitCode, String> {
+fn gen(arg: &str, out: Option<&Path>, paged: bool) -> Result<ExitCode, String> {
     let spec = load_spec(arg)?;
-    let kernels = kernels_of(&spec)?;
+    let kernels = kernels_of(&spec, paged)?;
     let module = generate_module(&kernels.specs).map_err(|e| e.to_string())?;
     match out {
         None => {
@@ -416,9 +427,15 @@ fn compile(
     archs: &[String],
     out: Option<&Path>,
     nvrtc: Option<&Path>,
+    paged: bool,
 ) -> Result<ExitCode, String> {
+    // Every argument is checked before anything is compiled.
+    let archs = archs
+        .iter()
+        .map(|a| Arch::parse(a).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, String>>()?;
     let spec = load_spec(arg)?;
-    let kernels = kernels_of(&spec)?;
+    let kernels = kernels_of(&spec, paged)?;
     let module = generate_module(&kernels.specs).map_err(|e| e.to_string())?;
     let compiler =
         Compiler::new(nvrtc, Compiler::default_cache_dir()).map_err(|e| e.to_string())?;
@@ -432,8 +449,7 @@ fn compile(
         println!("  {name}");
     }
     let mut failed = false;
-    for a in archs {
-        let arch = Arch::parse(a).map_err(|e| e.to_string())?;
+    for arch in archs {
         match compiler.compile(&module.name, &module.source, arch) {
             Ok(c) => {
                 let how = match c.origin {

@@ -263,3 +263,36 @@ fn memory_breaks_a_cache_down_and_checks_its_arguments() {
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("--batch 0"), "{}", text(&o.stderr));
 }
+
+#[test]
+fn gen_paged_emits_the_paged_decode_kernel_and_compile_checks_archs_first() {
+    let o = kivi(&["gen", "kivi-2, llama-3-8b", "--paged"], &[]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("kivi_decode_k2c32_v2t32_r128_d128_fp16_gqa4_t128_p3_b4_pg("));
+    // A bad arch is refused before NVRTC is looked for (here: a missing --nvrtc library).
+    let o = kivi(
+        &[
+            "compile",
+            "kivi-2, llama-3-8b",
+            "--arch",
+            "sm_75",
+            "--nvrtc",
+            "/nonexistent",
+        ],
+        &[],
+    );
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("sm_75") && !err.contains("libnvrtc"), "{err}");
+    // An explicit --nvrtc that does not exist is an error, whatever else would be found.
+    let o = kivi(
+        &["compile", "kivi-2, llama-3-8b", "--nvrtc", "/nonexistent"],
+        &[("KIVI_NVRTC", "/tmp")],
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("/nonexistent (given explicitly: no such file)"),
+        "{}",
+        text(&o.stderr)
+    );
+}

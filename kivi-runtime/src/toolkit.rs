@@ -83,13 +83,27 @@ static NVRTC: OnceLock<std::result::Result<NvrtcInfo, String>> = OnceLock::new()
 
 /// Finds and loads libnvrtc once per process (see [`nvrtc_candidates`] for the search order), so that the NVRTC
 /// bindings find it by its soname, and checks that its major version is [`CUDA_MAJOR`]. A library cannot be
-/// unloaded: later calls return the first call's answer, whatever `explicit` they pass.
+/// unloaded: later calls return the first call's answer, whatever `explicit` they pass. An `explicit` path (the
+/// CLI's `--nvrtc`) must work: if it is not a loadable `libnvrtc.so.<major>`, nothing else is tried.
 ///
 /// # Errors
-/// [`RuntimeError::NvrtcMissing`] listing every place tried.
+/// [`RuntimeError::NvrtcMissing`] listing every place tried (or only the explicit one, saying why it failed).
 pub fn locate_nvrtc(explicit: Option<&Path>) -> Result<NvrtcInfo> {
     let found = NVRTC.get_or_init(|| {
         let candidates = nvrtc_candidates(explicit);
+        if explicit.is_some() {
+            let c = &candidates[0];
+            let name = c.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if !c.is_file() {
+                return Err(format!("{} (given explicitly: no such file)", c.display()));
+            }
+            if !name.starts_with("libnvrtc.so") {
+                return Err(format!(
+                    "{} (given explicitly: not libnvrtc.so.{CUDA_MAJOR}, the NVRTC library)",
+                    c.display()
+                ));
+            }
+        }
         let mut library = None;
         for c in &candidates {
             if !c.is_file() {
