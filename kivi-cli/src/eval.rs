@@ -87,6 +87,13 @@ pub fn eval_file(path: &Path, specs: &[String], fp8: bool) -> Result<Vec<EvalRow
                 case.heads, case.kv_heads, case.head_dim
             );
             let layout = kivi_dsl::parse_spec(&text).map_err(|e| {
+                // An error inside the user's own text is reported against that text alone (the file's shape is
+                // appended after it).
+                if let Err(own) = kivi_dsl::parse_spec(spec) {
+                    if (own.line(), own.column()) == (e.line(), e.column()) {
+                        return format!("layout `{spec}`: {own}");
+                    }
+                }
                 format!(
                     "{spec} with the file's num_heads {}, num_kv_heads {}, head_dim {} (stream {name}): {e}",
                     case.heads, case.kv_heads, case.head_dim
