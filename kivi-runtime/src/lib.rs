@@ -2,8 +2,18 @@
 //! and on disk) and runs the KIVI KV cache on the GPU (Algorithm 1 of KIVI, Liu et al., ICML 2024: prefill and
 //! decode steps), launching on a stream.
 //!
-//! The runtime takes tile configurations from whoever asks ([`kivi_codegen::KernelTiles::heuristic`] now, the
-//! autotuner later); it never edits CUDA text.
+//! The runtime takes tile configurations from whoever asks ([`kivi_codegen::KernelTiles::heuristic`], or the
+//! autotuner's tuned tiles); it never edits CUDA text.
+//!
+//! Two ways in:
+//! - [`KiviCache`] owns its buffers (cudarc): equal-length or ragged prefills, decode steps with options (the
+//!   log-sum-exp, a sliding window, a softmax scale), paged storage through a block table, and CUDA-graph capture
+//!   of a step ([`KiviCache::capture_decode`]).
+//! - [`launch`] is the contract on raw device addresses and a stream handle, for engines that own their memory
+//!   and streams (the C ABI in `kivi-capi` and the Python package sit on it).
+//!
+//! Features: `cuda-13` (the default; `libnvrtc.so.13`) or `cuda-12` (`libnvrtc.so.12`; build with
+//! `--no-default-features --features cuda-12`), exactly one.
 
 pub mod bench;
 mod compile;
