@@ -500,6 +500,18 @@ fn sink_tokens_stay_exact_and_shift_algorithm_1() {
 
 /// 3-bit codes (32 in three words) through the whole cache: every width from 1 to 8 keeps the dequantization
 /// error within half a step, and the exported codes take `n * bits / 32` words.
+/// The largest |dequantized - original| over the quantized keys and values of (batch 0, KV head 0), whose
+/// original fp16 tokens are `k`, `v` (`[tokens, d]`).
+fn quantized_errors(c: &RefCache, k: &[f16], v: &[f16], d: usize) -> (f32, f32) {
+    let (ek, ev) = c.effective_kv(0, 0).unwrap();
+    let (qk, qv) = (c.quantized_keys() * d, c.quantized_values() * d);
+    let f32s = |x: &[f16]| x.iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+    (
+        max_abs_diff(&ek[..qk], &f32s(&k[..qk])),
+        max_abs_diff(&ev[..qv], &f32s(&v[..qv])),
+    )
+}
+
 #[test]
 fn every_width_from_1_to_8_bits_runs_the_cache() {
     let (d, r, g) = (64usize, 64u32, 32u32);
@@ -516,16 +528,8 @@ fn every_width_from_1_to_8_bits_runs_the_cache() {
         assert_eq!(e.quantized_values, 136);
         assert_eq!(e.k_code.len(), d * 192 * bits as usize / 32, "{bits} bits");
         assert_eq!(e.v_code.len(), 136 * d * bits as usize / 32, "{bits} bits");
-        let (ek, ev) = c.effective_kv(0, 0).unwrap();
         let step = 2.0 / ((1u32 << bits) - 1) as f32; // ranges are within (-1, 1)
-        let worst_k = max_abs_diff(
-            &ek[..192 * d],
-            &k[..192 * d].iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
-        );
-        let worst_v = max_abs_diff(
-            &ev[..136 * d],
-            &v[..136 * d].iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
-        );
+        let (worst_k, worst_v) = quantized_errors(&c, &k, &v, d);
         assert!(
             worst_k <= step * 0.5 + 2e-3,
             "{bits} bits: keys {worst_k} > {step}/2"
@@ -572,17 +576,9 @@ fn symmetric_layouts_run_the_cache() {
             a.export().k_code,
             "{bits} bits: symmetric codes differ"
         );
-        let (ek, ev) = c.effective_kv(0, 0).unwrap();
         // |x| < 1: scale <= 1 / (2^(bits-1) - 1), half a step plus the quotient's fp16 rounding.
         let step = 1.0 / (half - 1.0);
-        let worst_k = max_abs_diff(
-            &ek[..192 * d],
-            &k[..192 * d].iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
-        );
-        let worst_v = max_abs_diff(
-            &ev[..136 * d],
-            &v[..136 * d].iter().map(|x| x.to_f32()).collect::<Vec<_>>(),
-        );
+        let (worst_k, worst_v) = quantized_errors(&c, &k, &v, d);
         assert!(worst_k <= step * 0.5 + 2e-3, "{bits} bits: keys {worst_k}");
         assert!(
             worst_v <= step * 0.5 + 2e-3,

@@ -448,6 +448,15 @@ impl Params {
         self.0.push(v as *const T as *mut c_void);
         self
     }
+
+    /// Pushes the four parameters of token rows (address, then the batch, head and token strides), which must
+    /// outlive the launch: the leading parameters of every prefill kernel.
+    fn rows(&mut self, r: &TokenRows) -> &mut Self {
+        self.push(&r.ptr)
+            .push(&r.stride_batch)
+            .push(&r.stride_head)
+            .push(&r.stride_token)
+    }
 }
 
 /// Storage block indices are 32-bit in the kernels: batch x num_kv_heads x blocks_per_seq (contiguous) or
@@ -599,10 +608,7 @@ impl LayoutModule {
         let key_blocks = a.max_len / r;
         if key_blocks > 0 {
             let mut p = Params::new();
-            p.push(&a.keys.ptr)
-                .push(&a.keys.stride_batch)
-                .push(&a.keys.stride_head)
-                .push(&a.keys.stride_token)
+            p.rows(&a.keys)
                 .push(&a.seq_lens)
                 .push(&max_len)
                 .push(&kv_heads)
@@ -618,10 +624,7 @@ impl LayoutModule {
         if values > 0 {
             let per_block = self.kernels().spec(KernelKind::QuantizeValues).tile.threads / 8;
             let mut p = Params::new();
-            p.push(&a.values.ptr)
-                .push(&a.values.stride_batch)
-                .push(&a.values.stride_head)
-                .push(&a.values.stride_token)
+            p.rows(&a.values)
                 .push(&a.seq_lens)
                 .push(&max_len)
                 .push(&kv_heads)
@@ -645,10 +648,7 @@ impl LayoutModule {
             (&a.values, a.cache.v_res, st.value_ring as i32, 1i32),
         ] {
             let mut p = Params::new();
-            p.push(&rows.ptr)
-                .push(&rows.stride_batch)
-                .push(&rows.stride_head)
-                .push(&rows.stride_token)
+            p.rows(rows)
                 .push(&a.seq_lens)
                 .push(&kv_heads)
                 .push(&max_len)
