@@ -144,17 +144,7 @@ pub struct KiviBlocks {
 
 impl KiviBlocks {
     fn addressing(&self) -> BlockAddressing {
-        if self.block_table == 0 {
-            BlockAddressing::Contiguous {
-                blocks_per_seq: self.per_seq,
-            }
-        } else {
-            BlockAddressing::Paged {
-                block_table: self.block_table,
-                entries_per_seq: self.per_seq,
-                pages: self.pages,
-            }
-        }
+        BlockAddressing::from_table(self.block_table, self.per_seq, self.pages)
     }
 }
 

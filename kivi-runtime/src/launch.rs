@@ -109,6 +109,23 @@ pub enum BlockAddressing {
 }
 
 impl BlockAddressing {
+    /// The addressing a flat argument list names (the C ABI's and the Python package's form): `block_table` 0 for
+    /// contiguous storage with `per_seq` blocks per sequence, else paged with `per_seq` table entries per batch entry
+    /// and `pages` pages.
+    pub fn from_table(block_table: CUdeviceptr, per_seq: u32, pages: u32) -> Self {
+        if block_table == 0 {
+            BlockAddressing::Contiguous {
+                blocks_per_seq: per_seq,
+            }
+        } else {
+            BlockAddressing::Paged {
+                block_table,
+                entries_per_seq: per_seq,
+                pages,
+            }
+        }
+    }
+
     /// Tokens one sequence can hold.
     pub fn max_tokens(&self, storage: &StorageLayout) -> u64 {
         let per_seq = match *self {

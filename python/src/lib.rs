@@ -34,20 +34,6 @@ struct Module {
     module: Arc<LayoutModule>,
 }
 
-fn blocks(block_table: u64, per_seq: u32, pages: u32) -> BlockAddressing {
-    if block_table == 0 {
-        BlockAddressing::Contiguous {
-            blocks_per_seq: per_seq,
-        }
-    } else {
-        BlockAddressing::Paged {
-            block_table,
-            entries_per_seq: per_seq,
-            pages,
-        }
-    }
-}
-
 fn cache(ptrs: [u64; 7]) -> CacheBuffers {
     CacheBuffers {
         k_codes: ptrs[0],
@@ -115,7 +101,7 @@ impl Module {
         paged: bool,
         splits: u32,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let addressing = blocks(u64::from(paged), per_seq, pages);
+        let addressing = BlockAddressing::from_table(u64::from(paged), per_seq, pages);
         let b = BufferBytes::new(&self.module.kernels().layout, batch, &addressing, splits);
         let d = PyDict::new(py);
         for (k, v) in [
@@ -178,7 +164,7 @@ impl Module {
             seq_lens,
             max_len,
             cache: self::cache(cache),
-            blocks: blocks(block_table, per_seq, pages),
+            blocks: BlockAddressing::from_table(block_table, per_seq, pages),
             error_flag,
         };
         // SAFETY: the Python half passes addresses of live CUDA tensors of this device whose shapes it checked
@@ -221,7 +207,7 @@ impl Module {
             seq_lens,
             seq_lens_next,
             cache: self::cache(cache),
-            blocks: blocks(block_table, per_seq, pages),
+            blocks: BlockAddressing::from_table(block_table, per_seq, pages),
             scratch: DecodeScratch {
                 part_acc: scratch.0,
                 part_ml: scratch.1,
