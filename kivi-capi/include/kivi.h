@@ -177,6 +177,12 @@ typedef struct KiviDecodeArgs {
   float softmax_scale;
   // u32 device error flag, or 0.
   uint64_t error_flag;
+  // i32 `[batch]` new tokens per sequence (q_len > 1, causal), or 0 for one each: launch this struct once per
+  // token `q_index = 0, 1, ...` with that token's rows and the lengths swapped between launches; a sequence
+  // whose `q_lens` entry is at most `q_index` is left alone (see `kivi_runtime::launch::DecodeArgs::q_lens`).
+  uint64_t q_lens;
+  // Which of the `q_lens` tokens this launch serves.
+  uint32_t q_index;
 } KiviDecodeArgs;
 
 #ifdef __cplusplus

@@ -298,6 +298,12 @@ pub struct KiviDecodeArgs {
     pub softmax_scale: f32,
     /// u32 device error flag, or 0.
     pub error_flag: u64,
+    /// i32 `[batch]` new tokens per sequence (q_len > 1, causal), or 0 for one each: launch this struct once per
+    /// token `q_index = 0, 1, ...` with that token's rows and the lengths swapped between launches; a sequence
+    /// whose `q_lens` entry is at most `q_index` is left alone (see `kivi_runtime::launch::DecodeArgs::q_lens`).
+    pub q_lens: u64,
+    /// Which of the `q_lens` tokens this launch serves.
+    pub q_index: u32,
 }
 
 /// Loads the kernels of `spec` (kivi's spec text, e.g. "kivi-2, llama-3-8b") for GPU `device`, compiling them
@@ -532,6 +538,8 @@ pub unsafe extern "C" fn kivi_decode(
             lse: a.lse,
             seq_lens: a.seq_lens,
             seq_lens_next: a.seq_lens_next,
+            q_lens: a.q_lens,
+            q_index: a.q_index,
             cache: a.cache.raw(),
             blocks: a.blocks.addressing(),
             scratch: DecodeScratch {

@@ -69,15 +69,17 @@ fn lib_dir() -> PathBuf {
     }
 }
 
-/// Compiles examples/c/decode.c with the system C compiler (`CC` or `cc`) against the header and the cdylib.
-fn build_example() -> PathBuf {
+/// Compiles examples/c/decode.c with the system C compiler (`CC` or `cc`) against the header and the cdylib, into
+/// the executable `name` (one per test: tests run in parallel, and rewriting a program another test is starting
+/// fails with ETXTBSY).
+fn build_example(name: &str) -> PathBuf {
     let dir = lib_dir();
     assert!(
         dir.join("libkivi_capi.so").exists(),
         "libkivi_capi.so not found in {} (cargo builds the cdylib with the tests)",
         dir.display()
     );
-    let out = dir.join("kivi_c_example");
+    let out = dir.join(name);
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let source = crate_dir().join("../examples/c/decode.c");
     let status = Command::new(&cc)
@@ -107,7 +109,7 @@ fn gpu_present() -> bool {
 
 #[test]
 fn the_c_example_builds_and_fails_cleanly_without_a_gpu() {
-    let exe = build_example();
+    let exe = build_example("kivi_c_example_no_gpu");
     if gpu_present() {
         eprintln!("a GPU is present: the GPU test runs the example");
         return;
@@ -125,7 +127,7 @@ fn the_c_example_builds_and_fails_cleanly_without_a_gpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn the_c_example_runs_prefill_and_decode_on_a_gpu() {
-    let exe = build_example();
+    let exe = build_example("kivi_c_example_gpu");
     let out = Command::new(&exe).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -70,12 +70,15 @@ struct DecodeIo<'a> {
 struct StepOptions {
     window: u32,
     softmax_scale: Option<f32>,
+    /// Token `j` of the per-sequence new tokens in `q_lens_dev` ([`KiviCache::decode_tokens`]), or None.
+    q_index: Option<u32>,
 }
 
 fn options_only(o: &DecodeOptions<'_>) -> StepOptions {
     StepOptions {
         window: o.window,
         softmax_scale: o.softmax_scale,
+        q_index: None,
     }
 }
 
@@ -141,6 +144,8 @@ pub struct KiviCache {
     /// other buffer (a kernel may not rewrite what its other blocks still read).
     lens_dev: [CudaSlice<i32>; 2],
     cur: usize,
+    /// The new tokens of each sequence in a [`KiviCache::decode_tokens`] call.
+    q_lens_dev: CudaSlice<i32>,
     error_flag: CudaSlice<u32>,
     plan: DecodePlan,
     max_splits: u32,
@@ -308,6 +313,7 @@ impl KiviCache {
                 stream.alloc_zeros(batch as usize)?,
             ],
             cur: 0,
+            q_lens_dev: stream.alloc_zeros(batch as usize)?,
             error_flag: stream.alloc_zeros(1)?,
             plan,
             max_splits,
@@ -674,6 +680,184 @@ impl KiviCache {
         Ok(())
     }
 
+    /// Several new tokens per sequence (q_len > 1: draft-token verification, chunked prefill), causal: sequence
+    /// `b` appends its first `q_lens[b]` tokens (all `q_len` when `q_lens` is None) and token `j` attends to
+    /// every earlier token and itself. Exactly `q_lens[b]` repeated [`KiviCache::decode_step`]s (flushes
+    /// included, so the results are those of single steps, bit for bit), queued as `q_len` launches of the
+    /// decode kernel that leave a sequence alone once its tokens are done; no host synchronization.
+    ///
+    /// Shapes (fp16, token-major so that token `j`'s rows are one step's): `q` and `out`
+    /// `[q_len, batch, num_heads, head_dim]`, `k` and `v` `[q_len, batch, num_kv_heads, head_dim]`, `lse` (in
+    /// `options`) f32 `[q_len, batch, num_heads]`. Rows of tokens past a sequence's `q_lens[b]` are neither read
+    /// nor written. Options apply to every token (a window counts back from each token).
+    ///
+    /// # Errors
+    /// [`RuntimeError::Limit`] for `q_len` 0, a `q_lens` entry above `q_len`, or a sequence without room for its
+    /// tokens; [`RuntimeError::Shape`] if a buffer or `q_lens` does not match; as
+    /// [`KiviCache::decode_step_with`] otherwise.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_tokens(
+        &mut self,
+        q: &CudaSlice<f16>,
+        k: &CudaSlice<f16>,
+        v: &CudaSlice<f16>,
+        out: &mut CudaSlice<f16>,
+        q_len: u32,
+        q_lens: Option<&[u32]>,
+        options: DecodeOptions<'_>,
+    ) -> Result<()> {
+        if q_len == 0 {
+            return Err(RuntimeError::Limit {
+                what: "q_len",
+                value: 0,
+                limit: "it must be at least 1".into(),
+            });
+        }
+        let per_seq: Vec<u32> = match q_lens {
+            Some(l) => {
+                if l.len() != self.batch as usize {
+                    return Err(RuntimeError::Shape {
+                        what: "q_lens",
+                        shape: format!("[batch {}]", self.batch),
+                        expected: self.batch as usize,
+                        got: l.len(),
+                    });
+                }
+                if let Some(&bad) = l.iter().find(|&&n| n > q_len) {
+                    return Err(RuntimeError::Limit {
+                        what: "q_lens entry",
+                        value: bad.into(),
+                        limit: format!("it must be at most q_len {q_len}"),
+                    });
+                }
+                l.to_vec()
+            }
+            None => vec![q_len; self.batch as usize],
+        };
+        let t = q_len as usize;
+        let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
+        self.check_len("decode q", q.len(), t, heads)?;
+        self.check_len("decode k", k.len(), t, kv_heads)?;
+        self.check_len("decode v", v.len(), t, kv_heads)?;
+        self.check_len("decode out", out.len(), t, heads)?;
+        let rows = self.batch as usize * heads as usize;
+        if let Some(lse) = options.lse.as_deref() {
+            if lse.len() != t * rows {
+                return Err(RuntimeError::Shape {
+                    what: "decode lse",
+                    shape: format!("[q_len {q_len}, batch {}, num_heads {heads}]", self.batch),
+                    expected: t * rows,
+                    got: lse.len(),
+                });
+            }
+        }
+        for (b, (&len, &n)) in self.lens.iter().zip(&per_seq).enumerate() {
+            let needed = u64::from(len) + u64::from(n);
+            if needed > u64::from(self.capacity) {
+                return Err(RuntimeError::Limit {
+                    what: "tokens per sequence",
+                    value: needed,
+                    limit: format!(
+                        "batch entry {b} holds {len} and takes {n}; the cache's capacity is {}",
+                        self.capacity
+                    ),
+                });
+            }
+        }
+        let most = self
+            .lens
+            .iter()
+            .zip(&per_seq)
+            .map(|(&l, &n)| l + n)
+            .max()
+            .unwrap_or(0);
+        let grid_splits = self.module.decode_splits(most, options.window);
+        if q_lens.is_some() {
+            let as_i32: Vec<i32> = per_seq.iter().map(|&n| n as i32).collect();
+            self.stream.memcpy_htod(&as_i32, &mut self.q_lens_dev)?;
+        }
+        let d = u64::from(self.storage.head_dim);
+        let batch = u64::from(self.batch);
+        let (q_slab, kv_slab, lse_slab) = (
+            2 * batch * u64::from(heads) * d,
+            2 * batch * u64::from(kv_heads) * d,
+            4 * batch * u64::from(heads),
+        );
+        let mut lse = options.lse;
+        for j in 0..q_len {
+            let step = StepOptions {
+                window: options.window,
+                softmax_scale: options.softmax_scale,
+                q_index: q_lens.map(|_| j),
+            };
+            let stream = self.stream.clone();
+            let module = self.module.clone();
+            let cur = self.cur;
+            let mut g = Vec::new();
+            let io = DecodeIo {
+                q,
+                k,
+                v,
+                out: &mut *out,
+                lse: lse.as_deref_mut(),
+            };
+            let mut args = self.decode_args(&stream, io, cur, grid_splits, &step, &mut g);
+            let jj = u64::from(j);
+            args.q += jj * q_slab;
+            args.out += jj * q_slab;
+            args.k_new += jj * kv_slab;
+            args.v_new += jj * kv_slab;
+            if args.lse != 0 {
+                args.lse += jj * lse_slab;
+            }
+            // SAFETY: as in decode_step_with; token j's rows lie inside q, k, v, out and lse (checked against
+            // q_len above), and every sequence has room for its tokens.
+            unsafe { module.launch_decode(stream.cu_stream() as CUstream, &args) }?;
+            drop(g);
+            self.cur = 1 - self.cur;
+            for (l, &n) in self.lens.iter_mut().zip(&per_seq) {
+                if j < n {
+                    *l += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`KiviCache::decode_tokens`] from host slices; returns `out` `[q_len, batch, num_heads, head_dim]` fp16
+    /// (NaN in the rows of tokens past a sequence's `q_lens[b]`).
+    ///
+    /// # Errors
+    /// As [`KiviCache::decode_tokens`].
+    pub fn decode_tokens_host(
+        &mut self,
+        q: &[f16],
+        k: &[f16],
+        v: &[f16],
+        q_len: u32,
+        q_lens: Option<&[u32]>,
+    ) -> Result<Vec<f16>> {
+        let t = q_len as usize;
+        let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
+        self.check_len("decode q", q.len(), t, heads)?;
+        self.check_len("decode k", k.len(), t, kv_heads)?;
+        self.check_len("decode v", v.len(), t, kv_heads)?;
+        let dq = self.stream.clone_htod(q)?;
+        let dk = self.stream.clone_htod(k)?;
+        let dv = self.stream.clone_htod(v)?;
+        let mut out = self.stream.clone_htod(&vec![f16::NAN; q.len()])?;
+        self.decode_tokens(
+            &dq,
+            &dk,
+            &dv,
+            &mut out,
+            q_len,
+            q_lens,
+            DecodeOptions::default(),
+        )?;
+        Ok(self.stream.clone_dtoh(&out)?)
+    }
+
     /// Checks a step's q, k, v, out and lse against the layout and batch.
     fn check_step_io(
         &self,
@@ -737,6 +921,11 @@ impl KiviCache {
             },
             seq_lens: dptr(lens_now, stream, g),
             seq_lens_next: dptr_mut(lens_next, stream, g),
+            q_lens: match options.q_index {
+                Some(_) => dptr(&self.q_lens_dev, stream, g),
+                None => 0,
+            },
+            q_index: options.q_index.unwrap_or(0),
             cache: CacheBuffers {
                 k_codes: dptr_mut(&mut self.k_codes, stream, g),
                 k_params: dptr_mut(&mut self.k_params, stream, g),

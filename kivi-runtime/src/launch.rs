@@ -36,7 +36,7 @@ pub type CUdeviceptr = u64;
 pub type CUstream = *mut c_void;
 
 /// Error-flag bit: a sequence length below 0 or beyond what its storage holds (or, at prefill, beyond
-/// `max_len`; at decode, no room for the new token).
+/// `max_len`; at decode, no room for the new token, or a negative `q_lens` entry).
 pub const DEVICE_ERROR_LENGTH: u32 = 1;
 /// Error-flag bit: a block-table entry outside `[0, pages)`.
 pub const DEVICE_ERROR_PAGE: u32 = 2;
@@ -48,7 +48,7 @@ pub fn describe_device_error(bits: u32) -> String {
     let mut parts = Vec::new();
     if bits & DEVICE_ERROR_LENGTH != 0 {
         parts.push(
-            "a sequence length outside what its storage holds (or no room for the new token)",
+            "a sequence length outside what its storage holds (or no room for the new token, or a negative q_len)",
         );
     }
     if bits & DEVICE_ERROR_PAGE != 0 {
@@ -393,6 +393,16 @@ pub struct DecodeArgs {
     /// a buffer that does not overlap `seq_lens`. For CUDA graphs either pass 0 and advance the lengths yourself,
     /// or capture two graphs that swap the buffers and replay them alternately (`KiviCache::capture_decode`).
     pub seq_lens_next: CUdeviceptr,
+    /// i32 `[batch]`, or 0 (every sequence takes one new token): q_len > 1 (draft-token verification, chunked
+    /// prefill), causal. Sequence `b` takes `q_lens[b]` new tokens, one launch per token: launch `j` (with
+    /// `q_index = j`) serves token `j` of every sequence with `q_lens[b] > j`, reading the lengths the launch
+    /// before wrote (swap `seq_lens` and `seq_lens_next`), and leaves the others alone: no append, no output
+    /// row written, `seq_lens_next[b] = seq_lens[b]`. Token `j` thus attends to every earlier token and itself,
+    /// exactly as `q_lens[b]` single steps would (flushes included). A negative entry sets
+    /// [`DEVICE_ERROR_LENGTH`]. `q`, `k_new`, `v_new`, `out` and `lse` of launch `j` are token `j`'s rows.
+    pub q_lens: CUdeviceptr,
+    /// Which of the `q_lens` tokens this launch serves (ignored without `q_lens`).
+    pub q_index: u32,
     /// The cache.
     pub cache: CacheBuffers,
     /// Where its blocks live.
@@ -708,6 +718,14 @@ impl LayoutModule {
         check_optional_ptr("lse", a.lse, 4)?;
         check_ptr("seq_lens", a.seq_lens, 4)?;
         check_optional_ptr("seq_lens_next", a.seq_lens_next, 4)?;
+        check_optional_ptr("q_lens", a.q_lens, 4)?;
+        if a.q_index > i32::MAX as u32 {
+            return Err(RuntimeError::Limit {
+                what: "q_index",
+                value: a.q_index.into(),
+                limit: format!("it must be at most {}", i32::MAX),
+            });
+        }
         check_optional_ptr("error_flag", a.error_flag, 4)?;
         check_ptr("part_acc", a.scratch.part_acc, 4)?;
         check_ptr("part_ml", a.scratch.part_ml, 4)?;
@@ -749,6 +767,7 @@ impl LayoutModule {
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let (table, per_seq, pages) = a.blocks.kernel_args();
         let kv_heads = layout.num_kv_heads as i32;
+        let q_index = a.q_index as i32;
         let fixed = self
             .kernels()
             .spec(KernelKind::DecodePartial)
@@ -771,6 +790,8 @@ impl LayoutModule {
             .push(&a.v_new)
             .push(&a.seq_lens)
             .push(&a.seq_lens_next)
+            .push(&a.q_lens)
+            .push(&q_index)
             .push(&kv_heads)
             .push(&table)
             .push(&per_seq)

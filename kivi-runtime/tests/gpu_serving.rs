@@ -524,6 +524,8 @@ fn the_raw_api_rejects_bad_arguments_and_flags_bad_lengths_without_breaking_the_
         lse: 0,
         seq_lens: p(&|| lens.device_ptr(&s).0),
         seq_lens_next: 0,
+        q_lens: 0,
+        q_index: 0,
         cache: CacheBuffers {
             k_codes: ptr(&k_codes),
             k_params: ph(&k_params),
@@ -694,5 +696,142 @@ fn a_sliding_window_over_a_ragged_batch_serves_every_length() {
             );
             assert_eq!(bits(mine), bits(&single[i]), "entry {b} step {i}");
         }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn several_new_tokens_per_sequence_are_bit_identical_to_repeated_single_steps() {
+    let gpu = gpu();
+    let l = layout("kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 128");
+    let (h, hkv, d) = (
+        l.num_heads as usize,
+        l.num_kv_heads as usize,
+        l.keys.head_dim as usize,
+    );
+    // New tokens that cross a key flush (126 + 5 > R = 128), a value flush (250 + 8 > 2R), none, one, and a long
+    // sequence over several automatic splits.
+    let lens = [0u32, 126, 127, 250, 300, 2100];
+    let q_lens = [3u32, 5, 0, 8, 1, 6];
+    let q_len = 8usize;
+    // q_len tokens, then one ordinary step after them.
+    let run = Run::new(&l, &lens, q_len + 1, 11);
+    let batch = lens.len();
+    // Token-major slabs; rows of tokens past a sequence's q_lens are NaN (a kernel that reads one fails the test).
+    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    for j in 0..q_len {
+        for (b, &n) in q_lens.iter().enumerate() {
+            if j < n as usize {
+                let (a, bb, c) = &run.steps[j][b];
+                q.extend_from_slice(a);
+                k.extend_from_slice(bb);
+                v.extend_from_slice(c);
+            } else {
+                q.extend(vec![f16::NAN; h * d]);
+                k.extend(vec![f16::NAN; hkv * d]);
+                v.extend(vec![f16::NAN; hkv * d]);
+            }
+        }
+    }
+    let all: Vec<usize> = (0..batch).collect();
+    for split in [0u32, 256] {
+        let m = module(&gpu, &l, split);
+        let s = gpu.stream();
+        let mut cache = KiviCache::new(&gpu, m.clone(), batch as u32, 2400).unwrap();
+        let (pk, pv, max, plens) = run.padded(&l, &all);
+        let (dk, dv) = (s.clone_htod(&pk).unwrap(), s.clone_htod(&pv).unwrap());
+        cache.prefill_ragged(&dk, &dv, max, &plens).unwrap();
+        let out = cache
+            .decode_tokens_host(&q, &k, &v, q_len as u32, Some(&q_lens))
+            .unwrap();
+        let after_lens: Vec<u32> = lens.iter().zip(&q_lens).map(|(a, b)| a + b).collect();
+        assert_eq!(cache.lens(), &after_lens[..]);
+        // One ordinary step after the tokens: the lengths on the device moved on as the host's did.
+        let (q1, k1, v1) = run.step(q_len, &all);
+        let next = cache.decode_step_host(&q1, &k1, &v1).unwrap();
+        cache.check_device_errors().unwrap();
+        for b in 0..batch {
+            let mut alone = KiviCache::new(&gpu, m.clone(), 1, 2400).unwrap();
+            let (pk, pv, max, plens) = run.padded(&l, &[b]);
+            let (dk, dv) = (s.clone_htod(&pk).unwrap(), s.clone_htod(&pv).unwrap());
+            alone.prefill_ragged(&dk, &dv, max, &plens).unwrap();
+            let mut cpu = RefCache::new(&l, 1).unwrap();
+            cpu.prefill(&run.prefill[b].0, &run.prefill[b].1, lens[b] as usize)
+                .unwrap();
+            let mut steps: Vec<usize> = (0..q_lens[b] as usize).collect();
+            steps.push(q_len);
+            for j in steps {
+                let (qs, ks, vs) = run.step(j, &[b]);
+                let single = alone.decode_step_host(&qs, &ks, &vs).unwrap();
+                let expected = cpu.decode_step(&qs, &ks, &vs).unwrap();
+                let mine = if j < q_len {
+                    &out[(j * batch + b) * h * d..(j * batch + b + 1) * h * d]
+                } else {
+                    &next[b * h * d..(b + 1) * h * d]
+                };
+                assert_eq!(
+                    bits(mine),
+                    bits(&single),
+                    "split {split} entry {b} (len {}) token {j}: q_len > 1 vs single steps",
+                    lens[b]
+                );
+                for head in 0..h {
+                    let ours: Vec<f32> = mine[head * d..(head + 1) * d]
+                        .iter()
+                        .map(|x| x.to_f32())
+                        .collect();
+                    let e = rel_l2(&ours, &expected[head * d..(head + 1) * d]);
+                    assert!(
+                        e <= TOL,
+                        "split {split} entry {b} token {j} head {head}: {e:.2e}"
+                    );
+                }
+            }
+            // Rows of tokens past q_lens[b] were not written.
+            for j in q_lens[b] as usize..q_len {
+                let row = &out[(j * batch + b) * h * d..(j * batch + b + 1) * h * d];
+                assert!(
+                    row.iter().all(|x| x.is_nan()),
+                    "entry {b} token {j} was written"
+                );
+            }
+        }
+        // Without q_lens every sequence takes q_len tokens: the same as q_len ordinary steps of the batch.
+        let full: Vec<Vec<StepInputs>> = run.steps[..q_len].to_vec();
+        let uniform = Run {
+            lens: run.lens.clone(),
+            prefill: run.prefill.clone(),
+            steps: full,
+        };
+        let mut stepped = KiviCache::new(&gpu, m.clone(), batch as u32, 2400).unwrap();
+        let singles = run_gpu(&gpu, &mut stepped, &l, &uniform, &all);
+        let mut multi = KiviCache::new(&gpu, m.clone(), batch as u32, 2400).unwrap();
+        multi.prefill_ragged(&dk, &dv, max, &plens).unwrap();
+        let (mut qa, mut ka, mut va) = (Vec::new(), Vec::new(), Vec::new());
+        for j in 0..q_len {
+            let (a, bb, c) = uniform.step(j, &all);
+            qa.extend(a);
+            ka.extend(bb);
+            va.extend(c);
+        }
+        let together = multi
+            .decode_tokens_host(&qa, &ka, &va, q_len as u32, None)
+            .unwrap();
+        multi.check_device_errors().unwrap();
+        assert_eq!(
+            bits(&together),
+            bits(&singles.concat()),
+            "split {split}: q_lens None"
+        );
+        // Bad input: a q_lens entry above q_len, a q_len of 0, a wrong slab size.
+        let e = multi
+            .decode_tokens_host(&qa, &ka, &va, q_len as u32, Some(&[9, 0, 0, 0, 0, 0]))
+            .unwrap_err();
+        assert!(matches!(e, RuntimeError::Limit { .. }), "{e}");
+        assert!(multi.decode_tokens_host(&[], &[], &[], 0, None).is_err());
+        let e = multi
+            .decode_tokens_host(&qa[..h * d], &ka, &va, q_len as u32, None)
+            .unwrap_err();
+        assert!(matches!(e, RuntimeError::Shape { .. }), "{e}");
     }
 }

@@ -9,6 +9,7 @@ allocated as torch tensors, so torch's caching allocator owns it.
     cache = kivi.KiviCache("kivi-2, llama-3-8b", batch=4, capacity=8192)
     cache.prefill(k, v)                 # [batch, num_kv_heads, tokens, head_dim] fp16 (any strides, unit last)
     out = cache.decode(q, k_new, v_new) # q [batch, num_heads, head_dim]; k_new, v_new [batch, num_kv_heads, head_dim]
+    out = cache.decode_tokens(q, k, v)  # q_len > 1 (causal): q [q_len, batch, num_heads, head_dim], ...
 
 Bad input (a tensor on the CPU or another GPU, of another dtype or shape, a non-contiguous decode input, a length
 beyond the capacity) raises ``ValueError`` or ``TypeError`` naming the value and the rule.
@@ -20,9 +21,12 @@ from typing import Optional, Sequence
 
 from . import _kivi
 
-__all__ = ["KiviCache", "Module"]
+__all__ = ["KiviCache", "Module", "CUDA_MAJOR"]
 
 Module = _kivi.Module
+#: The CUDA major version this build loads (libnvrtc.so.13 by default; 12 for a wheel built with
+#: ``maturin build --no-default-features --features cuda-12``).
+CUDA_MAJOR: int = _kivi.CUDA_MAJOR
 
 
 def _torch():
@@ -185,6 +189,57 @@ class KiviCache:
                            scratch, grid, window, softmax_scale, self.error_flag.data_ptr())
         self._cur = 1 - self._cur
         self.lens = [n + 1 for n in self.lens]
+        return (out, lse_t) if lse else out
+
+    def decode_tokens(self, q, k_new, v_new, out=None, *, q_lens: Optional[Sequence[int]] = None,
+                      lse: bool = False, window: int = 0, softmax_scale: Optional[float] = None):
+        """Several new tokens per sequence (q_len > 1: draft-token verification, chunked prefill), causal:
+        ``q`` fp16 ``[q_len, batch, num_heads, head_dim]``, ``k_new``, ``v_new`` fp16
+        ``[q_len, batch, num_kv_heads, head_dim]`` (token-major: token ``j``'s rows are one step's). Sequence ``b``
+        takes its first ``q_lens[b]`` tokens (all ``q_len`` by default); token ``j`` attends to every earlier token
+        and itself. Exactly ``q_lens[b]`` repeated ``decode`` steps (bit for bit), queued as ``q_len`` launches;
+        rows past a sequence's ``q_lens[b]`` are neither read nor written. Returns ``out``
+        ``[q_len, batch, num_heads, head_dim]`` (and the ``[q_len, batch, num_heads]`` log-sum-exp with
+        ``lse=True``)."""
+        torch = _torch()
+        b, h, hkv, d = self.batch, self.num_heads, self.num_kv_heads, self.head_dim
+        self._check(q, "q", torch.float16, None)
+        if q.dim() != 4 or q.shape[0] < 1:
+            raise ValueError(f"q has shape {tuple(q.shape)}, but it must be [q_len >= 1, batch {b}, num_heads {h}, "
+                             f"head_dim {d}]")
+        t = q.shape[0]
+        self._check(q, "q", torch.float16, (t, b, h, d))
+        self._check(k_new, "k_new", torch.float16, (t, b, hkv, d))
+        self._check(v_new, "v_new", torch.float16, (t, b, hkv, d))
+        if out is None:
+            out = torch.empty((t, b, h, d), dtype=torch.float16, device=self.device)
+        self._check(out, "out", torch.float16, (t, b, h, d))
+        for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new), ("out", out)):
+            if not x.is_contiguous():
+                raise ValueError(f"{name} must be contiguous")
+        per_seq = [t] * b if q_lens is None else [int(n) for n in q_lens]
+        if len(per_seq) != b:
+            raise ValueError(f"q_lens has {len(per_seq)} entries, but the batch is {b}")
+        bad = [n for n in per_seq if n < 0 or n > t]
+        if bad:
+            raise ValueError(f"q_lens entries {bad} are outside [0, q_len {t}]")
+        full = [i for i, (n, m) in enumerate(zip(self.lens, per_seq)) if n + m > self.capacity]
+        if full:
+            raise ValueError(f"batch entries {full} have no room for their tokens in the capacity {self.capacity}")
+        lse_t = torch.empty((t, b, h), dtype=torch.float32, device=self.device) if lse else None
+        ql = torch.tensor(per_seq, dtype=torch.int32).to(self.device) if q_lens is not None else None
+        table, per, pages = self._table()
+        scratch = (self._buf["part_acc"].data_ptr(), self._buf["part_ml"].data_ptr(),
+                   self._buf["counters"].data_ptr(), self.splits)
+        grid = self.module.decode_splits(max(n + m for n, m in zip(self.lens, per_seq)), window)
+        for j in range(t):
+            self.module.decode(self._stream(), b, q[j].data_ptr(), k_new[j].data_ptr(), v_new[j].data_ptr(),
+                               out[j].data_ptr(), lse_t[j].data_ptr() if lse else 0,
+                               self._lens[self._cur].data_ptr(), self._lens[1 - self._cur].data_ptr(),
+                               self._cache_ptrs(), table, per, pages, scratch, grid, window, softmax_scale,
+                               self.error_flag.data_ptr(), ql.data_ptr() if ql is not None else 0, j)
+            self._cur = 1 - self._cur
+        self.lens = [n + m for n, m in zip(self.lens, per_seq)]
         return (out, lse_t) if lse else out
 
     def check_device_errors(self):

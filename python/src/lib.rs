@@ -173,9 +173,10 @@ impl Module {
     }
 
     /// Queues one decode step on `stream`. Addresses as in `prefill`; `scratch`: (part_acc, part_ml, counters,
-    /// splits); `softmax_scale` None for 1 / sqrt(head_dim).
+    /// splits); `softmax_scale` None for 1 / sqrt(head_dim); `q_lens` (i32 `[batch]`, or 0) and `q_index`: token
+    /// `q_index` of each sequence's `q_lens` new tokens (q_len > 1, one launch per token).
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (stream, batch, q, k_new, v_new, out, lse, seq_lens, seq_lens_next, cache, block_table, per_seq, pages, scratch, grid_splits, window, softmax_scale, error_flag))]
+    #[pyo3(signature = (stream, batch, q, k_new, v_new, out, lse, seq_lens, seq_lens_next, cache, block_table, per_seq, pages, scratch, grid_splits, window, softmax_scale, error_flag, q_lens = 0, q_index = 0))]
     fn decode(
         &self,
         stream: usize,
@@ -196,6 +197,8 @@ impl Module {
         window: u32,
         softmax_scale: Option<f32>,
         error_flag: u64,
+        q_lens: u64,
+        q_index: u32,
     ) -> PyResult<()> {
         let args = DecodeArgs {
             batch,
@@ -206,6 +209,8 @@ impl Module {
             lse,
             seq_lens,
             seq_lens_next,
+            q_lens,
+            q_index,
             cache: self::cache(cache),
             blocks: BlockAddressing::from_table(block_table, per_seq, pages),
             scratch: DecodeScratch {
@@ -234,5 +239,11 @@ fn describe_device_error(bits: u32) -> String {
 fn _kivi(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Module>()?;
     m.add_function(wrap_pyfunction!(describe_device_error, m)?)?;
+    // Which CUDA major version this build's NVRTC and driver bindings load (libnvrtc.so.N): the wheel's name does
+    // not say, so `kivi.CUDA_MAJOR` does.
+    m.add(
+        "CUDA_MAJOR",
+        if cfg!(feature = "cuda-12") { 12 } else { 13 },
+    )?;
     Ok(())
 }

@@ -66,6 +66,36 @@ def run(spec, tol, steps=4):
 
 cache = run(SPEC8, 2e-2)
 
+
+def tokens_match_steps(spec):
+    """q_len > 1 (ragged q_lens, crossing a flush) is bit-identical to repeated single steps."""
+    lens, q_lens, t = [126, 40, 255], [5, 0, 3], 5
+    b = len(lens)
+    cache = kivi.KiviCache(spec, batch=b, capacity=512, device=dev)
+    h, hkv, d = cache.num_heads, cache.num_kv_heads, cache.head_dim
+    k = (torch.rand((b, hkv, max(lens), d), device=dev) * 4 - 2).half()
+    v = (torch.rand((b, hkv, max(lens), d), device=dev) * 2 - 1).half()
+    cache.prefill(k, v, lens)
+    q = torch.randn((t, b, h, d), device=dev).half()
+    kn = (torch.rand((t, b, hkv, d), device=dev) * 4 - 2).half()
+    vn = (torch.rand((t, b, hkv, d), device=dev) * 2 - 1).half()
+    out = torch.full((t, b, h, d), float("nan"), dtype=torch.float16, device=dev)
+    cache.decode_tokens(q, kn, vn, out, q_lens=q_lens)
+    assert cache.lens == [n + m for n, m in zip(lens, q_lens)], cache.lens
+    for i in range(b):
+        single = kivi.KiviCache(spec, batch=1, capacity=512, device=dev)
+        single.prefill(k[i:i + 1], v[i:i + 1], [lens[i]])
+        for j in range(q_lens[i]):
+            o = single.decode(q[j, i:i + 1].contiguous(), kn[j, i:i + 1].contiguous(), vn[j, i:i + 1].contiguous())
+            assert torch.equal(o[0], out[j, i]), (i, j)
+        assert torch.isnan(out[q_lens[i]:, i].float()).all(), f"entry {i}: rows past q_lens were written"
+    cache.check_device_errors()
+    print(f"decode_tokens: q_lens {q_lens} bit-identical to single steps")
+
+
+tokens_match_steps(SPEC8)
+tokens_match_steps("kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 128")
+
 # Bad inputs raise, nothing crashes, and the context stays usable.
 b, h, hkv, d = cache.batch, cache.num_heads, cache.num_kv_heads, cache.head_dim
 q = torch.randn((b, h, d), device=dev).half()
@@ -76,6 +106,8 @@ cases = {
     "wrong shape": lambda: cache.decode(q[:, :4], kn, kn),
     "non-contiguous": lambda: cache.decode(q.transpose(1, 2).contiguous().transpose(1, 2), kn, kn),
     "not a tensor": lambda: cache.decode([1, 2], kn, kn),
+    "q_lens above q_len": lambda: cache.decode_tokens(q[None], kn[None], kn[None], q_lens=[2] * b),
+    "q_len 0": lambda: cache.decode_tokens(q[:0][None][:0], kn[None][:0], kn[None][:0]),
     "bad spec": lambda: kivi.KiviCache("kivi-2, head_dim: 80", 1, 64, device=dev),
 }
 for name, f in cases.items():

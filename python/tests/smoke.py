@@ -4,6 +4,9 @@ import sys
 
 import kivi
 
+# The default build loads CUDA 13 (libnvrtc.so.13).
+assert kivi.CUDA_MAJOR == 13, kivi.CUDA_MAJOR
+
 try:
     kivi.Module("kivi-2, residual_lenght: 64")
     sys.exit("a misspelt field was accepted")
