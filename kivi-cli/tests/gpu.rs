@@ -66,6 +66,36 @@ fn gpu_matches_cpu_reference_on_presets_at_awkward_lengths() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn gpu_symmetric_quantization_and_fp32_rounding_match_the_cpu_reference() {
+    // The quantize paths (prefill and the decode step's flushes) of `quant: symmetric` and `rounding: fp32`, for
+    // keys, values or both, at several widths: codes, scales and mins identical to the CPU reference.
+    let gpu = gpu();
+    let mut checks = Vec::new();
+    for spec in [
+        "kivi-2, smollm2-135m, quant: symmetric",
+        "kivi-4, num_heads: 8, num_kv_heads: 2, head_dim: 128, keys: { quant: symmetric, rounding: fp32 }",
+        "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 64, rounding: fp32",
+        "keys: { bits: 8, group_size: 32, quant: symmetric }, values: { bits: 8, group_size: 32, quant: symmetric }, \
+         residual_length: 128, num_heads: 4, num_kv_heads: 4, head_dim: 96",
+        "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 128, keys: { bits: 1, rounding: fp32 }, \
+         values: { bits: 4, quant: symmetric }",
+    ] {
+        let layout = kivi_dsl::parse_spec(spec).unwrap();
+        checks.extend(verify::verify_layout_on_gpu(
+            &gpu,
+            &layout,
+            spec,
+            &[31, 129, 300],
+            &[1, 3],
+            140,
+            &mut |c| eprintln!("{c}"),
+        ));
+    }
+    assert_all_pass(&checks);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_one_sequence_and_one_kv_head() {
     // B * Hkv = 1 (MQA, batch 1) with a prefill that is not a multiple of anything.
     let gpu = gpu();

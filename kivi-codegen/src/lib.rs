@@ -335,21 +335,34 @@ impl DecodePlan {
 }
 
 /// The layout part of kernel and module names: key bits/axis/group, value bits/axis/group, residual, head_dim,
-/// dtype, GQA ratio, e.g. `k2c32_v2t32_r128_d128_f16_gqa4` (`c` per-channel, `t` per-token).
+/// dtype, GQA ratio, e.g. `k2c32_v2t32_r128_d128_f16_gqa4` (`c` per-channel, `t` per-token). Options away from
+/// the defaults follow a tensor's group: `s` symmetric quantization, `f` fp32 rounding (`k4c32sf_...`).
 pub fn layout_tag(layout: &Layout) -> String {
     let axis = |a: kivi_dsl::QuantAxis| match a {
         kivi_dsl::QuantAxis::PerChannel => 'c',
         kivi_dsl::QuantAxis::PerToken => 't',
     };
+    let options = |t: &kivi_dsl::TensorQuant| {
+        let mut o = String::new();
+        if t.symmetry == kivi_dsl::Symmetry::Symmetric {
+            o.push('s');
+        }
+        if t.rounding == kivi_dsl::Rounding::F32 {
+            o.push('f');
+        }
+        o
+    };
     let r = layout.residual_length;
     format!(
-        "k{}{}{}_v{}{}{}_r{}_d{}_{}_gqa{}",
+        "k{}{}{}{}_v{}{}{}{}_r{}_d{}_{}_gqa{}",
         layout.keys.bits,
         axis(layout.keys.axis),
         layout.keys.group_elems(r),
+        options(&layout.keys),
         layout.values.bits,
         axis(layout.values.axis),
         layout.values.group_elems(r),
+        options(&layout.values),
         r,
         layout.keys.head_dim,
         layout.dtype.as_str(),
@@ -539,6 +552,16 @@ fn kernel_context(
     ctx.insert("value_words_per_pair", &st.value_words_per_pair());
     ctx.insert("value_block_words", &st.value_block_words());
     ctx.insert("value_block_params", &st.value_block_params());
+    for (prefix, t) in [("key", &l.keys), ("value", &l.values)] {
+        ctx.insert(
+            format!("{prefix}_symmetric"),
+            &(t.symmetry == kivi_dsl::Symmetry::Symmetric),
+        );
+        ctx.insert(
+            format!("{prefix}_rounding_f32"),
+            &(t.rounding == kivi_dsl::Rounding::F32),
+        );
+    }
     Ok(ctx)
 }
 

@@ -887,11 +887,6 @@ fn check_supported_rules() {
              16-row tile of its tensor-core fragments shares a group)",
         ),
         (
-            with(|l| l.keys.symmetry = Symmetry::Symmetric),
-            "keys.quant",
-            "not yet supported: keys.quant symmetric (only asymmetric)",
-        ),
-        (
             with(|l| l.values.scale_dtype = ScaleDtype::F32),
             "values.scale_dtype",
             "not yet supported: values.scale_dtype fp32 (only fp16)",
@@ -900,11 +895,6 @@ fn check_supported_rules() {
             with(|l| l.keys.scale_dtype = ScaleDtype::Bf16),
             "keys.scale_dtype",
             "not yet supported: keys.scale_dtype bf16 (only fp16)",
-        ),
-        (
-            with(|l| l.keys.rounding = Rounding::F32),
-            "keys.rounding",
-            "not yet supported: keys.rounding fp32 (only half)",
         ),
         (with(|l| l.dtype = Dtype::Bf16), "dtype", "not yet supported: dtype bf16 (only fp16)"),
         (with(|l| l.sink_tokens = 4), "sink_tokens", "not yet supported: sink_tokens 4 (only 0)"),

@@ -2,9 +2,7 @@
 //! [`Layout::check_supported`] (does the code generator emit it yet).
 
 use crate::error::LayoutError;
-use crate::layout::{
-    Dtype, GroupSize, Layout, QuantAxis, Rounding, ScaleDtype, Symmetry, TensorQuant,
-};
+use crate::layout::{Dtype, GroupSize, Layout, QuantAxis, ScaleDtype, Symmetry, TensorQuant};
 
 /// Largest accepted `residual_length`, tokens.
 pub const MAX_RESIDUAL_LENGTH: u32 = 4096;
@@ -190,22 +188,10 @@ impl Layout {
             }
         }
         for (name, t) in tensors {
-            if t.symmetry != Symmetry::Asymmetric {
-                return unsupported(format!(
-                    "{name}.quant {} (only asymmetric)",
-                    t.symmetry.as_str()
-                ));
-            }
             if t.scale_dtype != ScaleDtype::F16 {
                 return unsupported(format!(
                     "{name}.scale_dtype {} (only fp16)",
                     t.scale_dtype.as_str()
-                ));
-            }
-            if t.rounding != Rounding::Half {
-                return unsupported(format!(
-                    "{name}.rounding {} (only half)",
-                    t.rounding.as_str()
                 ));
             }
         }
