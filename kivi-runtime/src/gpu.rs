@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+#[cfg(feature = "cudarc-api")]
+use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaContext, CudaFunction};
 use cudarc::nvrtc::Ptx;
 use kivi_codegen::{generate_module, KernelKind, KernelTiles, LayoutKernels, ModuleSource};
 use kivi_dsl::Layout;
@@ -17,6 +19,7 @@ use crate::toolkit::driver_present;
 #[derive(Debug, Clone)]
 pub struct Gpu {
     ctx: Arc<CudaContext>,
+    #[cfg(feature = "cudarc-api")]
     stream: Arc<CudaStream>,
     arch: Arch,
     sm_count: u32,
@@ -41,6 +44,7 @@ impl Gpu {
         let sm_count = ctx.attribute(
             cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
         )? as u32;
+        #[cfg(feature = "cudarc-api")]
         let stream = ctx.default_stream();
         let mut driver_version = 0i32;
         // SAFETY: cuDriverGetVersion writes one int; the driver is loaded (checked above).
@@ -50,6 +54,7 @@ impl Gpu {
         }
         Ok(Gpu {
             ctx,
+            #[cfg(feature = "cudarc-api")]
             stream,
             arch: Arch {
                 major: major as u32,
@@ -83,11 +88,13 @@ impl Gpu {
     }
 
     /// The stream kivi launches on.
+    #[cfg(feature = "cudarc-api")]
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
 
     /// The CUDA context.
+    #[cfg(feature = "cudarc-api")]
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
@@ -141,6 +148,7 @@ impl Gpu {
     ///
     /// # Errors
     /// NVRTC errors, driver errors (e.g. a name that is not in the program).
+    #[cfg(feature = "cudarc-api")]
     pub fn load_program(
         &self,
         name: &str,
@@ -214,7 +222,13 @@ impl LayoutModule {
         self.load_time
     }
 
+    /// The context the module was loaded into (for the launches).
+    pub(crate) fn ctx(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
     /// The context the module was loaded into.
+    #[cfg(feature = "cudarc-api")]
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }

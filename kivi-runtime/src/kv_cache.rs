@@ -13,11 +13,8 @@ use crate::error::{Result, RuntimeError};
 use crate::gpu::{Gpu, LayoutModule};
 use crate::launch::{
     check_block_count, check_paged_kernel, describe_device_error, BlockAddressing, BufferBytes,
-    CUstream, CacheBuffers, DecodeArgs, DecodeScratch, PrefillArgs, TokenRows,
+    CUstream, CacheBuffers, DecodeArgs, DecodeScratch, PrefillArgs, TokenRows, MAX_CAPACITY,
 };
-
-/// The largest capacity (tokens per sequence) a cache may have: positions are 32-bit in the kernels.
-pub const MAX_CAPACITY: u32 = 1 << 28;
 
 /// [`DecodePlan::max_splits`] of `module`'s decode tile at `capacity`, or the error if the kernel cannot merge
 /// that many.

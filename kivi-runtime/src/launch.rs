@@ -24,7 +24,6 @@ use kivi_codegen::{DecodePlan, KernelKind, StorageLayout, MAX_SPLITS};
 
 use crate::error::{Result, RuntimeError};
 use crate::gpu::LayoutModule;
-use crate::kv_cache::MAX_CAPACITY;
 
 /// A device address (CUDA's `CUdeviceptr`: what `cuMemAlloc`, `cudaMalloc` or `torch.Tensor.data_ptr()` give);
 /// 0 means none where an argument is optional. A plain integer, so that the contract does not depend on a
@@ -34,6 +33,9 @@ pub type CUdeviceptr = u64;
 /// A CUDA stream handle (CUDA's `CUstream` / `cudaStream_t`; null is the legacy default stream), of the context the
 /// module was loaded into.
 pub type CUstream = *mut c_void;
+
+/// The largest capacity (tokens per sequence) a cache may have: positions are 32-bit in the kernels.
+pub const MAX_CAPACITY: u32 = 1 << 28;
 
 /// Error-flag bit: a sequence length below 0 or beyond what its storage holds (or, at prefill, beyond
 /// `max_len`; at decode, no room for the new token, or a negative `q_lens` entry).
@@ -554,7 +556,7 @@ impl LayoutModule {
         params: &mut Params,
     ) -> Result<()> {
         let threads = self.kernels().spec(kind).tile.threads;
-        self.context().bind_to_thread()?;
+        self.ctx().bind_to_thread()?;
         // SAFETY: the caller of the public launch functions vouches for the pointers (their contract); the
         // parameter list matches the kernel's signature in templates/ (one push per parameter, in order).
         unsafe {

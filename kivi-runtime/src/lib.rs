@@ -13,12 +13,17 @@
 //!   and streams (the C ABI in `kivi-capi` and the Python package sit on it).
 //!
 //! Features: `cuda-13` (the default; `libnvrtc.so.13`) or `cuda-12` (`libnvrtc.so.12`; build with
-//! `--no-default-features --features cuda-12`), exactly one.
+//! `--no-default-features --features cuda-12`), exactly one; `cudarc-api` (default) for what takes or returns
+//! cudarc types ([`KiviCache`], `Gpu::stream`, `Gpu::context`, `LayoutModule::context`, `Gpu::load_program`,
+//! [`bench`]). Without it the API holds no cudarc type (cudarc stays a private dependency, so an engine on
+//! another cudarc version embeds kivi without a clash): [`Gpu`], [`LayoutModule`] and [`launch`].
 
+#[cfg(feature = "cudarc-api")]
 pub mod bench;
 mod compile;
 mod error;
 mod gpu;
+#[cfg(feature = "cudarc-api")]
 mod kv_cache;
 pub mod launch;
 pub mod toolkit;
@@ -26,4 +31,6 @@ pub mod toolkit;
 pub use compile::{Arch, Compiler, Cubin, CubinOrigin, NVRTC_OPTIONS};
 pub use error::{Result, RuntimeError};
 pub use gpu::{Gpu, KernelResources, LayoutModule};
-pub use kv_cache::{CacheExport, DecodeGraph, DecodeOptions, KiviCache, MAX_CAPACITY};
+#[cfg(feature = "cudarc-api")]
+pub use kv_cache::{CacheExport, DecodeGraph, DecodeOptions, KiviCache};
+pub use launch::MAX_CAPACITY;
