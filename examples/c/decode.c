@@ -85,6 +85,11 @@ static uint64_t upload(const void *host, uint64_t bytes) {
 }
 
 int main(void) {
+    if (kivi_abi_version() != KIVI_ABI_VERSION) {
+        fprintf(stderr, "libkivi_capi has C ABI version %u, this program was built for %u\n", kivi_abi_version(),
+                (unsigned)KIVI_ABI_VERSION);
+        return 2;
+    }
     KiviModule *module = NULL;
     if (!check(kivi_module_load(SPEC, 0, 0, &module), "kivi_module_load")) return 2;
     g_module = module;

@@ -9,6 +9,11 @@
 #include <stdint.h>
 #include <stddef.h>
 
+// The version of this C ABI: the layout of its structs and the meaning of their fields. 1: the first release; 2:
+// `KiviDecodeArgs` gained `q_lens` and `q_index`. A program built against one header must not call a library of
+// another version: compare [`kivi_abi_version`] with this constant before the first call.
+#define KIVI_ABI_VERSION 2
+
 // What a call returned.
 typedef enum KiviStatus {
   // Success.
@@ -260,6 +265,9 @@ enum KiviStatus kivi_prefill(const struct KiviModule *module,
 enum KiviStatus kivi_decode(const struct KiviModule *module,
                             void *stream,
                             const struct KiviDecodeArgs *args);
+
+// The [`KIVI_ABI_VERSION`] this library was built with.
+uint32_t kivi_abi_version(void);
 
 // The error flag's bits in words (for [`KiviStatus::Device`] reporting): writes at most `len` bytes, NUL
 // included, to `buf`; returns the message's full length (without the NUL).

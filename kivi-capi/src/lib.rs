@@ -558,6 +558,17 @@ pub unsafe extern "C" fn kivi_decode(
     })
 }
 
+/// The version of this C ABI: the layout of its structs and the meaning of their fields. 1: the first release; 2:
+/// `KiviDecodeArgs` gained `q_lens` and `q_index`. A program built against one header must not call a library of
+/// another version: compare [`kivi_abi_version`] with this constant before the first call.
+pub const KIVI_ABI_VERSION: u32 = 2;
+
+/// The [`KIVI_ABI_VERSION`] this library was built with.
+#[no_mangle]
+pub extern "C" fn kivi_abi_version() -> u32 {
+    KIVI_ABI_VERSION
+}
+
 /// The error flag's bits in words (for [`KiviStatus::Device`] reporting): writes at most `len` bytes, NUL
 /// included, to `buf`; returns the message's full length (without the NUL).
 ///

@@ -142,8 +142,9 @@ impl Layout {
     /// Checks that the code generator emits this layout: [`Layout::validate`] first, then bits 1, 2, 4 or 8;
     /// keys per-channel and values per-token; numeric group sizes (no `per_block`) of at least 16 (a 16-row
     /// tile of the decode kernel's tensor-core fragments shares a group); `residual_length` a multiple of
-    /// `max(64 / key bits, 16)` (whole key chunks and value tiles per flush block); asymmetric; fp16 scales;
-    /// `half` rounding; fp16 activations; no sink tokens; equal key and value head_dim.
+    /// `max(64 / key bits, 16)` (whole key chunks and value tiles per flush block); fp16 scales; fp16
+    /// activations; no sink tokens; equal key and value head_dim. Symmetric or asymmetric quantization and
+    /// either rounding are generated.
     ///
     /// # Errors
     /// A [`LayoutError`] from `validate`, or [`LayoutError::NotYetSupported`] for the first unsupported choice.

@@ -35,7 +35,7 @@ pub enum RuntimeError {
     },
     /// A CUDA driver call failed.
     #[error("CUDA driver: {0}")]
-    Driver(#[from] cudarc::driver::DriverError),
+    Driver(DriverError),
     /// An NVRTC call (other than compiling) failed.
     #[error("NVRTC: {0}")]
     Nvrtc(String),
@@ -90,6 +90,33 @@ pub enum RuntimeError {
     /// The operation does not fit the cache's state (e.g. prefill twice).
     #[error("{0}")]
     State(String),
+}
+
+/// A failed CUDA driver call: its `CUresult` code and the driver's description. kivi's own type, so that no
+/// binding's type is part of the API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriverError {
+    /// The `CUresult` value (e.g. 2 for CUDA_ERROR_OUT_OF_MEMORY, 700 for CUDA_ERROR_ILLEGAL_ADDRESS).
+    pub code: i32,
+    /// The driver's name and description of it.
+    pub message: String,
+}
+
+impl std::fmt::Display for DriverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (CUresult {})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for DriverError {}
+
+impl From<cudarc::driver::DriverError> for RuntimeError {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        RuntimeError::Driver(DriverError {
+            code: e.0 as i32,
+            message: e.to_string(),
+        })
+    }
 }
 
 /// Short for `Result<T, RuntimeError>`.

@@ -681,12 +681,14 @@ impl KiviCache {
     /// `b` appends its first `q_lens[b]` tokens (all `q_len` when `q_lens` is None) and token `j` attends to
     /// every earlier token and itself. Exactly `q_lens[b]` repeated [`KiviCache::decode_step`]s (flushes
     /// included, so the results are those of single steps, bit for bit), queued as `q_len` launches of the
-    /// decode kernel that leave a sequence alone once its tokens are done; no host synchronization.
+    /// decode kernel that leave a sequence alone once its tokens are done. No device synchronization; `q_lens`
+    /// is copied from host memory first (pageable: the copy may wait for the host side of the transfer).
     ///
     /// Shapes (fp16, token-major so that token `j`'s rows are one step's): `q` and `out`
     /// `[q_len, batch, num_heads, head_dim]`, `k` and `v` `[q_len, batch, num_kv_heads, head_dim]`, `lse` (in
     /// `options`) f32 `[q_len, batch, num_heads]`. Rows of tokens past a sequence's `q_lens[b]` are neither read
-    /// nor written. Options apply to every token (a window counts back from each token).
+    /// nor written. Options apply to every token (a window counts back from each token). A launch error at token
+    /// `j` returns with the tokens before it appended ([`KiviCache::lens`] tells).
     ///
     /// # Errors
     /// [`RuntimeError::Limit`] for `q_len` 0, a `q_lens` entry above `q_len`, or a sequence without room for its
@@ -834,6 +836,13 @@ impl KiviCache {
         q_len: u32,
         q_lens: Option<&[u32]>,
     ) -> Result<Vec<f16>> {
+        if q_len == 0 {
+            return Err(RuntimeError::Limit {
+                what: "q_len",
+                value: 0,
+                limit: "it must be at least 1".into(),
+            });
+        }
         let t = q_len as usize;
         let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
         self.check_len("decode q", q.len(), t, heads)?;

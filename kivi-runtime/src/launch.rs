@@ -697,9 +697,9 @@ impl LayoutModule {
     ///
     /// # Errors
     /// [`RuntimeError::Pointer`] for a null or misaligned pointer; [`RuntimeError::Limit`] for batch 0 or too
-    /// large, `grid_splits` outside `1..=min(scratch.splits, 1024)`, a softmax scale that is not finite and
-    /// positive; [`RuntimeError::State`] if `seq_lens_next` is `seq_lens`; driver errors. Lengths and table
-    /// entries are checked on the device (`error_flag`).
+    /// large, `grid_splits` outside `1..=min(scratch.splits, 1024)`, `q_index` above `i32::MAX`, a softmax scale
+    /// that is not finite and positive; [`RuntimeError::State`] if `seq_lens_next` overlaps `seq_lens` or
+    /// `q_lens`; driver errors. Lengths, `q_lens` and table entries are checked on the device (`error_flag`).
     ///
     /// # Safety
     /// As [`LayoutModule::launch_prefill`]; the scratch must hold `scratch.splits` splits per row
@@ -733,14 +733,18 @@ impl LayoutModule {
         check_ptr("part_ml", a.scratch.part_ml, 4)?;
         check_ptr("counters", a.scratch.counters, 4)?;
         let lens_bytes = 4 * u64::from(a.batch);
-        if a.seq_lens_next != 0
-            && a.seq_lens_next < a.seq_lens.saturating_add(lens_bytes)
-            && a.seq_lens < a.seq_lens_next.saturating_add(lens_bytes)
-        {
-            return Err(RuntimeError::State(
-                "seq_lens_next must not overlap seq_lens (other blocks of the step still read it)"
-                    .into(),
-            ));
+        let overlaps = |other: CUdeviceptr| {
+            a.seq_lens_next != 0
+                && other != 0
+                && a.seq_lens_next < other.saturating_add(lens_bytes)
+                && other < a.seq_lens_next.saturating_add(lens_bytes)
+        };
+        for (other, name) in [(a.seq_lens, "seq_lens"), (a.q_lens, "q_lens")] {
+            if overlaps(other) {
+                return Err(RuntimeError::State(format!(
+                    "seq_lens_next must not overlap {name} (other blocks of the step still read it)"
+                )));
+            }
         }
         if a.scratch.splits > i32::MAX as u32 {
             return Err(RuntimeError::Limit {

@@ -14,9 +14,11 @@
 //!
 //! Features: `cuda-13` (the default; `libnvrtc.so.13`) or `cuda-12` (`libnvrtc.so.12`; build with
 //! `--no-default-features --features cuda-12`), exactly one; `cudarc-api` (default) for what takes or returns
-//! cudarc types ([`KiviCache`], `Gpu::stream`, `Gpu::context`, `LayoutModule::context`, `Gpu::load_program`,
-//! [`bench`]). Without it the API holds no cudarc type (cudarc stays a private dependency, so an engine on
-//! another cudarc version embeds kivi without a clash): [`Gpu`], [`LayoutModule`] and [`launch`].
+//! cudarc types (`KiviCache`, `Gpu::stream`, `Gpu::context`, `LayoutModule::context`, `Gpu::load_program`, the
+//! `bench` module). Without it no signature, field or variant holds a cudarc type ([`RuntimeError::Driver`]
+//! carries kivi's own [`DriverError`]; the one trace of the binding is `From<cudarc::driver::DriverError> for
+//! RuntimeError`), so an engine on another cudarc version, or none, embeds kivi without a clash: [`Gpu`],
+//! [`LayoutModule`] and [`launch`].
 
 #[cfg(feature = "cudarc-api")]
 pub mod bench;
@@ -29,7 +31,7 @@ pub mod launch;
 pub mod toolkit;
 
 pub use compile::{Arch, Compiler, Cubin, CubinOrigin, NVRTC_OPTIONS};
-pub use error::{Result, RuntimeError};
+pub use error::{DriverError, Result, RuntimeError};
 pub use gpu::{Gpu, KernelResources, LayoutModule};
 #[cfg(feature = "cudarc-api")]
 pub use kv_cache::{CacheExport, DecodeGraph, DecodeOptions, KiviCache};

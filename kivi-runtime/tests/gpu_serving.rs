@@ -828,10 +828,191 @@ fn several_new_tokens_per_sequence_are_bit_identical_to_repeated_single_steps() 
             .decode_tokens_host(&qa, &ka, &va, q_len as u32, Some(&[9, 0, 0, 0, 0, 0]))
             .unwrap_err();
         assert!(matches!(e, RuntimeError::Limit { .. }), "{e}");
-        assert!(multi.decode_tokens_host(&[], &[], &[], 0, None).is_err());
+        let e = multi
+            .decode_tokens_host(&[], &[], &[], 0, None)
+            .unwrap_err();
+        assert!(
+            matches!(e, RuntimeError::Limit { what: "q_len", .. }),
+            "{e}"
+        );
         let e = multi
             .decode_tokens_host(&qa[..h * d], &ka, &va, q_len as u32, None)
             .unwrap_err();
         assert!(matches!(e, RuntimeError::Shape { .. }), "{e}");
+
+        // Options apply per token: the log-sum-exp slabs, a window and a scale equal the single steps' own.
+        fn options(lse: Option<&mut CudaSlice<f32>>) -> DecodeOptions<'_> {
+            DecodeOptions {
+                lse,
+                window: 200,
+                softmax_scale: Some(0.07),
+            }
+        }
+        let rows = batch * h;
+        let mut stepped = KiviCache::new(&gpu, m.clone(), batch as u32, 2400).unwrap();
+        stepped.prefill_ragged(&dk, &dv, max, &plens).unwrap();
+        let (mut step_out, mut step_lse) = (Vec::new(), Vec::new());
+        for j in 0..q_len {
+            let (a, bb, c) = uniform.step(j, &all);
+            let (dq1, dk1, dv1) = (
+                s.clone_htod(&a).unwrap(),
+                s.clone_htod(&bb).unwrap(),
+                s.clone_htod(&c).unwrap(),
+            );
+            let mut o = s.alloc_zeros::<f16>(rows * d).unwrap();
+            let mut l = s.alloc_zeros::<f32>(rows).unwrap();
+            stepped
+                .decode_step_with(&dq1, &dk1, &dv1, &mut o, options(Some(&mut l)))
+                .unwrap();
+            step_out.extend(s.clone_dtoh(&o).unwrap());
+            step_lse.extend(s.clone_dtoh(&l).unwrap());
+        }
+        let mut multi = KiviCache::new(&gpu, m.clone(), batch as u32, 2400).unwrap();
+        multi.prefill_ragged(&dk, &dv, max, &plens).unwrap();
+        let (dqa, dka, dva) = (
+            s.clone_htod(&qa).unwrap(),
+            s.clone_htod(&ka).unwrap(),
+            s.clone_htod(&va).unwrap(),
+        );
+        let mut o = s.alloc_zeros::<f16>(q_len * rows * d).unwrap();
+        let mut l = s.alloc_zeros::<f32>(q_len * rows).unwrap();
+        multi
+            .decode_tokens(
+                &dqa,
+                &dka,
+                &dva,
+                &mut o,
+                q_len as u32,
+                None,
+                options(Some(&mut l)),
+            )
+            .unwrap();
+        multi.check_device_errors().unwrap();
+        assert_eq!(
+            bits(&s.clone_dtoh(&o).unwrap()),
+            bits(&step_out),
+            "split {split}: options"
+        );
+        let lse_bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(
+            lse_bits(&s.clone_dtoh(&l).unwrap()),
+            lse_bits(&step_lse),
+            "split {split}: lse slabs"
+        );
+    }
+}
+
+/// A value of the crafted tensor at (token t, channel d): 32 x 32 tiles share one regime, so that every key group
+/// (32 tokens of a channel) and value group (32 channels of a token) lies in one: ordinary values, values near
+/// the fp16 limit (symmetric 8-bit mins overflow, fp32 ranges saturate), subnormals (scales round to 0), zeros of
+/// both signs, a group holding an Inf (or a NaN), a constant group, and a one-sided range.
+fn crafted(t: usize, d: usize, head: usize) -> f16 {
+    let h = (t as u64 * 131 + d as u64 * 31 + head as u64 * 7).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let u = ((h >> 11) as f64 / (1u64 << 53) as f64) as f32; // [0, 1)
+    let x = match (t / 32 + d / 32 + head) % 7 {
+        0 => 4.0 * u - 2.0,
+        1 => {
+            let m = 60000.0 + 5504.0 * u;
+            if (t + d).is_multiple_of(2) {
+                m
+            } else {
+                -m
+            }
+        }
+        2 => 6e-8 * ((t * 3 + d) % 5) as f32 - 1.2e-7,
+        3 => {
+            if (t + d).is_multiple_of(3) {
+                -0.0
+            } else {
+                0.0
+            }
+        }
+        4 if t % 32 == 7 && d % 32 == 5 => {
+            if head == 0 {
+                f32::INFINITY
+            } else {
+                f32::NAN
+            }
+        }
+        4 => 2.0 * u - 1.0,
+        5 => 3.0,
+        _ => 1000.0 + 1000.0 * u,
+    };
+    f16::from_f32(x)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn symmetric_and_fp32_edge_groups_quantize_exactly_as_the_cpu_reference() {
+    let gpu = gpu();
+    for spec in [
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, keys: { bits: 8, quant: symmetric }, \
+         values: { bits: 8, quant: symmetric }",
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, quant: symmetric",
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, keys: { bits: 1, rounding: fp32 }, \
+         values: { bits: 4, rounding: fp32 }",
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, keys: { bits: 4, quant: symmetric, rounding: fp32 }",
+    ] {
+        let l = layout(spec);
+        let (h, hkv, d) = (
+            l.num_heads as usize,
+            l.num_kv_heads as usize,
+            l.keys.head_dim as usize,
+        );
+        let (batch, len, steps) = (2usize, 300usize, 100usize);
+        // [B][Hkv][T][D], the same crafted tensor for keys and values (value tiles are shifted by a token tile).
+        let tensor = |shift: usize, tokens: std::ops::Range<usize>| -> Vec<f16> {
+            let mut x = Vec::new();
+            for b in 0..batch {
+                for head in 0..hkv {
+                    for t in tokens.clone() {
+                        for c in 0..d {
+                            x.push(crafted(t + shift, c, b * hkv + head));
+                        }
+                    }
+                }
+            }
+            x
+        };
+        let (pk, pv) = (tensor(0, 0..len), tensor(32, 0..len));
+        let m = module(&gpu, &l, 0);
+        let mut cache = KiviCache::new(&gpu, m, batch as u32, (len + steps) as u32).unwrap();
+        cache.prefill_host(&pk, &pv, len as u32).unwrap();
+        let mut cpu = RefCache::new(&l, batch).unwrap();
+        cpu.prefill(&pk, &pv, len).unwrap();
+        let mut rng = StdRng::seed_from_u64(5);
+        for s in 0..steps {
+            // Token-major for one step: [B][Hkv][D].
+            let (k, v) = (tensor(0, len + s..len + s + 1), tensor(32, len + s..len + s + 1));
+            let q = random(&mut rng, batch * h * d, 1.0);
+            cache.decode_step_host(&q, &k, &v).unwrap();
+            cpu.decode_step(&q, &k, &v).unwrap();
+        }
+        let (g, c) = (cache.export().unwrap(), cpu.export());
+        assert_eq!(
+            (g.quantized_keys, g.quantized_values),
+            (c.quantized_keys, c.quantized_values),
+            "{spec}"
+        );
+        assert!(g.quantized_keys >= 384 && g.quantized_values >= 250, "{spec}");
+        assert_eq!(g.k_code, c.k_code, "{spec}: key codes");
+        assert_eq!(g.v_code, c.v_code, "{spec}: value codes");
+        for (what, a, b) in [
+            ("key scales", &g.k_scale, &c.k_scale),
+            ("key mins", &g.k_mn, &c.k_mn),
+            ("value scales", &g.v_scale, &c.v_scale),
+            ("value mins", &g.v_mn, &c.v_mn),
+            ("key residual", &g.k_residual, &c.k_residual),
+            ("value residual", &g.v_residual, &c.v_residual),
+        ] {
+            assert_eq!(bits(a), bits(b), "{spec}: {what}");
+        }
+        // The crafted regimes reached the cases they are for: some NaN parameters (Inf/NaN groups), some zero
+        // scales (constant or subnormal groups).
+        assert!(g.k_scale.iter().any(|x| x.is_nan()), "{spec}: no NaN key group");
+        assert!(
+            g.v_scale.iter().any(|x| x.to_f32() == 0.0),
+            "{spec}: no zero value scale"
+        );
     }
 }

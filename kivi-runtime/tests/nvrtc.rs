@@ -60,6 +60,42 @@ fn every_preset_compiles_for_sm80_and_sm90_without_warnings_contiguous_and_paged
     );
 }
 
+/// Symmetric quantization and fp32 rounding change the quantize paths (prefill kernels and the decode kernel's
+/// flushes): every combination, at each width, compiles warning-free.
+#[test]
+fn symmetric_and_fp32_rounding_layouts_compile_for_sm80_and_sm90_without_warnings() {
+    let Some(compiler) = compiler(None) else {
+        return;
+    };
+    for (bits, quant, rounding) in [
+        (2, "symmetric", "half"),
+        (4, "symmetric", "fp32"),
+        (8, "asymmetric", "fp32"),
+        (1, "asymmetric", "fp32"),
+    ] {
+        let spec = format!(
+            "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 64, keys: {{ bits: {bits}, quant: {quant}, \
+             rounding: {rounding} }}, values: {{ bits: {}, quant: symmetric }}",
+            bits.max(2)
+        );
+        let layout = parse_spec(&spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        let kernels = LayoutKernels::new(&layout, &KernelTiles::heuristic(&layout)).unwrap();
+        let module = generate_module(&kernels.specs).unwrap();
+        for arch in ["sm_80", "sm_90"] {
+            let arch = Arch::parse(arch).unwrap();
+            let cubin = compiler
+                .compile(&module.name, &module.source, arch)
+                .unwrap_or_else(|e| panic!("{spec} {}: {e}", arch.sm()));
+            assert!(
+                cubin.log.is_empty(),
+                "{spec}: NVRTC warnings:\n{}",
+                cubin.log
+            );
+            assert!(cubin.image.starts_with(b"\x7fELF"), "{spec}: not a CUBIN");
+        }
+    }
+}
+
 /// Layouts whose decode plan lands at or near the 48 KiB static shared-memory limit: the heuristic tile must
 /// compile (the codegen's byte count matches what NVRTC allocates), or the layout must be refused up front.
 #[test]

@@ -198,7 +198,8 @@ class KiviCache:
         ``[q_len, batch, num_kv_heads, head_dim]`` (token-major: token ``j``'s rows are one step's). Sequence ``b``
         takes its first ``q_lens[b]`` tokens (all ``q_len`` by default); token ``j`` attends to every earlier token
         and itself. Exactly ``q_lens[b]`` repeated ``decode`` steps (bit for bit), queued as ``q_len`` launches;
-        rows past a sequence's ``q_lens[b]`` are neither read nor written. Returns ``out``
+        rows past a sequence's ``q_lens[b]`` are neither read nor written (an error at token ``j`` leaves tokens
+        before it appended: ``lens`` tells). Returns ``out``
         ``[q_len, batch, num_heads, head_dim]`` (and the ``[q_len, batch, num_heads]`` log-sum-exp with
         ``lse=True``)."""
         torch = _torch()
@@ -238,8 +239,9 @@ class KiviCache:
                                self._lens[self._cur].data_ptr(), self._lens[1 - self._cur].data_ptr(),
                                self._cache_ptrs(), table, per, pages, scratch, grid, window, softmax_scale,
                                self.error_flag.data_ptr(), ql.data_ptr() if ql is not None else 0, j)
+            # Per launch, so that an error at token j leaves the host's lengths where the device's are.
             self._cur = 1 - self._cur
-        self.lens = [n + m for n, m in zip(self.lens, per_seq)]
+            self.lens = [n + (1 if j < m else 0) for n, m in zip(self.lens, per_seq)]
         return (out, lse_t) if lse else out
 
     def check_device_errors(self):

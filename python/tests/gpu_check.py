@@ -80,15 +80,24 @@ def tokens_match_steps(spec):
     kn = (torch.rand((t, b, hkv, d), device=dev) * 4 - 2).half()
     vn = (torch.rand((t, b, hkv, d), device=dev) * 2 - 1).half()
     out = torch.full((t, b, h, d), float("nan"), dtype=torch.float16, device=dev)
-    cache.decode_tokens(q, kn, vn, out, q_lens=q_lens)
+    _, lse = cache.decode_tokens(q, kn, vn, out, q_lens=q_lens, lse=True)
     assert cache.lens == [n + m for n, m in zip(lens, q_lens)], cache.lens
+    # One ordinary step after the tokens: the lengths on the device moved on as the host's did.
+    q1 = torch.randn((b, h, d), device=dev).half()
+    k1 = (torch.rand((b, hkv, d), device=dev) * 4 - 2).half()
+    v1 = (torch.rand((b, hkv, d), device=dev) * 2 - 1).half()
+    after = cache.decode(q1, k1, v1)
     for i in range(b):
         single = kivi.KiviCache(spec, batch=1, capacity=512, device=dev)
         single.prefill(k[i:i + 1], v[i:i + 1], [lens[i]])
         for j in range(q_lens[i]):
-            o = single.decode(q[j, i:i + 1].contiguous(), kn[j, i:i + 1].contiguous(), vn[j, i:i + 1].contiguous())
+            o, l1 = single.decode(q[j, i:i + 1].contiguous(), kn[j, i:i + 1].contiguous(),
+                                  vn[j, i:i + 1].contiguous(), lse=True)
             assert torch.equal(o[0], out[j, i]), (i, j)
+            assert torch.equal(l1[0], lse[j, i]), (i, j, "lse")
         assert torch.isnan(out[q_lens[i]:, i].float()).all(), f"entry {i}: rows past q_lens were written"
+        o = single.decode(q1[i:i + 1].contiguous(), k1[i:i + 1].contiguous(), v1[i:i + 1].contiguous())
+        assert torch.equal(o[0], after[i]), (i, "the step after")
     cache.check_device_errors()
     print(f"decode_tokens: q_lens {q_lens} bit-identical to single steps")
 
@@ -107,7 +116,7 @@ cases = {
     "non-contiguous": lambda: cache.decode(q.transpose(1, 2).contiguous().transpose(1, 2), kn, kn),
     "not a tensor": lambda: cache.decode([1, 2], kn, kn),
     "q_lens above q_len": lambda: cache.decode_tokens(q[None], kn[None], kn[None], q_lens=[2] * b),
-    "q_len 0": lambda: cache.decode_tokens(q[:0][None][:0], kn[None][:0], kn[None][:0]),
+    "q_len 0": lambda: cache.decode_tokens(q[None][:0], kn[None][:0], kn[None][:0]),
     "bad spec": lambda: kivi.KiviCache("kivi-2, head_dim: 80", 1, 64, device=dev),
 }
 for name, f in cases.items():
