@@ -96,6 +96,35 @@ fn gpu_symmetric_quantization_and_fp32_rounding_match_the_cpu_reference() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn gpu_per_block_groups_match_the_cpu_reference() {
+    // `group_size: per_block`: one scale and min per flush block of a key channel (R tokens) and per value token
+    // (head_dim channels), i.e. the largest groups the kernels take (128- and 256-channel value groups, 64- and
+    // 128-token key groups).
+    let gpu = gpu();
+    let mut checks = Vec::new();
+    for spec in [
+        "kivi-2, llama-3-8b, keys: { group_size: per_block }, values: { group_size: per_block }",
+        "kivi-4, num_heads: 8, num_kv_heads: 2, head_dim: 64, residual_length: 64, \
+         keys: { group_size: per_block }, values: { group_size: per_block }",
+        "kivi-2, num_heads: 4, num_kv_heads: 4, head_dim: 256, keys: { bits: 4, group_size: per_block }, \
+         values: { group_size: per_block }",
+    ] {
+        let layout = kivi_dsl::parse_spec(spec).unwrap();
+        checks.extend(verify::verify_layout_on_gpu(
+            &gpu,
+            &layout,
+            spec,
+            &[31, 129, 300],
+            &[1, 3],
+            140,
+            &mut |c| eprintln!("{c}"),
+        ));
+    }
+    assert_all_pass(&checks);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_one_sequence_and_one_kv_head() {
     // B * Hkv = 1 (MQA, batch 1) with a prefill that is not a multiple of anything.
     let gpu = gpu();

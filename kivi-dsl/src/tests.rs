@@ -876,9 +876,14 @@ fn check_supported_rules() {
             "not yet supported: values.axis per_channel (values are quantized per_token only)",
         ),
         (
-            with(|l| l.keys.group_size = GroupSize::PerBlock),
-            "keys.group_size",
-            "not yet supported: keys.group_size per_block (use a number of elements)",
+            with(|l| {
+                l.values.group_size = GroupSize::PerBlock;
+                l.keys.head_dim = 96;
+                l.values.head_dim = 96;
+            }),
+            "values.group_size",
+            "not yet supported: values.group_size per_block with head_dim 96 (the kernels group a power of two of \
+             elements: use a head_dim that is one, or a number of elements)",
         ),
         (
             with(|l| l.values.group_size = GroupSize::Elements(8)),

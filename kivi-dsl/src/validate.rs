@@ -140,8 +140,9 @@ impl Layout {
     }
 
     /// Checks that the code generator emits this layout: [`Layout::validate`] first, then bits 1, 2, 4 or 8;
-    /// keys per-channel and values per-token; numeric group sizes (no `per_block`) of at least 16 (a 16-row
-    /// tile of the decode kernel's tensor-core fragments shares a group); `residual_length` a multiple of
+    /// keys per-channel and values per-token; numeric group sizes of at least 16 (a 16-row tile of the decode
+    /// kernel's tensor-core fragments shares a group), or `per_block` where the block (residual_length for keys,
+    /// head_dim for values) is a power of two; `residual_length` a multiple of
     /// `max(64 / key bits, 16)` (whole key chunks and value tiles per flush block); fp16 scales; fp16
     /// activations; no sink tokens; equal key and value head_dim. Symmetric or asymmetric quantization and
     /// either rounding are generated.
@@ -174,10 +175,20 @@ impl Layout {
         }
         for (name, t) in tensors {
             match t.group_size {
+                // One scale and min per flush block of a key channel (R tokens) or per value token (head_dim
+                // channels): the kernels of the numeric group of that size.
                 GroupSize::PerBlock => {
-                    return unsupported(format!(
-                        "{name}.group_size per_block (use a number of elements)"
-                    ));
+                    let g = t.group_elems(self.residual_length);
+                    if !g.is_power_of_two() {
+                        let of = match t.axis {
+                            QuantAxis::PerChannel => "residual_length",
+                            QuantAxis::PerToken => "head_dim",
+                        };
+                        return unsupported(format!(
+                            "{name}.group_size per_block with {of} {g} (the kernels group a power of two of \
+                             elements: use a {of} that is one, or a number of elements)"
+                        ));
+                    }
                 }
                 GroupSize::Elements(g) if g < 16 => {
                     return unsupported(format!(

@@ -61,12 +61,25 @@ fn every_preset_compiles_for_sm80_and_sm90_without_warnings_contiguous_and_paged
 }
 
 /// Symmetric quantization and fp32 rounding change the quantize paths (prefill kernels and the decode kernel's
-/// flushes): every combination, at each width, compiles warning-free.
+/// flushes): every combination, at each width, compiles warning-free; so do per_block groups (the largest).
 #[test]
-fn symmetric_and_fp32_rounding_layouts_compile_for_sm80_and_sm90_without_warnings() {
+fn symmetric_fp32_rounding_and_per_block_layouts_compile_without_warnings() {
     let Some(compiler) = compiler(None) else {
         return;
     };
+    for spec in [
+        "kivi-2, llama-3-8b, keys: { group_size: per_block }, values: { group_size: per_block }",
+        "kivi-2, num_heads: 4, num_kv_heads: 4, head_dim: 256, keys: { bits: 4, group_size: per_block }, \
+         values: { group_size: per_block }",
+    ] {
+        let layout = parse_spec(spec).unwrap();
+        let kernels = LayoutKernels::new(&layout, &KernelTiles::heuristic(&layout)).unwrap();
+        let module = generate_module(&kernels.specs).unwrap();
+        let cubin = compiler
+            .compile(&module.name, &module.source, Arch::parse("sm_80").unwrap())
+            .unwrap_or_else(|e| panic!("{spec}: {e}"));
+        assert!(cubin.log.is_empty(), "{spec}: NVRTC warnings:\n{}", cubin.log);
+    }
     for (bits, quant, rounding) in [
         (2, "symmetric", "half"),
         (4, "symmetric", "fp32"),
