@@ -11,7 +11,7 @@ The model's own forward runs unchanged; kivi replaces its attention through tran
 
 It reports, against the same model with its fp16 cache (transformers' DynamicCache, SDPA): greedy token agreement
 over 128 new tokens per prompt, the perplexity of a public-domain text, and decode speed (ms per token at batch 1,
-which for a 135M model is mostly the Python and launch overhead of 30 layers: the row "fp16 (same plumbing)" runs
+which for a 135M model is mostly the Python and launch overhead of 30 layers: the row "fp16 (same plumbing, SDPA)" runs
 the model through the same attention hook as kivi with a plain fp16 cache, so that it and the kivi rows differ in
 the cache alone).
 

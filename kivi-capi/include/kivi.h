@@ -1,5 +1,6 @@
 /* kivi: CUDA kernels for KIVI quantized KV caches (KIVI, Liu et al., ICML 2024). C ABI of the kivi-capi crate:
- * link with -lkivi_capi. Every function returns a KiviStatus; kivi_last_error() gives the message. */
+ * link with -lkivi_capi. Every function that can fail returns a KiviStatus; kivi_last_error() gives the message;
+ * check kivi_abi_version() == KIVI_ABI_VERSION first. */
 
 #ifndef KIVI_H
 #define KIVI_H

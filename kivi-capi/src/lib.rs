@@ -339,8 +339,7 @@ pub unsafe extern "C" fn kivi_module_load(
                 format!("device {device} must be at least 0"),
             )
         })?;
-        let compiler = Compiler::new(None, None).map_err(runtime)?;
-        let gpu = Gpu::new(ordinal, Arc::new(compiler)).map_err(runtime)?;
+        let gpu = Gpu::new(ordinal, Compiler::shared().map_err(runtime)?).map_err(runtime)?;
         let mut tiles = KernelTiles::heuristic(&layout);
         if paged != 0 {
             tiles = tiles.paged();

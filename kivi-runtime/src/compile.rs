@@ -120,6 +120,24 @@ impl Compiler {
         })
     }
 
+    /// The process-wide compiler of embedders that open modules one at a time (the C ABI, the Python package):
+    /// made on first success with the default NVRTC search and [`Compiler::default_cache_dir`], then shared, so
+    /// every module of a layout after the first comes from its memory (and a later process from the disk cache)
+    /// instead of NVRTC. A failure is not remembered: a later call searches again.
+    ///
+    /// # Errors
+    /// As [`Compiler::new`].
+    pub fn shared() -> Result<std::sync::Arc<Compiler>> {
+        static SHARED: Mutex<Option<std::sync::Arc<Compiler>>> = Mutex::new(None);
+        let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = std::sync::Arc::new(Compiler::new(None, Compiler::default_cache_dir())?);
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
     /// The default disk cache folder (see the type's docs); `None` if no home folder is known.
     pub fn default_cache_dir() -> Option<PathBuf> {
         if let Some(d) = std::env::var_os("KIVI_CACHE_DIR") {

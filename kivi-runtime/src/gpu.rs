@@ -29,7 +29,9 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// Opens GPU `ordinal` and its default stream; modules will be compiled for its own arch.
+    /// Opens GPU `ordinal` through its primary context (the one the CUDA runtime and PyTorch use: streams of
+    /// theirs serve the raw launches) and, with `cudarc-api`, its default stream; modules will be compiled for its
+    /// own arch.
     ///
     /// # Errors
     /// [`RuntimeError::DriverMissing`] without libcuda, [`RuntimeError::NoGpu`] if no such GPU answers.

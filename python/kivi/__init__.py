@@ -23,10 +23,37 @@ from . import _kivi
 
 __all__ = ["KiviCache", "Module", "CUDA_MAJOR"]
 
-Module = _kivi.Module
+
 #: The CUDA major version this build loads (libnvrtc.so.13 by default; 12 for a wheel built with
 #: ``maturin build --no-default-features --features cuda-12``).
 CUDA_MAJOR: int = _kivi.CUDA_MAJOR
+
+
+def _pip_nvrtc() -> None:
+    """Points kivi at the NVRTC that pip-installed PyTorch brings (the ``nvidia-cuda-nvrtc`` wheel under
+    site-packages/nvidia) when no other is configured: KIVI_NVRTC and CUDA_HOME unset and no toolkit in
+    /usr/local/cuda. kivi's own search (README, "Pointing kivi at CUDA") does not look in site-packages."""
+    import importlib.util
+    import os
+
+    if os.environ.get("KIVI_NVRTC") or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    if os.path.exists(f"/usr/local/cuda/lib64/libnvrtc.so.{CUDA_MAJOR}"):
+        return
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    sub = "cu13/lib" if CUDA_MAJOR == 13 else "cuda_nvrtc/lib"
+    for root in spec.submodule_search_locations:
+        lib = os.path.join(root, sub, f"libnvrtc.so.{CUDA_MAJOR}")
+        if os.path.exists(lib):
+            os.environ["KIVI_NVRTC"] = lib
+            return
+
+
+_pip_nvrtc()
+
+Module = _kivi.Module
 
 
 def _torch():

@@ -56,8 +56,7 @@ impl Module {
     fn new(spec: &str, device: usize, paged: bool) -> PyResult<Self> {
         let layout = kivi_dsl::parse_spec_supported(spec)
             .map_err(|e| PyValueError::new_err(format!("spec `{spec}`: {e}")))?;
-        let compiler = Compiler::new(None, None).map_err(py_err)?;
-        let gpu = Gpu::new(device, Arc::new(compiler)).map_err(py_err)?;
+        let gpu = Gpu::new(device, Compiler::shared().map_err(py_err)?).map_err(py_err)?;
         let mut tiles = KernelTiles::heuristic(&layout);
         if paged {
             tiles = tiles.paged();
