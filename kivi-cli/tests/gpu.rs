@@ -64,22 +64,12 @@ fn gpu_matches_cpu_reference_on_presets_at_awkward_lengths() {
     assert_all_pass(&checks);
 }
 
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn gpu_symmetric_quantization_and_fp32_rounding_match_the_cpu_reference() {
-    // The quantize paths (prefill and the decode step's flushes) of `quant: symmetric` and `rounding: fp32`, for
-    // keys, values or both, at several widths: codes, scales and mins identical to the CPU reference.
+/// `kivi verify`'s GPU-vs-CPU checks of each spec at prefills 31, 129 and 300 (a partial group, just past a block,
+/// a partial block after two), batches 1 and 3, 140 decode steps (flushes of keys and values included).
+fn verify_specs_at_awkward_lengths(specs: &[&str]) {
     let gpu = gpu();
     let mut checks = Vec::new();
-    for spec in [
-        "kivi-2, smollm2-135m, quant: symmetric",
-        "kivi-4, num_heads: 8, num_kv_heads: 2, head_dim: 128, keys: { quant: symmetric, rounding: fp32 }",
-        "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 64, rounding: fp32",
-        "keys: { bits: 8, group_size: 32, quant: symmetric }, values: { bits: 8, group_size: 32, quant: symmetric }, \
-         residual_length: 128, num_heads: 4, num_kv_heads: 4, head_dim: 96",
-        "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 128, keys: { bits: 1, rounding: fp32 }, \
-         values: { bits: 4, quant: symmetric }",
-    ] {
+    for spec in specs {
         let layout = kivi_dsl::parse_spec(spec).unwrap();
         checks.extend(verify::verify_layout_on_gpu(
             &gpu,
@@ -96,31 +86,33 @@ fn gpu_symmetric_quantization_and_fp32_rounding_match_the_cpu_reference() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn gpu_symmetric_quantization_and_fp32_rounding_match_the_cpu_reference() {
+    // The quantize paths (prefill and the decode step's flushes) of `quant: symmetric` and `rounding: fp32`, for
+    // keys, values or both, at several widths: codes, scales and mins identical to the CPU reference.
+    verify_specs_at_awkward_lengths(&[
+        "kivi-2, smollm2-135m, quant: symmetric",
+        "kivi-4, num_heads: 8, num_kv_heads: 2, head_dim: 128, keys: { quant: symmetric, rounding: fp32 }",
+        "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 64, rounding: fp32",
+        "keys: { bits: 8, group_size: 32, quant: symmetric }, values: { bits: 8, group_size: 32, quant: symmetric }, \
+         residual_length: 128, num_heads: 4, num_kv_heads: 4, head_dim: 96",
+        "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 128, keys: { bits: 1, rounding: fp32 }, \
+         values: { bits: 4, quant: symmetric }",
+    ]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_per_block_groups_match_the_cpu_reference() {
     // `group_size: per_block`: one scale and min per flush block of a key channel (R tokens) and per value token
     // (head_dim channels), i.e. the largest groups the kernels take (128- and 256-channel value groups, 64- and
     // 128-token key groups).
-    let gpu = gpu();
-    let mut checks = Vec::new();
-    for spec in [
+    verify_specs_at_awkward_lengths(&[
         "kivi-2, llama-3-8b, keys: { group_size: per_block }, values: { group_size: per_block }",
         "kivi-4, num_heads: 8, num_kv_heads: 2, head_dim: 64, residual_length: 64, \
          keys: { group_size: per_block }, values: { group_size: per_block }",
         "kivi-2, num_heads: 4, num_kv_heads: 4, head_dim: 256, keys: { bits: 4, group_size: per_block }, \
          values: { group_size: per_block }",
-    ] {
-        let layout = kivi_dsl::parse_spec(spec).unwrap();
-        checks.extend(verify::verify_layout_on_gpu(
-            &gpu,
-            &layout,
-            spec,
-            &[31, 129, 300],
-            &[1, 3],
-            140,
-            &mut |c| eprintln!("{c}"),
-        ));
-    }
-    assert_all_pass(&checks);
+    ]);
 }
 
 #[test]

@@ -56,6 +56,22 @@ fn rel_l2(ours: &[f32], theirs: &[f32]) -> f64 {
     }
 }
 
+/// Every head's row of `ours` (fp16, `[heads][d]`) within [`TOL`] of `expected` (relative L2); `what(head, err)`
+/// names a failure.
+fn assert_heads_within_tol(
+    ours: &[f16],
+    expected: &[f32],
+    d: usize,
+    what: &dyn Fn(usize, f64) -> String,
+) {
+    assert_eq!(ours.len(), expected.len());
+    for (head, (mine, theirs)) in ours.chunks(d).zip(expected.chunks(d)).enumerate() {
+        let mine: Vec<f32> = mine.iter().map(|x| x.to_f32()).collect();
+        let e = rel_l2(&mine, theirs);
+        assert!(e <= TOL, "{}", what(head, e));
+    }
+}
+
 fn bits(x: &[f16]) -> Vec<u16> {
     x.iter().map(|v| v.to_bits()).collect()
 }
@@ -197,18 +213,12 @@ fn a_ragged_batch_is_bit_identical_to_each_sequence_alone_and_matches_the_cpu_re
                 );
                 let (q, k, v) = run.step(step, &[b]);
                 let expected = cpu.decode_step(&q, &k, &v).unwrap();
-                for head in 0..h {
-                    let ours: Vec<f32> = mine[head * d..(head + 1) * d]
-                        .iter()
-                        .map(|x| x.to_f32())
-                        .collect();
-                    let e = rel_l2(&ours, &expected[head * d..(head + 1) * d]);
-                    assert!(
-                        e <= TOL,
+                assert_heads_within_tol(mine, &expected, d, &|head, e| {
+                    format!(
                         "split {split} entry {b} (len {}) step {step} head {head}: {e:.2e}",
                         lens[b]
-                    );
-                }
+                    )
+                });
             }
         }
     }
@@ -775,17 +785,9 @@ fn several_new_tokens_per_sequence_are_bit_identical_to_repeated_single_steps() 
                     "split {split} entry {b} (len {}) token {j}: q_len > 1 vs single steps",
                     lens[b]
                 );
-                for head in 0..h {
-                    let ours: Vec<f32> = mine[head * d..(head + 1) * d]
-                        .iter()
-                        .map(|x| x.to_f32())
-                        .collect();
-                    let e = rel_l2(&ours, &expected[head * d..(head + 1) * d]);
-                    assert!(
-                        e <= TOL,
-                        "split {split} entry {b} token {j} head {head}: {e:.2e}"
-                    );
-                }
+                assert_heads_within_tol(mine, &expected, d, &|head, e| {
+                    format!("split {split} entry {b} token {j} head {head}: {e:.2e}")
+                });
             }
             // Rows of tokens past q_lens[b] were not written.
             for j in q_lens[b] as usize..q_len {

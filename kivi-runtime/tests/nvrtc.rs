@@ -19,6 +19,30 @@ fn compiler(cache_dir: Option<std::path::PathBuf>) -> Option<Compiler> {
     }
 }
 
+/// Compiles the module of `layout` with `tiles` for sm_80 and sm_90: a CUBIN each and no NVRTC warning.
+fn compiles_cleanly(
+    compiler: &Compiler,
+    spec: &str,
+    layout: &kivi_dsl::Layout,
+    tiles: &KernelTiles,
+) {
+    let kernels = LayoutKernels::new(layout, tiles).unwrap_or_else(|e| panic!("{spec}: {e}"));
+    let module = generate_module(&kernels.specs).unwrap();
+    for arch in ["sm_80", "sm_90"] {
+        let arch = Arch::parse(arch).unwrap();
+        let cubin = compiler
+            .compile(&module.name, &module.source, arch)
+            .unwrap_or_else(|e| panic!("{spec} {}: {e}", arch.sm()));
+        assert!(
+            cubin.log.is_empty(),
+            "{spec} {}: NVRTC warnings:\n{}",
+            arch.sm(),
+            cubin.log
+        );
+        assert!(cubin.image.starts_with(b"\x7fELF"), "{spec}: not a CUBIN");
+    }
+}
+
 #[test]
 fn every_preset_compiles_for_sm80_and_sm90_without_warnings_contiguous_and_paged() {
     let Some(compiler) = compiler(None) else {
@@ -34,23 +58,8 @@ fn every_preset_compiles_for_sm80_and_sm90_without_warnings_contiguous_and_paged
                 KernelTiles::heuristic(&layout),
                 KernelTiles::heuristic(&layout).paged(),
             ] {
-                let kernels =
-                    LayoutKernels::new(&layout, &tiles).unwrap_or_else(|e| panic!("{spec}: {e}"));
-                let module = generate_module(&kernels.specs).unwrap();
-                for arch in ["sm_80", "sm_90"] {
-                    let arch = Arch::parse(arch).unwrap();
-                    let cubin = compiler
-                        .compile(&module.name, &module.source, arch)
-                        .unwrap_or_else(|e| panic!("{spec} {}: {e}", arch.sm()));
-                    assert!(
-                        cubin.log.is_empty(),
-                        "{spec} {}: NVRTC warnings:\n{}",
-                        arch.sm(),
-                        cubin.log
-                    );
-                    assert!(cubin.image.starts_with(b"\x7fELF"), "{spec}: not a CUBIN");
-                    count += 1;
-                }
+                compiles_cleanly(&compiler, &spec, &layout, &tiles);
+                count += 2;
             }
         }
     }
@@ -73,12 +82,7 @@ fn symmetric_fp32_rounding_and_per_block_layouts_compile_without_warnings() {
          values: { group_size: per_block }",
     ] {
         let layout = parse_spec(spec).unwrap();
-        let kernels = LayoutKernels::new(&layout, &KernelTiles::heuristic(&layout)).unwrap();
-        let module = generate_module(&kernels.specs).unwrap();
-        let cubin = compiler
-            .compile(&module.name, &module.source, Arch::parse("sm_80").unwrap())
-            .unwrap_or_else(|e| panic!("{spec}: {e}"));
-        assert!(cubin.log.is_empty(), "{spec}: NVRTC warnings:\n{}", cubin.log);
+        compiles_cleanly(&compiler, spec, &layout, &KernelTiles::heuristic(&layout));
     }
     for (bits, quant, rounding) in [
         (2, "symmetric", "half"),
@@ -92,20 +96,7 @@ fn symmetric_fp32_rounding_and_per_block_layouts_compile_without_warnings() {
             bits.max(2)
         );
         let layout = parse_spec(&spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
-        let kernels = LayoutKernels::new(&layout, &KernelTiles::heuristic(&layout)).unwrap();
-        let module = generate_module(&kernels.specs).unwrap();
-        for arch in ["sm_80", "sm_90"] {
-            let arch = Arch::parse(arch).unwrap();
-            let cubin = compiler
-                .compile(&module.name, &module.source, arch)
-                .unwrap_or_else(|e| panic!("{spec} {}: {e}", arch.sm()));
-            assert!(
-                cubin.log.is_empty(),
-                "{spec}: NVRTC warnings:\n{}",
-                cubin.log
-            );
-            assert!(cubin.image.starts_with(b"\x7fELF"), "{spec}: not a CUBIN");
-        }
+        compiles_cleanly(&compiler, &spec, &layout, &KernelTiles::heuristic(&layout));
     }
 }
 
