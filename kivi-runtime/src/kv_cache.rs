@@ -652,29 +652,8 @@ impl KiviCache {
         out: &mut CudaSlice<f16>,
         options: DecodeOptions<'_>,
     ) -> Result<()> {
-        self.check_step_io(q, k, v, out, options.lse.as_deref())?;
-        self.check_room(1)?;
-        let grid_splits = self.module.decode_splits(self.len() + 1, options.window);
-        let stream = self.stream.clone();
-        let cur = self.cur;
-        let mut g = Vec::new();
-        let step = options_only(&options);
-        let io = DecodeIo {
-            q,
-            k,
-            v,
-            out,
-            lse: options.lse,
-        };
-        let module = self.module.clone();
-        let args = self.decode_args(&stream, io, cur, grid_splits, &step, &mut g);
-        // SAFETY: every buffer was allocated for this layout, batch and capacity (allocate), the scratch for
-        // max_splits >= grid_splits splits (checked_max_splits at the capacity, which bounds every length); q, k,
-        // v, out and lse were checked against the layout and batch; the lengths leave room for the new token.
-        unsafe { module.launch_decode(stream.cu_stream() as CUstream, &args) }?;
-        drop(g);
-        self.advance();
-        Ok(())
+        // One step is one token of each sequence.
+        self.decode_tokens(q, k, v, out, 1, None, options)
     }
 
     /// Several new tokens per sequence (q_len > 1: draft-token verification, chunked prefill), causal: sequence
@@ -712,45 +691,29 @@ impl KiviCache {
                 limit: "it must be at least 1".into(),
             });
         }
-        let per_seq: Vec<u32> = match q_lens {
-            Some(l) => {
-                if l.len() != self.batch as usize {
-                    return Err(RuntimeError::Shape {
-                        what: "q_lens",
-                        shape: format!("[batch {}]", self.batch),
-                        expected: self.batch as usize,
-                        got: l.len(),
-                    });
-                }
-                if let Some(&bad) = l.iter().find(|&&n| n > q_len) {
-                    return Err(RuntimeError::Limit {
-                        what: "q_lens entry",
-                        value: bad.into(),
-                        limit: format!("it must be at most q_len {q_len}"),
-                    });
-                }
-                l.to_vec()
-            }
-            None => vec![q_len; self.batch as usize],
-        };
-        let t = q_len as usize;
-        let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
-        self.check_len("decode q", q.len(), t, heads)?;
-        self.check_len("decode k", k.len(), t, kv_heads)?;
-        self.check_len("decode v", v.len(), t, kv_heads)?;
-        self.check_len("decode out", out.len(), t, heads)?;
-        let rows = self.batch as usize * heads as usize;
-        if let Some(lse) = options.lse.as_deref() {
-            if lse.len() != t * rows {
+        if let Some(l) = q_lens {
+            if l.len() != self.batch as usize {
                 return Err(RuntimeError::Shape {
-                    what: "decode lse",
-                    shape: format!("[q_len {q_len}, batch {}, num_heads {heads}]", self.batch),
-                    expected: t * rows,
-                    got: lse.len(),
+                    what: "q_lens",
+                    shape: format!("[batch {}]", self.batch),
+                    expected: self.batch as usize,
+                    got: l.len(),
+                });
+            }
+            if let Some(&bad) = l.iter().find(|&&n| n > q_len) {
+                return Err(RuntimeError::Limit {
+                    what: "q_lens entry",
+                    value: bad.into(),
+                    limit: format!("it must be at most q_len {q_len}"),
                 });
             }
         }
-        for (b, (&len, &n)) in self.lens.iter().zip(&per_seq).enumerate() {
+        // The new tokens of batch entry b (no allocation on the one-token path of decode_step).
+        let takes = |b: usize| q_lens.map_or(q_len, |l| l[b]);
+        self.check_step_io(q, k, v, out, options.lse.as_deref(), q_len)?;
+        let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
+        for (b, &len) in self.lens.iter().enumerate() {
+            let n = takes(b);
             let needed = u64::from(len) + u64::from(n);
             if needed > u64::from(self.capacity) {
                 return Err(RuntimeError::Limit {
@@ -766,13 +729,13 @@ impl KiviCache {
         let most = self
             .lens
             .iter()
-            .zip(&per_seq)
-            .map(|(&l, &n)| l + n)
+            .enumerate()
+            .map(|(b, &l)| l + takes(b))
             .max()
             .unwrap_or(0);
         let grid_splits = self.module.decode_splits(most, options.window);
-        if q_lens.is_some() {
-            let as_i32: Vec<i32> = per_seq.iter().map(|&n| n as i32).collect();
+        if let Some(l) = q_lens {
+            let as_i32: Vec<i32> = l.iter().map(|&n| n as i32).collect();
             self.stream.memcpy_htod(&as_i32, &mut self.q_lens_dev)?;
         }
         let d = u64::from(self.storage.head_dim);
@@ -809,13 +772,15 @@ impl KiviCache {
             if args.lse != 0 {
                 args.lse += jj * lse_slab;
             }
-            // SAFETY: as in decode_step_with; token j's rows lie inside q, k, v, out and lse (checked against
-            // q_len above), and every sequence has room for its tokens.
+            // SAFETY: every buffer was allocated for this layout, batch and capacity (allocate), the scratch for
+            // max_splits >= grid_splits splits (checked_max_splits at the capacity, which bounds every length);
+            // q, k, v, out and lse were checked against the layout, batch and q_len, so token j's rows lie inside
+            // them; every sequence has room for its tokens.
             unsafe { module.launch_decode(stream.cu_stream() as CUstream, &args) }?;
             drop(g);
             self.cur = 1 - self.cur;
-            for (l, &n) in self.lens.iter_mut().zip(&per_seq) {
-                if j < n {
+            for (b, l) in self.lens.iter_mut().enumerate() {
+                if j < takes(b) {
                     *l += 1;
                 }
             }
@@ -851,6 +816,7 @@ impl KiviCache {
         let dq = self.stream.clone_htod(q)?;
         let dk = self.stream.clone_htod(k)?;
         let dv = self.stream.clone_htod(v)?;
+        // Poisoned (NaN) so that an element the kernels fail to write cannot pass a check.
         let mut out = self.stream.clone_htod(&vec![f16::NAN; q.len()])?;
         self.decode_tokens(
             &dq,
@@ -864,7 +830,7 @@ impl KiviCache {
         Ok(self.stream.clone_dtoh(&out)?)
     }
 
-    /// Checks a step's q, k, v, out and lse against the layout and batch.
+    /// Checks the q, k, v, out and lse of `tokens` new tokens per sequence against the layout and batch.
     fn check_step_io(
         &self,
         q: &CudaSlice<f16>,
@@ -872,18 +838,25 @@ impl KiviCache {
         v: &CudaSlice<f16>,
         out: &CudaSlice<f16>,
         lse: Option<&CudaSlice<f32>>,
+        tokens: u32,
     ) -> Result<()> {
         let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
-        self.check_len("decode q", q.len(), 1, heads)?;
-        self.check_len("decode k", k.len(), 1, kv_heads)?;
-        self.check_len("decode v", v.len(), 1, kv_heads)?;
-        self.check_len("decode out", out.len(), 1, heads)?;
+        let t = tokens as usize;
+        self.check_len("decode q", q.len(), t, heads)?;
+        self.check_len("decode k", k.len(), t, kv_heads)?;
+        self.check_len("decode v", v.len(), t, kv_heads)?;
+        self.check_len("decode out", out.len(), t, heads)?;
         if let Some(lse) = lse {
-            let rows = self.batch as usize * heads as usize;
+            let rows = t * self.batch as usize * heads as usize;
             if lse.len() != rows {
+                let q_len = if tokens == 1 {
+                    String::new()
+                } else {
+                    format!("q_len {tokens}, ")
+                };
                 return Err(RuntimeError::Shape {
                     what: "decode lse",
-                    shape: format!("[batch {}, num_heads {heads}]", self.batch),
+                    shape: format!("[{q_len}batch {}, num_heads {heads}]", self.batch),
                     expected: rows,
                     got: lse.len(),
                 });
@@ -986,7 +959,7 @@ impl KiviCache {
                     .into(),
             ));
         }
-        self.check_step_io(q, k, v, out, options.lse.as_deref())?;
+        self.check_step_io(q, k, v, out, options.lse.as_deref(), 1)?;
         let grid_splits = self.module.graph_grid_splits(self.capacity);
         let step = options_only(&options);
         let mut lse = options.lse;
@@ -1009,7 +982,7 @@ impl KiviCache {
             capture_stream.begin_capture(
                 cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
             )?;
-            // SAFETY: as in decode_step_with; the graph keeps the pointers, which stay valid while the cache
+            // SAFETY: as in decode_tokens; the graph keeps the pointers, which stay valid while the cache
             // and the io buffers live (replay_decode checks the graph belongs to this cache).
             let launched =
                 unsafe { module.launch_decode(capture_stream.cu_stream() as CUstream, &args) };
@@ -1061,17 +1034,7 @@ impl KiviCache {
     /// # Errors
     /// As [`KiviCache::decode_step`].
     pub fn decode_step_host(&mut self, q: &[f16], k: &[f16], v: &[f16]) -> Result<Vec<f16>> {
-        let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
-        self.check_len("decode q", q.len(), 1, heads)?;
-        self.check_len("decode k", k.len(), 1, kv_heads)?;
-        self.check_len("decode v", v.len(), 1, kv_heads)?;
-        let dq = self.stream.clone_htod(q)?;
-        let dk = self.stream.clone_htod(k)?;
-        let dv = self.stream.clone_htod(v)?;
-        // Poisoned (NaN) so that an element the kernels fail to write cannot pass a check.
-        let mut out = self.stream.clone_htod(&vec![f16::NAN; q.len()])?;
-        self.decode_step(&dq, &dk, &dv, &mut out)?;
-        Ok(self.stream.clone_dtoh(&out)?)
+        self.decode_tokens_host(q, k, v, 1, None)
     }
 
     /// Copies the cache to the host in the reference code's layouts (the `final_*` tensors of the reference

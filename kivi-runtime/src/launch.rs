@@ -634,17 +634,22 @@ impl LayoutModule {
         let r = st.residual_length;
         let (table, per_seq, pages) = a.blocks.kernel_args();
         let (max_len, kv_heads) = (a.max_len as i32, layout.num_kv_heads as i32);
-        let key_blocks = a.max_len / r;
-        if key_blocks > 0 {
+        // The leading parameters of both quantize kernels: token rows, lengths, shape and block addressing.
+        let quantize_params = |rows: &TokenRows| {
             let mut p = Params::new();
-            p.rows(&a.keys)
+            p.rows(rows)
                 .push(&a.seq_lens)
                 .push(&max_len)
                 .push(&kv_heads)
                 .push(&table)
                 .push(&per_seq)
-                .push(&pages)
-                .push(&a.cache.k_codes)
+                .push(&pages);
+            p
+        };
+        let key_blocks = a.max_len / r;
+        if key_blocks > 0 {
+            let mut p = quantize_params(&a.keys);
+            p.push(&a.cache.k_codes)
                 .push(&a.cache.k_params)
                 .push(&a.error_flag);
             self.launch(KernelKind::QuantizeKeys, stream, (key_blocks, seqs), &mut p)?;
@@ -652,15 +657,8 @@ impl LayoutModule {
         let values = a.max_len.saturating_sub(r);
         if values > 0 {
             let per_block = self.kernels().spec(KernelKind::QuantizeValues).tile.threads / 8;
-            let mut p = Params::new();
-            p.rows(&a.values)
-                .push(&a.seq_lens)
-                .push(&max_len)
-                .push(&kv_heads)
-                .push(&table)
-                .push(&per_seq)
-                .push(&pages)
-                .push(&a.cache.v_codes)
+            let mut p = quantize_params(&a.values);
+            p.push(&a.cache.v_codes)
                 .push(&a.cache.v_scale)
                 .push(&a.cache.v_mn)
                 .push(&a.error_flag);
