@@ -30,7 +30,7 @@ struct HeadCache {
     k_deq: Vec<f32>,
     /// fp16 keys, `[nrk, D]`.
     k_res: Vec<f16>,
-    /// Packed value codes `[nqv, D/cpw]`.
+    /// Packed value codes `[nqv, ceil(D * bits / 32)]` (a run per token).
     v_code: Vec<u32>,
     /// Value scales `[nqv, D/G]`.
     v_scale: Vec<f16>,
@@ -117,7 +117,7 @@ pub struct CacheExport {
     pub k_mn: Vec<f16>,
     /// fp16 keys `[B, Hkv, nrk, D]`.
     pub k_residual: Vec<f16>,
-    /// Value codes `[B, Hkv, nqv, D * bits / 32]` (u32 words as i32).
+    /// Value codes `[B, Hkv, nqv, ceil(D * bits / 32)]` (u32 words as i32; a bit stream per token, zero-padded).
     pub v_code: Vec<i32>,
     /// Value scales `[B, Hkv, nqv, D/G]`.
     pub v_scale: Vec<f16>,
@@ -224,8 +224,8 @@ impl RefCache {
     /// # Errors
     /// [`RefError::Unsupported`] for anything but keys per-channel / values per-token, fp16 scales, fp16
     /// activations, bits 1 to 8 (either rounding mode; asymmetric, or symmetric from 2 bits), equal key and value head_dim, a key group dividing R and R
-    /// a multiple of [`codes_per_pack`]`(k_bits)`, a value group and [`codes_per_pack`]`(v_bits)` dividing
-    /// head_dim;
+    /// a multiple of [`codes_per_pack`]`(k_bits)`, a value group dividing head_dim (a token's value codes are
+    /// packed in whole words, the last zero-padded);
     /// [`RefError::Invalid`] for zero sizes or `num_heads` not a multiple of `num_kv_heads`.
     pub fn new(layout: &Layout, batch: usize) -> Result<Self, RefError> {
         let (k, v) = (&layout.keys, &layout.values);
@@ -282,7 +282,7 @@ impl RefCache {
         }
         let k_group = k.group_elems(layout.residual_length) as usize;
         let v_group = v.group_elems(layout.residual_length) as usize;
-        let (ku, vu) = (codes_per_pack(k.bits), codes_per_pack(v.bits));
+        let ku = codes_per_pack(k.bits);
         if k_group == 0 || !r.is_multiple_of(k_group) || !r.is_multiple_of(ku) {
             return Err(RefError::unsupported(format!(
                 "residual_length {r} not a multiple of the key group {k_group} and of {ku} (the {}-bit codes \
@@ -290,11 +290,9 @@ impl RefCache {
                 k.bits
             )));
         }
-        if v_group == 0 || !d.is_multiple_of(v_group) || !d.is_multiple_of(vu) {
+        if v_group == 0 || !d.is_multiple_of(v_group) {
             return Err(RefError::unsupported(format!(
-                "head_dim {d} not a multiple of the value group {v_group} and of {vu} (the {}-bit codes that \
-                 fill whole words)",
-                v.bits
+                "head_dim {d} not a multiple of the value group {v_group}"
             )));
         }
         Ok(RefCache {

@@ -62,7 +62,9 @@
 //! `bits * j / 32`, continuing into the next word where it crosses a word boundary. For bits dividing 32 (1, 2,
 //! 4, 8) that is the reference's layout, `32 / bits` codes per word and none crossing; for 3, 5, 6 and 7 bits
 //! nothing is wasted: 32 codes take exactly `bits` words (3-bit: a group of 32 in three words). A run must hold
-//! a multiple of [`codes_per_pack`] codes (32 / gcd(bits, 32)), so that it fills whole words.
+//! a multiple of [`codes_per_pack`] codes (32 / gcd(bits, 32)), so that it fills whole words; the one exception
+//! is a token's values ([`QuantizedValues`]), each token its own run of [`value_words_per_token`] words, the last
+//! one zero-padded where head_dim codes do not fill it (1-bit or 3-bit values at head_dim 80, for example).
 
 use half::f16;
 pub use kivi_dsl::{Rounding, Symmetry};
@@ -112,6 +114,12 @@ pub fn codes_per_word(bits: u32) -> usize {
 pub fn codes_per_pack(bits: u32) -> usize {
     let bits = bits.clamp(1, 32);
     (32 / (1u32 << bits.trailing_zeros().min(5))) as usize
+}
+
+/// Words one token's `head_dim` packed `bits`-bit value codes take: `ceil(head_dim * bits / 32)` (the last one
+/// zero-padded where the codes do not fill it).
+pub fn value_words_per_token(head_dim: usize, bits: u32) -> usize {
+    (head_dim * bits as usize).div_ceil(32)
 }
 
 /// Words that `codes` packed `bits`-bit codes take: `codes * bits / 32` (`codes` a multiple of
@@ -382,7 +390,8 @@ pub struct QuantizedValues {
     pub tokens: usize,
     /// Channels D.
     pub head_dim: usize,
-    /// Packed codes, `[T, D * bits / 32]` row-major (each row one bit stream).
+    /// Packed codes, `[T, ceil(D * bits / 32)]` row-major (each row one bit stream, zero-padded to whole words:
+    /// [`value_words_per_token`]).
     pub codes: Vec<u32>,
     /// Scales, `[T, D / G]` row-major, fp16.
     pub scale: Vec<f16>,
@@ -508,7 +517,7 @@ pub fn dequantize_keys_per_channel(q: &QuantizedKeys) -> Result<Vec<f32>, RefErr
 ///
 /// # Errors
 /// [`RefError::Shape`] if `v.len() != tokens * head_dim`; [`RefError::Unsupported`] for bad bits;
-/// [`RefError::Invalid`] if `group` is 0 or `head_dim` is not a multiple of `group` and of `32 / bits`.
+/// [`RefError::Invalid`] if `group` is 0 or `head_dim` is not a multiple of `group`.
 pub fn quantize_values_per_token(
     v: &[f16],
     tokens: usize,
@@ -534,7 +543,7 @@ pub fn quantize_values_per_token_with(
     let mode = mode.into();
     check_mode(bits, mode)?;
     check_dims("values", v.len(), tokens, head_dim)?;
-    check_value_dims(head_dim, bits, group)?;
+    check_value_dims(head_dim, group)?;
     let ng = head_dim / group;
     let mut codes = vec![0u8; tokens * head_dim];
     let mut scale = vec![f16::ZERO; tokens * ng];
@@ -549,18 +558,20 @@ pub fn quantize_values_per_token_with(
         group,
         tokens,
         head_dim,
-        codes: pack_unchecked(&codes, bits),
+        // One run per token (zero-padded to whole words).
+        codes: codes
+            .chunks(head_dim.max(1))
+            .flat_map(|c| pack_unchecked(c, bits))
+            .collect(),
         scale,
         mn,
     })
 }
 
-fn check_value_dims(head_dim: usize, bits: u32, group: usize) -> Result<(), RefError> {
-    let unit = codes_per_pack(bits);
-    if group == 0 || !head_dim.is_multiple_of(group) || !head_dim.is_multiple_of(unit) {
+fn check_value_dims(head_dim: usize, group: usize) -> Result<(), RefError> {
+    if group == 0 || !head_dim.is_multiple_of(group) {
         return Err(RefError::Invalid(format!(
-            "values: head_dim {head_dim} must be a multiple of the group size {group} and of {unit} (the \
-             {bits}-bit codes that fill whole words)"
+            "values: head_dim {head_dim} must be a multiple of the group size {group}"
         )));
     }
     Ok(())
@@ -580,22 +591,22 @@ fn check_len(what: &str, expected: usize, got: usize) -> Result<(), RefError> {
 /// in [`quantize_values_per_token`].
 pub fn dequantize_values_per_token(q: &QuantizedValues) -> Result<Vec<f32>, RefError> {
     check_bits(q.bits)?;
-    check_value_dims(q.head_dim, q.bits, q.group)?;
+    check_value_dims(q.head_dim, q.group)?;
     let (t, d) = (q.tokens, q.head_dim);
     let ng = d / q.group;
-    check_len(
-        "value codes [T, D*bits/32]",
-        t * packed_words(d, q.bits),
-        q.codes.len(),
-    )?;
+    let wpt = value_words_per_token(d, q.bits);
+    check_len("value codes [T, ceil(D*bits/32)]", t * wpt, q.codes.len())?;
     check_len("value scales [T, D/G]", t * ng, q.scale.len())?;
     check_len("value mins [T, D/G]", t * ng, q.mn.len())?;
-    let codes = unpack_codes(&q.codes, q.bits)?;
-    Ok(codes
-        .iter()
-        .enumerate()
-        .map(|(i, &c)| dequantize(c, q.scale[i / q.group], q.mn[i / q.group]))
-        .collect())
+    let mut out = Vec::with_capacity(t * d);
+    for (row, words) in q.codes.chunks(wpt.max(1)).take(t).enumerate() {
+        let codes = unpack_codes(words, q.bits)?;
+        out.extend(codes[..d].iter().enumerate().map(|(j, &c)| {
+            let g = (row * d + j) / q.group;
+            dequantize(c, q.scale[g], q.mn[g])
+        }));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -373,8 +373,19 @@ fn unsupported_layouts_are_typed() {
     l.keys.head_dim = 48;
     l.values.head_dim = 48;
     l.values.group_size = kivi_dsl::GroupSize::Elements(16);
-    // 48 3-bit codes do not fill whole words (32 do).
-    assert!(unsupported(l));
+    // 48 3-bit codes of a token take 5 words, the last one zero-padded.
+    let mut c = RefCache::new(&l, 1).expect("3-bit values at head_dim 48 are supported");
+    let kv: Vec<f16> = (0..2 * 200 * 48)
+        .map(|i| f16::from_f32(((i * 37 % 101) as f32 - 50.0) / 25.0))
+        .collect();
+    c.prefill(&kv, &kv, 200).unwrap();
+    let e = c.export();
+    assert_eq!(e.quantized_values, 200 - 128);
+    assert_eq!(e.v_code.len(), 2 * e.quantized_values * 5);
+    for token in e.v_code.chunks(5) {
+        // Bits 144.. of a token's run (the padding) are zero.
+        assert_eq!(token[4] as u32 >> 16, 0);
+    }
     let mut l = base;
     l.values.symmetry = Symmetry::Symmetric;
     assert!(

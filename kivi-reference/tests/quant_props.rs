@@ -8,7 +8,8 @@ use half::f16;
 use kivi_reference::{
     codes_per_pack, dequantize, dequantize_keys_per_channel, dequantize_values_per_token,
     pack_codes, quantize_group, quantize_group_with, quantize_keys_per_channel,
-    quantize_values_per_token, unpack_codes, GroupQuant, RefError, Rounding, Symmetry,
+    quantize_values_per_token, unpack_codes, value_words_per_token, GroupQuant, RefError, Rounding,
+    Symmetry,
 };
 use proptest::prelude::*;
 
@@ -115,13 +116,10 @@ fn quant_argument_errors() {
         quantize_values_per_token(&k, 8, 64, 2, 48),
         Err(RefError::Invalid(_))
     ));
-    assert!(
-        matches!(
-            quantize_values_per_token(&k, 64, 8, 2, 8),
-            Err(RefError::Invalid(_))
-        ),
-        "D 8 < 16 per word"
-    );
+    // 8 2-bit codes of a token fill half a word: one word per token, zero-padded.
+    let q = quantize_values_per_token(&k, 64, 8, 2, 8).unwrap();
+    assert_eq!(q.codes.len(), 64);
+    assert!(q.codes.iter().all(|&w| w >> 16 == 0));
     let mut q = quantize_keys_per_channel(&k, 64, 8, 2, 32).unwrap();
     q.scale.pop();
     assert!(matches!(
@@ -228,6 +226,34 @@ proptest! {
                 // The range of any group here is at most 8.
                 prop_assert!((dk[tok * d + c] - xi).abs() <= error_bound(bits, sk, 8.0));
                 prop_assert!((dv[tok * d + c] - xi).abs() <= error_bound(bits, sv, 8.0));
+            }
+        }
+    }
+
+    /// Per-token values at head_dims whose codes do not fill whole words (1-bit or 3-bit at 48, 80, 112): each
+    /// token is its own zero-padded run of ceil(D * bits / 32) words holding exactly the group codes, and they
+    /// dequantize back.
+    #[test]
+    fn per_token_values_pad_each_token_to_whole_words(seed in any::<u64>(), bits_i in 0usize..8, d_i in 0usize..4) {
+        let bits = BITS[bits_i];
+        let (t, d, g) = (5usize, [48usize, 80, 112, 64][d_i], 16usize);
+        let x: Vec<f16> = (0..t * d)
+            .map(|i| f16::from_f32((((seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) % 2001) as f32 - 1000.0) / 250.0))
+            .collect();
+        let qv = quantize_values_per_token(&x, t, d, bits, g).unwrap();
+        let wpt = value_words_per_token(d, bits);
+        prop_assert_eq!(qv.codes.len(), t * wpt);
+        let dv = dequantize_values_per_token(&qv).unwrap();
+        for tok in 0..t {
+            let run = &qv.codes[tok * wpt..(tok + 1) * wpt];
+            let codes = unpack_codes(run, bits).unwrap();
+            prop_assert!(codes[d..].iter().all(|&c| c == 0), "padding is zero");
+            for grp in 0..d / g {
+                let q = quantize_group(&x[tok * d + grp * g..tok * d + (grp + 1) * g], bits).unwrap();
+                prop_assert_eq!(&codes[grp * g..(grp + 1) * g], &q.codes[..]);
+                for (j, &c) in q.codes.iter().enumerate() {
+                    prop_assert_eq!(dv[tok * d + grp * g + j], dequantize(c, q.scale, q.mn));
+                }
             }
         }
     }
