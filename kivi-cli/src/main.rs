@@ -175,6 +175,10 @@ enum Command {
         /// Specs to verify instead of the default presets.
         #[arg(long)]
         spec: Vec<String>,
+        /// Verify the sampled layout matrix (80 layouts: every bit width 1, 2, 3, 4, 8 for keys and values, head_dim
+        /// 32 to 256, MHA, GQA and MQA, groups 16 to 128 and per_block, symmetric, fp32 rounding), after any --spec.
+        #[arg(long)]
+        matrix: bool,
         /// Decode steps per run.
         #[arg(long, default_value_t = 300)]
         steps: u32,
@@ -272,23 +276,29 @@ fn main() -> ExitCode {
         }),
         Command::Verify {
             reference,
-            spec,
+            mut spec,
+            matrix,
             steps,
             batch,
             prefill,
             cpu_only,
             decode_tile,
             nvrtc,
-        } => verify_cmd(
-            &reference,
-            &spec,
-            steps,
-            &batch,
-            &prefill,
-            cpu_only,
-            &decode_tile,
-            nvrtc.as_deref(),
-        ),
+        } => {
+            if matrix {
+                spec.extend(verify::sampled_matrix());
+            }
+            verify_cmd(
+                &reference,
+                &spec,
+                steps,
+                &batch,
+                &prefill,
+                cpu_only,
+                &decode_tile,
+                nvrtc.as_deref(),
+            )
+        }
     };
     match result {
         Ok(code) => code,

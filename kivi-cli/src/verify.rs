@@ -683,3 +683,119 @@ pub const VERIFY_PRESETS: [&str; 11] = [
     "kivi-2, num_heads: 12, num_kv_heads: 4, head_dim: 96, keys: { group_size: 16 }, values: { group_size: 16 }",
     "kivi-4, num_heads: 4, num_kv_heads: 4, head_dim: 64, keys: { bits: 1 }, values: { bits: 8 }",
 ];
+
+/// The head_dims of `kivi verify --matrix`: every one the layout issue lists.
+pub const MATRIX_HEAD_DIMS: [u32; 8] = [32, 64, 80, 96, 112, 128, 192, 256];
+
+/// `kivi verify --matrix`: a sampled matrix of 80 layouts the generator emits. Every pair (head_dim of
+/// [`MATRIX_HEAD_DIMS`], key bits of 1, 2, 3, 4, 8) appears twice, with value bits, query/KV head arrangements
+/// (MHA, GQA 3, 4 and 8, MQA, two head tiles), key groups (16 to 128 tokens and per_block), value groups (16 to 64
+/// channels and per_block), residual lengths (64, 128, 192), symmetric quantization and fp32 rounding rotating
+/// through the samples.
+pub fn sampled_matrix() -> Vec<String> {
+    const BITS: [u32; 5] = [1, 2, 3, 4, 8];
+    const HEADS: [(u32, u32); 6] = [(8, 8), (8, 2), (6, 1), (12, 4), (16, 2), (32, 1)];
+    const RESIDUAL: [u32; 3] = [128, 64, 192];
+    let mut out = Vec::new();
+    for pass in 0..2usize {
+        for (i, &d) in MATRIX_HEAD_DIMS.iter().enumerate() {
+            for (j, &kb) in BITS.iter().enumerate() {
+                let n = (pass * 40 + i * 5 + j) as u32;
+                let vb = BITS[(i + 2 * j + 3 * pass + 1) % 5];
+                let (h, hkv) = HEADS[(i + j + pass) % HEADS.len()];
+                let r = RESIDUAL[(i + 2 * j + pass) % RESIDUAL.len()];
+                // Key groups divide R; per_block needs a power-of-two R (192 takes 64).
+                let kg = match n % 5 {
+                    0 if r.is_power_of_two() => "per_block".to_string(),
+                    0 => "64".to_string(),
+                    k => (8u32 << k).min(1 << r.trailing_zeros()).to_string(),
+                };
+                let vg = match (n / 2) % 4 {
+                    0 => "per_block".to_string(),
+                    // The largest of 16, 32, 64 dividing head_dim (80 and 112 take 16).
+                    k => (8u32 << k).min(1 << d.trailing_zeros()).max(16).to_string(),
+                };
+                // per_block value groups need a power-of-two head_dim.
+                let vg = if vg == "per_block" && !d.is_power_of_two() {
+                    "16".to_string()
+                } else {
+                    vg
+                };
+                // Symmetric quantization needs at least 2 bits.
+                let (kq, vq) = match n % 7 {
+                    3 if kb > 1 => (", quant: symmetric", ""),
+                    5 if vb > 1 => ("", ", quant: symmetric"),
+                    _ => ("", ""),
+                };
+                let (kr, vr) = match n % 6 {
+                    2 => (", rounding: fp32", ", rounding: fp32"),
+                    4 => ("", ", rounding: fp32"),
+                    _ => ("", ""),
+                };
+                out.push(format!(
+                    "num_heads: {h}, num_kv_heads: {hkv}, head_dim: {d}, residual_length: {r}, \
+                     keys: {{ bits: {kb}, group_size: {kg}{kq}{kr} }}, \
+                     values: {{ bits: {vb}, group_size: {vg}{vq}{vr} }}"
+                ));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sampled_matrix_covers_the_layout_issue_and_is_all_supported() {
+        let specs = sampled_matrix();
+        assert!(specs.len() >= 60, "{}", specs.len());
+        let layouts: Vec<kivi_dsl::Layout> = specs
+            .iter()
+            .map(|s| {
+                let l = kivi_dsl::parse_spec_supported(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+                kivi_codegen::LayoutKernels::new(&l, &kivi_codegen::KernelTiles::heuristic(&l))
+                    .unwrap_or_else(|e| panic!("{s}: {e}"));
+                l
+            })
+            .collect();
+        for bits in [1, 2, 3, 4, 8] {
+            assert!(
+                layouts.iter().any(|l| l.keys.bits == bits),
+                "key bits {bits}"
+            );
+            assert!(
+                layouts.iter().any(|l| l.values.bits == bits),
+                "value bits {bits}"
+            );
+        }
+        for d in MATRIX_HEAD_DIMS {
+            assert!(layouts.iter().any(|l| l.keys.head_dim == d), "head_dim {d}");
+        }
+        assert!(layouts.iter().any(|l| l.num_kv_heads == 1), "MQA");
+        assert!(
+            layouts
+                .iter()
+                .any(|l| l.gqa_ratio() > 1 && l.num_kv_heads > 1),
+            "GQA"
+        );
+        assert!(layouts.iter().any(|l| l.gqa_ratio() > 16), "two head tiles");
+        for t in [
+            |l: &kivi_dsl::Layout| l.keys,
+            |l: &kivi_dsl::Layout| l.values,
+        ] {
+            assert!(layouts
+                .iter()
+                .any(|l| t(l).symmetry == kivi_dsl::Symmetry::Symmetric));
+            assert!(layouts
+                .iter()
+                .any(|l| t(l).rounding == kivi_dsl::Rounding::F32));
+            assert!(layouts
+                .iter()
+                .any(|l| t(l).group_size == kivi_dsl::GroupSize::PerBlock));
+        }
+        let distinct: std::collections::HashSet<_> = layouts.iter().collect();
+        assert_eq!(distinct.len(), layouts.len(), "duplicate layouts");
+    }
+}

@@ -107,7 +107,7 @@ fn an_impossible_layout_names_the_value_and_the_rule() {
 
 #[test]
 fn an_unsupported_layout_says_not_yet_supported() {
-    let o = kivi(&["gen", "kivi-2, llama-3-8b, keys: { bits: 3 }"], &[]);
+    let o = kivi(&["gen", "kivi-2, llama-3-8b, keys: { bits: 5 }"], &[]);
     assert!(!o.status.success());
     let err = text(&o.stderr);
     assert!(err.contains("not yet supported"), "{err}");

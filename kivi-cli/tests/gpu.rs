@@ -102,6 +102,26 @@ fn gpu_symmetric_quantization_and_fp32_rounding_match_the_cpu_reference() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn gpu_three_bit_codes_match_the_cpu_reference() {
+    // 3-bit packs (16 codes in three half-words, the sixteenth spread over their top bits) for keys and values:
+    // whole packs (head_dim 128, 256), a partial last value pack (64: 8 codes per lane and token pair; 160: one
+    // pack and 4 codes), head_dim 80 keys (15 words per lane and chunk), MQA and GQA, symmetric and fp32 rounding.
+    verify_specs_at_awkward_lengths(&[
+        "kivi-2, llama-2-7b, keys: { bits: 3 }, values: { bits: 3 }",
+        "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 64, residual_length: 64, \
+         keys: { bits: 3, group_size: 16 }, values: { bits: 3, group_size: 16 }",
+        "kivi-2, num_heads: 8, num_kv_heads: 8, head_dim: 80, residual_length: 64, keys: { bits: 3 }, \
+         values: { bits: 4, group_size: 16 }",
+        "kivi-2, num_heads: 4, num_kv_heads: 1, head_dim: 160, keys: { bits: 2 }, values: { bits: 3 }",
+        "kivi-4, num_heads: 8, num_kv_heads: 2, head_dim: 256, keys: { bits: 3, quant: symmetric }, \
+         values: { bits: 3, rounding: fp32 }",
+        "kivi-2, num_heads: 8, num_kv_heads: 4, head_dim: 32, keys: { bits: 3, group_size: 64 }, \
+         values: { bits: 3, group_size: 16 }",
+    ]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_per_block_groups_match_the_cpu_reference() {
     // `group_size: per_block`: one scale and min per flush block of a key channel (R tokens) and per value token
     // (head_dim channels), i.e. the largest groups the kernels take (128- and 256-channel value groups, 64- and

@@ -544,6 +544,8 @@ fn kernel_context(
     ctx.insert("key_bits", &st.key_bits);
     ctx.insert("key_max_code", &((1u32 << st.key_bits) - 1));
     ctx.insert("key_group_size", &st.key_group_size);
+    ctx.insert("key_chunk_tokens", &st.key_chunk_tokens());
+    ctx.insert("key_words_per_step", &st.key_words_per_step());
     ctx.insert("key_block_words", &st.key_block_words());
     ctx.insert("key_block_params", &st.key_block_params());
     ctx.insert("value_bits", &st.value_bits);

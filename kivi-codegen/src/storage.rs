@@ -23,6 +23,12 @@ use kivi_dsl::Layout;
 /// `[16e + b(2j + s), +b)`: the low half holds even channels, the high half odd ones. See
 /// [`StorageLayout::key_code_position`].
 ///
+/// **3-bit codes** fill *packs* of three u32 words that hold 16 codes per half (e): slots 0..15 of a half, slot
+/// `k < 15` in word `k / 5` at bits `[16e + 3(k % 5), +3)`, slot 15 spread over bit `16e + 15` of the three
+/// words (its bit i in word i). Nothing is wasted where whole packs are used. Keys: a chunk has 64 tokens (j in
+/// 0..8, slot `2j + s`) and is `[lane 32][head_dim / 16][3]` words. Values: code `n` of a token pair (below)
+/// sits in pack `n / 16`, slot `n % 16`; a last pack of fewer than 16 codes uses only the words its slots need.
+///
 /// **Key mins and scales** (fp16, one each per channel and group of `key_group_size` tokens), one buffer: per
 /// group of a block, `[q 4][head_dim / 16][min s=0, scale s=0, min s=1, scale s=1][e 2]`: the four fp16 pairs a
 /// lane needs per 16-channel step are one aligned 16-byte quad, and the mins of both channel sets sit where an
@@ -59,17 +65,58 @@ pub struct StorageLayout {
     pub value_ring: u32,
 }
 
-/// Where one code lives: the u32 word (counted from the start of its block) and the bit of its lowest bit.
+/// Where one code lives: the u32 word (counted from the start of its block) and the bit of its lowest bit; or,
+/// for slot 15 of a 3-bit pack, its bit i at bit `bit` of word `word + i`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CodePosition {
-    /// Word index within the block.
+    /// Word index within the block (of the code's lowest bit).
     pub word: usize,
     /// Bit offset of the code's least significant bit in that word.
     pub bit: u32,
+    /// The code's bits lie in consecutive words, one each, all at `bit` (slot 15 of a 3-bit pack).
+    pub spread: bool,
+}
+
+impl CodePosition {
+    fn at(word: u32, bit: u32) -> Self {
+        CodePosition {
+            word: word as usize,
+            bit,
+            spread: false,
+        }
+    }
+
+    /// The (word, bit) of each of the code's `bits` bits, lowest first.
+    pub fn bit_positions(&self, bits: u32) -> impl Iterator<Item = (usize, u32)> + '_ {
+        (0..bits).map(move |i| {
+            if self.spread {
+                (self.word + i as usize, self.bit)
+            } else {
+                (self.word, self.bit + i)
+            }
+        })
+    }
+
+    /// The `bits`-bit code at this position of `words` (a block's words; `words` must reach it).
+    pub fn read(&self, words: &[u32], bits: u32) -> u32 {
+        self.bit_positions(bits)
+            .enumerate()
+            .fold(0, |code, (i, (w, b))| code | (((words[w] >> b) & 1) << i))
+    }
+}
+
+/// The (word within the pack, bit within its half) of slot `k` (0..16) of a 3-bit pack, and whether the slot is
+/// the spread one.
+fn pack3_slot(k: u32) -> (u32, u32, bool) {
+    if k < 15 {
+        (k / 5, 3 * (k % 5), false)
+    } else {
+        (0, 15, true)
+    }
 }
 
 impl StorageLayout {
-    /// The storage layout of a layout that passed `check_supported` (bits 1, 2, 4 or 8, groups of at least 16
+    /// The storage layout of a layout that passed `check_supported` (bits 1, 2, 3, 4 or 8, groups of at least 16
     /// dividing R and head_dim, R a multiple of [`StorageLayout::key_chunk_tokens`] and of 16; other layouts
     /// give meaningless numbers).
     pub fn new(layout: &Layout) -> Self {
@@ -85,19 +132,30 @@ impl StorageLayout {
         }
     }
 
-    /// Key codes per 16-bit half-word (16 / key bits).
+    /// Key codes per 16-bit half-word (16 / key bits; 5 for 3 bits, whose packs hold 16 per three halves).
     pub fn key_codes_per_half(&self) -> u32 {
         16 / self.key_bits
     }
 
-    /// Tokens of one key chunk: 8 rows of an mma n-tile times the `8 / bits` tokens a lane keeps per word.
+    /// Tokens of one key chunk: 8 rows of an mma n-tile times the `8 / bits` tokens a lane keeps per word (per
+    /// pack of three words for 3 bits: 64 tokens).
     pub fn key_chunk_tokens(&self) -> u32 {
-        64 / self.key_bits
+        kivi_dsl::key_chunk_tokens(self.key_bits)
     }
 
-    /// Key code words per lane per chunk (head_dim / 16: one per 16-channel k-step of the mma).
+    /// 16-channel k-steps of the score mma (head_dim / 16); a lane keeps [`StorageLayout::key_words_per_step`]
+    /// code words per step and chunk.
     pub fn key_words_per_lane(&self) -> u32 {
         self.head_dim / 16
+    }
+
+    /// Code words of one lane per 16-channel step and chunk: 1, or 3 (one pack) for 3-bit keys.
+    pub fn key_words_per_step(&self) -> u32 {
+        if self.key_bits == 3 {
+            3
+        } else {
+            1
+        }
     }
 
     /// Key groups per block (R / key_group_size).
@@ -105,14 +163,20 @@ impl StorageLayout {
         self.residual_length / self.key_group_size
     }
 
-    /// Value codes per 16-bit half-word (16 / value bits).
+    /// Value codes per 16-bit half-word (16 / value bits; 5 for 3 bits, whose packs hold 16 per three halves).
     pub fn value_codes_per_half(&self) -> u32 {
         16 / self.value_bits
     }
 
-    /// u32 words per lane per value tile for one token pair: ceil((head_dim / 8) / codes per half-word).
+    /// u32 words per lane per value tile for one token pair: ceil((head_dim / 8) / codes per half-word); for 3
+    /// bits, three per whole pack of 16 codes and ceil(rest / 5) for the rest.
     pub fn value_words_per_pair(&self) -> u32 {
-        (self.head_dim / 8).div_ceil(self.value_codes_per_half())
+        let n = self.head_dim / 8;
+        if self.value_bits == 3 {
+            3 * (n / 16) + (n % 16).div_ceil(5)
+        } else {
+            n.div_ceil(self.value_codes_per_half())
+        }
     }
 
     /// u32 words per lane per value tile (two token pairs).
@@ -127,7 +191,10 @@ impl StorageLayout {
 
     /// u32 words of key codes per block.
     pub fn key_block_words(&self) -> u32 {
-        self.residual_length / self.key_chunk_tokens() * 32 * self.key_words_per_lane()
+        self.residual_length / self.key_chunk_tokens()
+            * 32
+            * self.key_words_per_lane()
+            * self.key_words_per_step()
     }
 
     /// fp16 numbers of the key parameter buffer per block: a min and a scale per channel and group.
@@ -158,11 +225,17 @@ impl StorageLayout {
         let (c, r) = (d / 16, d % 16);
         let (s, q, e) = (r / 8, (r % 8) / 2, r % 2);
         let lane = 4 * g + q;
-        let word = (chunk * 32 + lane) * self.key_words_per_lane() + c;
-        CodePosition {
-            word: word as usize,
-            bit: 16 * e + self.key_bits * (2 * j + s),
+        let kws = self.key_words_per_step();
+        let word = ((chunk * 32 + lane) * self.key_words_per_lane() + c) * kws;
+        let slot = 2 * j + s;
+        if self.key_bits == 3 {
+            let (w, bit, spread) = pack3_slot(slot);
+            return CodePosition {
+                spread,
+                ..CodePosition::at(word + w, 16 * e + bit)
+            };
         }
+        CodePosition::at(word, 16 * e + self.key_bits * slot)
     }
 
     /// The indices (within its block's key parameters) of the (scale, min) of token `t` (0..R), channel `d`.
@@ -182,14 +255,16 @@ impl StorageLayout {
         let (g, u) = (r % 8, r / 8);
         let lane = 4 * g + q;
         let n = 2 * i + u;
-        let cph = self.value_codes_per_half();
-        let word = (kt * 32 + lane) * self.value_words_per_lane()
-            + p * self.value_words_per_pair()
-            + n / cph;
-        CodePosition {
-            word: word as usize,
-            bit: 16 * e + self.value_bits * (n % cph),
+        let pair = (kt * 32 + lane) * self.value_words_per_lane() + p * self.value_words_per_pair();
+        if self.value_bits == 3 {
+            let (w, bit, spread) = pack3_slot(n % 16);
+            return CodePosition {
+                spread,
+                ..CodePosition::at(pair + 3 * (n / 16) + w, 16 * e + bit)
+            };
         }
+        let cph = self.value_codes_per_half();
+        CodePosition::at(pair + n / cph, 16 * e + self.value_bits * (n % cph))
     }
 
     /// The index (within its block) of the value scale and min of token `t` (0..R) and channel `d`.

@@ -19,6 +19,38 @@ fn names_spell_the_parameters() {
     );
 }
 
+/// 3-bit packs: 16 codes per three half-words, the sixteenth spread over their top bits; a code written at its
+/// position reads back, and whole packs waste nothing.
+#[test]
+fn three_bit_packs_waste_nothing_and_read_back() {
+    let s = StorageLayout::new(&layout(
+        "kivi-2, llama-2-7b, keys: { bits: 3 }, values: { bits: 3 }",
+    ));
+    assert_eq!(s.key_chunk_tokens(), 64);
+    assert_eq!(s.key_words_per_step(), 3);
+    // 128 tokens x 128 channels x 3 bits / 32: no padding.
+    assert_eq!(s.key_block_words(), 128 * 128 * 3 / 32);
+    assert_eq!(s.value_words_per_pair(), 3); // 16 codes per token pair and lane: one pack
+    assert_eq!(s.value_block_words(), 128 * 128 * 3 / 32);
+    let p = s.key_code_position(8 * 7 + 3, 8 + 5); // j = 7, s = 1: slot 15, the spread one
+    assert!(p.spread);
+    assert_eq!(p.bit, 16 + 15);
+    let mut words = vec![0u32; s.key_block_words() as usize];
+    for (w, b) in p.bit_positions(3) {
+        words[w] |= 1 << b;
+    }
+    assert_eq!(p.read(&words, 3), 7);
+    let q = s.key_code_position(8 * 2 + 3, 8 + 5); // j = 2, s = 1: slot 5, word 1 of the pack, bits 16..19
+    assert!(!q.spread);
+    assert_eq!((q.word, q.bit), (p.word + 1, 16));
+    assert_eq!(q.read(&words, 3), 0);
+    // head_dim 64: 8 codes per token pair and lane, two half-words (5 + 3).
+    let s = StorageLayout::new(&layout(
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, residual_length: 64, values: { bits: 3 }",
+    ));
+    assert_eq!(s.value_words_per_pair(), 2);
+}
+
 #[test]
 fn storage_numbers_follow_the_layout() {
     let s = StorageLayout::new(&layout("kivi-4, smollm2-135m, residual_length: 64"));
@@ -63,6 +95,11 @@ fn storage_positions_are_a_bijection() {
         "kivi-4, num_heads: 4, num_kv_heads: 4, head_dim: 80, keys: { bits: 1 }, values: { bits: 8, group_size: 16 }",
         "kivi-2, num_heads: 4, num_kv_heads: 4, head_dim: 32, values: { bits: 1, group_size: 16 }",
         "kivi-2, num_heads: 4, num_kv_heads: 4, head_dim: 48, keys: { bits: 1, group_size: 16 }, values: { bits: 4, group_size: 16 }",
+        "kivi-2, llama-2-7b, keys: { bits: 3 }, values: { bits: 3 }",
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 32, keys: { bits: 3, group_size: 16 }, values: { bits: 3, group_size: 16 }",
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, residual_length: 64, keys: { bits: 3 }, values: { bits: 3 }",
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 160, residual_length: 192, keys: { bits: 3, group_size: 64 }, values: { bits: 3 }",
+        "kivi-2, num_heads: 4, num_kv_heads: 4, head_dim: 80, residual_length: 64, keys: { bits: 3 }, values: { bits: 2, group_size: 16 }",
     ] {
         let l = layout(spec);
         l.check_supported().unwrap();
@@ -82,12 +119,15 @@ fn storage_positions_are_a_bijection() {
             for t in 0..r {
                 for c in 0..d {
                     let p = pos(t, c);
-                    assert!(p.word < words as usize, "{spec}: ({t},{c}) word {}", p.word);
-                    assert!(p.bit + bits <= 32, "{spec}: ({t},{c}) bit {}", p.bit);
-                    assert!(p.bit % 16 + bits <= 16, "{spec}: code crosses a half-word");
-                    let mask = ((1u64 << bits) - 1) as u32;
-                    assert_eq!(used[p.word] & (mask << p.bit), 0, "{spec}: ({t},{c}) overlaps");
-                    used[p.word] |= mask << p.bit;
+                    // Every bit of the code lies in the block and in the half-word of its channel or token
+                    // parity (the decode kernel turns a word's two halves into one fp16 pair).
+                    let half = p.bit / 16;
+                    for (w, b) in p.bit_positions(bits) {
+                        assert!(w < words as usize, "{spec}: ({t},{c}) word {w}");
+                        assert_eq!(b / 16, half, "{spec}: ({t},{c}) crosses a half-word");
+                        assert_eq!(used[w] & (1 << b), 0, "{spec}: ({t},{c}) overlaps");
+                        used[w] |= 1 << b;
+                    }
                 }
             }
         }
@@ -303,7 +343,7 @@ fn heuristic_budgets_registers_only_where_the_accumulator_fits() {
 
 #[test]
 fn unsupported_layouts_are_refused() {
-    let l = layout("kivi-2, llama-2-7b, keys: { bits: 3 }");
+    let l = layout("kivi-2, llama-2-7b, keys: { bits: 5 }");
     let e = KernelSpec::new(
         KernelKind::QuantizeKeys,
         l,

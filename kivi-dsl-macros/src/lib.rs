@@ -24,9 +24,9 @@
 //! ```compile_fail
 //! let l = kivi_dsl_macros::kivi_layout!(kivi-2, llama-3-8b, keys: { group_size: 48 });
 //! ```
-//! Nor a valid one the code generator does not emit yet (3-bit codes):
+//! Nor a valid one the code generator does not emit yet (5-bit codes):
 //! ```compile_fail
-//! let l = kivi_dsl_macros::kivi_layout!(kivi-2, llama-3-8b, keys: { bits: 3 });
+//! let l = kivi_dsl_macros::kivi_layout!(kivi-2, llama-3-8b, keys: { bits: 5 });
 //! ```
 //! Nor a spec with a mandatory field missing (no quantization preset, no bits):
 //! ```compile_fail

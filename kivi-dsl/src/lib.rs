@@ -35,5 +35,6 @@ pub use presets::{
     MODEL_PRESETS, QUANT_PRESETS,
 };
 pub use validate::{
-    dividing_group_sizes, HEAD_DIM_RANGE, MAX_RESIDUAL_LENGTH, MAX_SINK_TOKENS, SUPPORTED_BITS,
+    dividing_group_sizes, key_chunk_tokens, HEAD_DIM_RANGE, MAX_RESIDUAL_LENGTH, MAX_SINK_TOKENS,
+    SUPPORTED_BITS,
 };

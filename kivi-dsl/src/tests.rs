@@ -648,14 +648,14 @@ fn validation_errors_point_where_the_field_was_set() {
 
 #[test]
 fn parse_spec_does_not_check_support_but_parse_spec_supported_does() {
-    let text = "kivi-2, llama-3-8b,\nkeys: { bits: 3 }";
+    let text = "kivi-2, llama-3-8b,\nkeys: { bits: 5 }";
     let l = parse_spec(text).unwrap();
-    assert_eq!(l.keys.bits, 3);
+    assert_eq!(l.keys.bits, 5);
     let e = parse_spec_supported(text).unwrap_err();
     assert_eq!((e.line(), e.column()), (2, 9));
     assert_eq!(
         e.message(),
-        "not yet supported: keys.bits 3 (the generator emits 1, 2, 4 or 8 bits)"
+        "not yet supported: keys.bits 5 (the generator emits 1, 2, 3, 4 or 8 bits)"
     );
     assert!(e.layout_error().unwrap().is_unsupported());
     assert_eq!(e.layout_error().unwrap().field(), "keys.bits");
@@ -863,8 +863,17 @@ fn check_supported_rules() {
         other => panic!("{l}: {other:?}"),
     };
     let cases: Vec<(Layout, &str, &str)> = vec![
-        (with(|l| l.keys.bits = 3), "keys.bits", "not yet supported: keys.bits 3 (the generator emits 1, 2, 4 or 8 bits)"),
-        (with(|l| l.values.bits = 6), "values.bits", "not yet supported: values.bits 6 (the generator emits 1, 2, 4 or 8 bits)"),
+        (with(|l| l.keys.bits = 5), "keys.bits", "not yet supported: keys.bits 5 (the generator emits 1, 2, 3, 4 or 8 bits)"),
+        (with(|l| l.values.bits = 6), "values.bits", "not yet supported: values.bits 6 (the generator emits 1, 2, 3, 4 or 8 bits)"),
+        (
+            with(|l| {
+                l.keys.bits = 3;
+                l.residual_length = 96;
+            }),
+            "residual_length",
+            "not yet supported: residual_length 96 with 3-bit keys (a flush block must hold whole key chunks and \
+             value tiles: use a multiple of 64)",
+        ),
         (
             with(|l| l.keys.axis = QuantAxis::PerToken),
             "keys.axis",
@@ -924,6 +933,16 @@ fn check_supported_rules() {
     })
     .check_supported()
     .unwrap();
+    // 3-bit keys and values, at a head_dim whose value codes leave a partial pack (80: 10 codes per lane).
+    with(|l| {
+        l.keys.bits = 3;
+        l.values.bits = 3;
+        l.keys.head_dim = 80;
+        l.values.head_dim = 80;
+        l.values.group_size = GroupSize::Elements(16);
+    })
+    .check_supported()
+    .unwrap();
 }
 
 // ---------------------------------------------------------------- parse_tokens (the macro's entry)
@@ -943,11 +962,11 @@ fn parse_tokens_matches_parse_spec_and_carries_spans() {
     let start = e.span().start();
     assert_eq!((start.line, start.column), (2, 13));
 
-    let tokens: proc_macro2::TokenStream = "kivi-2, llama-3-8b, keys: { bits: 3 }".parse().unwrap();
+    let tokens: proc_macro2::TokenStream = "kivi-2, llama-3-8b, keys: { bits: 5 }".parse().unwrap();
     parse_tokens(tokens.clone()).unwrap();
     let e = parse_tokens_supported(tokens).unwrap_err();
     assert!(
-        e.to_string().starts_with("not yet supported: keys.bits 3"),
+        e.to_string().starts_with("not yet supported: keys.bits 5"),
         "{e}"
     );
 }

@@ -10,8 +10,20 @@ pub const MAX_RESIDUAL_LENGTH: u32 = 4096;
 pub const MAX_SINK_TOKENS: u32 = 65536;
 /// Accepted head_dim range (and head_dim must be a multiple of 16).
 pub const HEAD_DIM_RANGE: std::ops::RangeInclusive<u32> = 16..=256;
-/// Bit widths the code generator emits (codes of one 32-bit word never straddle it).
-pub const SUPPORTED_BITS: [u32; 4] = [1, 2, 4, 8];
+/// Bit widths the code generator emits: 1, 2, 4 and 8 (a code never straddles a 16-bit half-word), and 3
+/// (16 codes in three half-words: five in each, the sixteenth spread over their top bits; see kivi-codegen's
+/// StorageLayout).
+pub const SUPPORTED_BITS: [u32; 5] = [1, 2, 3, 4, 8];
+
+/// Tokens of one key chunk of the device layout for `bits`-bit keys: 64 / bits for 1, 2, 4, 8; 64 for 3 (a
+/// chunk holds 16 codes per half-word pack of each lane). kivi-codegen's StorageLayout uses the same.
+pub fn key_chunk_tokens(bits: u32) -> u32 {
+    if bits == 3 {
+        64
+    } else {
+        64 / bits.max(1)
+    }
+}
 
 /// The power-of-two group sizes dividing `n`, ascending (empty for 0).
 pub fn dividing_group_sizes(n: u32) -> Vec<u32> {
@@ -139,7 +151,7 @@ impl Layout {
         }
     }
 
-    /// Checks that the code generator emits this layout: [`Layout::validate`] first, then bits 1, 2, 4 or 8;
+    /// Checks that the code generator emits this layout: [`Layout::validate`] first, then bits 1, 2, 3, 4 or 8;
     /// keys per-channel and values per-token; numeric group sizes of at least 16 (a 16-row tile of the decode
     /// kernel's tensor-core fragments shares a group), or `per_block` where the block (residual_length for keys,
     /// head_dim for values) is a power of two; `residual_length` a multiple of
@@ -156,7 +168,7 @@ impl Layout {
         for (name, t) in tensors {
             if !SUPPORTED_BITS.contains(&t.bits) {
                 return unsupported(format!(
-                    "{name}.bits {} (the generator emits 1, 2, 4 or 8 bits)",
+                    "{name}.bits {} (the generator emits 1, 2, 3, 4 or 8 bits)",
                     t.bits
                 ));
             }
@@ -213,7 +225,7 @@ impl Layout {
         if self.sink_tokens > 0 {
             return unsupported(format!("sink_tokens {} (only 0)", self.sink_tokens));
         }
-        let unit = (64 / self.keys.bits).max(16);
+        let unit = key_chunk_tokens(self.keys.bits).max(16);
         if !self.residual_length.is_multiple_of(unit) {
             return unsupported(format!(
                 "residual_length {} with {}-bit keys (a flush block must hold whole key chunks and value tiles: \

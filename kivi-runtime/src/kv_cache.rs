@@ -1094,17 +1094,22 @@ impl KiviCache {
             st.value_block_params() as usize,
         );
         let (kb, vb) = (st.key_bits, st.value_bits);
-        let (kcpw, vcpw) = (32 / kb as usize, 32 / vb as usize);
-        if !d.is_multiple_of(vcpw) {
-            return Err(RuntimeError::State(format!(
-                "export: the reference layout packs {vcpw} value codes per 32-bit word along head_dim, and head_dim \
-                 {d} is not a multiple of {vcpw}"
-            )));
-        }
-        let (kg, vg) = (st.key_group_size as usize, st.value_group_size as usize);
-        let code_at = |words: &[u32], base: usize, pos: kivi_codegen::CodePosition, bits: u32| {
-            (words[base + pos.word] >> pos.bit) & ((1u32 << bits) - 1)
+        // The reference layouts are bit streams (kivi_reference::pack_codes): per channel along tokens for keys (a
+        // whole number of words: R is a multiple of 64), per token along head_dim for values (zero-padded to whole
+        // words, kivi_reference::value_words_per_token).
+        let pack = |codes: &[u8], bits: u32| {
+            let mut c = codes.to_vec();
+            c.resize(
+                c.len()
+                    .next_multiple_of(kivi_reference::codes_per_pack(bits)),
+                0,
+            );
+            let mut words = kivi_reference::pack_codes(&c, bits)
+                .map_err(|e| RuntimeError::State(format!("export: packing codes: {e}")))?;
+            words.truncate((codes.len() * bits as usize).div_ceil(32));
+            Ok::<_, RuntimeError>(words)
         };
+        let (kg, vg) = (st.key_group_size as usize, st.value_group_size as usize);
         let vring = st.value_ring as usize;
         let table = match &self.paging {
             Some(p) => {
@@ -1136,16 +1141,15 @@ impl KiviCache {
         for seq in 0..self.seqs() as usize {
             // Keys in the reference layout: codes [D][qk / cpw] packed along tokens, params [D][qk / G].
             for c in 0..d {
-                for w in 0..qk / kcpw {
-                    let mut word = 0u32;
-                    for j in 0..kcpw {
-                        let t = w * kcpw + j;
+                let codes: Vec<u8> = (0..qk)
+                    .map(|t| {
+                        let base = block_of(seq, t / r) * kbw;
                         let pos = st.key_code_position((t % r) as u32, c as u32);
-                        word |= code_at(&k_codes, block_of(seq, t / r) * kbw, pos, kb)
-                            << (kb as usize * j);
-                    }
-                    e.k_code.push(word as i32);
-                }
+                        pos.read(&k_codes[base..base + kbw], kb) as u8
+                    })
+                    .collect();
+                e.k_code
+                    .extend(pack(&codes, kb)?.into_iter().map(|w| w as i32));
                 for g in 0..qk / kg {
                     let t = g * kg;
                     let (scale, min) = st.key_param_index((t % r) as u32, c as u32);
@@ -1161,14 +1165,12 @@ impl KiviCache {
             // Values: codes [qv][D / cpw] packed along head_dim, params [qv][D / G].
             for p in 0..qv {
                 let (base, tb) = (block_of(seq, p / r) * vbw, (p % r) as u32);
-                for w in 0..d / vcpw {
-                    let mut word = 0u32;
-                    for j in 0..vcpw {
-                        let pos = st.value_code_position(tb, (w * vcpw + j) as u32);
-                        word |= code_at(&v_codes, base, pos, vb) << (vb as usize * j);
-                    }
-                    e.v_code.push(word as i32);
-                }
+                let block = &v_codes[base..base + vbw];
+                let codes: Vec<u8> = (0..d as u32)
+                    .map(|c| st.value_code_position(tb, c).read(block, vb) as u8)
+                    .collect();
+                e.v_code
+                    .extend(pack(&codes, vb)?.into_iter().map(|w| w as i32));
                 for g in 0..d / vg {
                     let i = block_of(seq, p / r) * vbp + st.value_param_index(tb, (g * vg) as u32);
                     e.v_scale.push(v_scale[i]);

@@ -70,7 +70,8 @@ fn every_preset_compiles_for_sm80_and_sm90_without_warnings_contiguous_and_paged
 }
 
 /// Symmetric quantization and fp32 rounding change the quantize paths (prefill kernels and the decode kernel's
-/// flushes): every combination, at each width, compiles warning-free; so do per_block groups (the largest).
+/// flushes): every combination, at each width (3-bit packs included), compiles warning-free; so do per_block
+/// groups (the largest).
 #[test]
 fn symmetric_fp32_rounding_and_per_block_layouts_compile_without_warnings() {
     let Some(compiler) = compiler(None) else {
@@ -89,6 +90,8 @@ fn symmetric_fp32_rounding_and_per_block_layouts_compile_without_warnings() {
         (4, "symmetric", "fp32"),
         (8, "asymmetric", "fp32"),
         (1, "asymmetric", "fp32"),
+        (3, "symmetric", "fp32"),
+        (3, "asymmetric", "half"),
     ] {
         let spec = format!(
             "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 64, keys: {{ bits: {bits}, quant: {quant}, \
