@@ -339,6 +339,10 @@ fn heuristic_budgets_registers_only_where_the_accumulator_fits() {
     // head_dim 256 with 16 heads on one KV head: 16 x 2 x 4 = 128: the compiler's own choice.
     let l = layout("kivi-2, num_heads: 16, num_kv_heads: 1, head_dim: 256");
     assert_eq!(KernelTiles::heuristic(&l).decode.min_blocks, 0);
+    // 3-bit keys: registers for 256 threads per multiprocessor (255 each), not 512.
+    let l = layout("kivi-2, llama-2-7b, keys: { bits: 3 }, values: { bits: 3 }");
+    let t = KernelTiles::heuristic(&l).decode;
+    assert_eq!(t.min_blocks * t.threads, 256);
 }
 
 #[test]

@@ -59,12 +59,15 @@ impl KernelTiles {
     /// H200 that beat the compiler's own choice on the short and the batched shapes, see docs/BENCHMARKS.md)
     /// where the output accumulator fits that budget (head_dim / 16 x ceil(heads per tile / 8) x 4 <= 64 fp32
     /// registers), else the compiler's own choice (at head_dim 256 with 16 heads, 128 registers spilled 1.2 KB
-    /// per thread and ran 1.85x slower on the H200).
+    /// per thread and ran 1.85x slower on the H200). 3-bit keys (three code words per lane and 16-channel step)
+    /// get 256 threads' worth (255 registers): at 128 they spilled 280 bytes per thread and ran 1.25-1.40x slower
+    /// on the H200's 32k and 128k shapes.
     pub fn heuristic(layout: &Layout) -> Self {
         let plain = TileConfig::plain(128);
         let plan = DecodePlan::new(layout);
         let accumulator = plan.head_dim / 16 * plan.heads_per_tile.div_ceil(8) * 4;
-        let budget = |threads: u32| if accumulator <= 64 { 512 / threads } else { 0 };
+        let per_sm = if layout.keys.bits == 3 { 256 } else { 512 };
+        let budget = |threads: u32| if accumulator <= 64 { per_sm / threads } else { 0 };
         let mut decode = TileConfig {
             threads: 128,
             split_tokens: 0,
