@@ -11,9 +11,10 @@
 #include <stddef.h>
 
 // The version of this C ABI: the layout of its structs and the meaning of their fields. 1: the first release; 2:
-// `KiviDecodeArgs` gained `q_lens` and `q_index`. A program built against one header must not call a library of
-// another version: compare [`kivi_abi_version`] with this constant before the first call.
-#define KIVI_ABI_VERSION 2
+// `KiviDecodeArgs` gained `q_lens` and `q_index`; 3: `KiviShape` gained `sink_tokens` (and the rings their sink
+// rows). A program built against one header must not call a library of another version: compare
+// [`kivi_abi_version`] with this constant before the first call.
+#define KIVI_ABI_VERSION 3
 
 // What a call returned.
 typedef enum KiviStatus {
@@ -54,6 +55,9 @@ typedef struct KiviShape {
   uint32_t value_ring;
   // 1 if the module's decode kernel is the paged one.
   uint32_t paged;
+  // Sink tokens (the first of a sequence, kept in fp16): a sequence's key rows are `residual_length +
+  // sink_tokens`, its value rows `value_ring + sink_tokens`.
+  uint32_t sink_tokens;
 } KiviShape;
 
 // Where a cache's quantized blocks live: `block_table` 0 for contiguous storage (`per_seq` blocks per
@@ -74,7 +78,7 @@ typedef struct KiviBufferBytes {
   uint64_t k_codes;
   // Key mins and scales.
   uint64_t k_params;
-  // Key ring.
+  // Key ring and sink rows.
   uint64_t k_res;
   // Value codes.
   uint64_t v_codes;
@@ -82,7 +86,7 @@ typedef struct KiviBufferBytes {
   uint64_t v_scale;
   // Value mins.
   uint64_t v_mn;
-  // Value ring.
+  // Value ring and sink rows.
   uint64_t v_res;
   // Decode scratch: partial outputs (f32).
   uint64_t part_acc;
@@ -113,7 +117,7 @@ typedef struct KiviCacheBuffers {
   uint64_t k_codes;
   // Key mins and scales (fp16).
   uint64_t k_params;
-  // Key ring (fp16).
+  // Key ring and sink rows (fp16, `[seqs][residual_length + sink_tokens][head_dim]`).
   uint64_t k_res;
   // Value codes (u32).
   uint64_t v_codes;
@@ -121,7 +125,7 @@ typedef struct KiviCacheBuffers {
   uint64_t v_scale;
   // Value mins (fp16).
   uint64_t v_mn;
-  // Value ring (fp16).
+  // Value ring and sink rows (fp16, `[seqs][value_ring + sink_tokens][head_dim]`).
   uint64_t v_res;
 } KiviCacheBuffers;
 

@@ -126,6 +126,9 @@ pub struct KiviShape {
     pub value_ring: u32,
     /// 1 if the module's decode kernel is the paged one.
     pub paged: u32,
+    /// Sink tokens (the first of a sequence, kept in fp16): a sequence's key rows are `residual_length +
+    /// sink_tokens`, its value rows `value_ring + sink_tokens`.
+    pub sink_tokens: u32,
 }
 
 /// Where a cache's quantized blocks live: `block_table` 0 for contiguous storage (`per_seq` blocks per
@@ -156,7 +159,7 @@ pub struct KiviCacheBuffers {
     pub k_codes: u64,
     /// Key mins and scales (fp16).
     pub k_params: u64,
-    /// Key ring (fp16).
+    /// Key ring and sink rows (fp16, `[seqs][residual_length + sink_tokens][head_dim]`).
     pub k_res: u64,
     /// Value codes (u32).
     pub v_codes: u64,
@@ -164,7 +167,7 @@ pub struct KiviCacheBuffers {
     pub v_scale: u64,
     /// Value mins (fp16).
     pub v_mn: u64,
-    /// Value ring (fp16).
+    /// Value ring and sink rows (fp16, `[seqs][value_ring + sink_tokens][head_dim]`).
     pub v_res: u64,
 }
 
@@ -190,7 +193,7 @@ pub struct KiviBufferBytes {
     pub k_codes: u64,
     /// Key mins and scales.
     pub k_params: u64,
-    /// Key ring.
+    /// Key ring and sink rows.
     pub k_res: u64,
     /// Value codes.
     pub v_codes: u64,
@@ -198,7 +201,7 @@ pub struct KiviBufferBytes {
     pub v_scale: u64,
     /// Value mins.
     pub v_mn: u64,
-    /// Value ring.
+    /// Value ring and sink rows.
     pub v_res: u64,
     /// Decode scratch: partial outputs (f32).
     pub part_acc: u64,
@@ -391,6 +394,7 @@ pub unsafe extern "C" fn kivi_module_shape(
             head_dim: st.head_dim,
             residual_length: st.residual_length,
             value_ring: st.value_ring,
+            sink_tokens: st.sink_tokens,
             paged: u32::from(
                 m.module
                     .kernels()
@@ -558,9 +562,10 @@ pub unsafe extern "C" fn kivi_decode(
 }
 
 /// The version of this C ABI: the layout of its structs and the meaning of their fields. 1: the first release; 2:
-/// `KiviDecodeArgs` gained `q_lens` and `q_index`. A program built against one header must not call a library of
-/// another version: compare [`kivi_abi_version`] with this constant before the first call.
-pub const KIVI_ABI_VERSION: u32 = 2;
+/// `KiviDecodeArgs` gained `q_lens` and `q_index`; 3: `KiviShape` gained `sink_tokens` (and the rings their sink
+/// rows). A program built against one header must not call a library of another version: compare
+/// [`kivi_abi_version`] with this constant before the first call.
+pub const KIVI_ABI_VERSION: u32 = 3;
 
 /// The [`KIVI_ABI_VERSION`] this library was built with.
 #[no_mangle]

@@ -176,7 +176,8 @@ enum Command {
         #[arg(long)]
         spec: Vec<String>,
         /// Verify the sampled layout matrix (80 layouts: every bit width 1, 2, 3, 4, 8 for keys and values, head_dim
-        /// 32 to 256, MHA, GQA and MQA, groups 16 to 128 and per_block, symmetric, fp32 rounding), after any --spec.
+        /// 32 to 256, MHA, GQA and MQA, groups 16 to 128 and per_block, symmetric, fp32 rounding, sink tokens),
+        /// after any --spec.
         #[arg(long)]
         matrix: bool,
         /// Decode steps per run.

@@ -114,18 +114,38 @@ fn summarize(diffs: &[TensorDiff]) -> (usize, String) {
     (total, text)
 }
 
+/// [`compare_cache`] against a CPU reference cache, plus its sink tokens and its token counts.
 fn compare_with_reference(
     ours: &CacheExport,
     cpu: &kivi_reference::CacheExport,
 ) -> (usize, String) {
-    compare_cache(
+    let (mut total, text) = compare_cache(
         ours,
         &cpu.k_code,
         &cpu.k_scale,
         &cpu.k_mn,
         &cpu.k_residual,
         (&cpu.v_code, &cpu.v_scale, &cpu.v_mn, &cpu.v_residual),
-    )
+    );
+    let (sinks, sink_text) = summarize(&[
+        TensorDiff::f16("k_sink", &cpu.k_sink, &ours.k_sink),
+        TensorDiff::f16("v_sink", &cpu.v_sink, &ours.v_sink),
+    ]);
+    total += sinks;
+    let mut parts: Vec<String> = [text, sink_text]
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .collect();
+    let counts = |e: &CacheExport| (e.len, e.sink_tokens, e.quantized_keys, e.quantized_values);
+    if counts(ours) != counts(cpu) {
+        total += 1;
+        parts.push(format!(
+            "(len, sinks, quantized keys, quantized values) {:?} vs the reference's {:?}",
+            counts(ours),
+            counts(cpu)
+        ));
+    }
+    (total, parts.join(", "))
 }
 
 /// Per-step output errors, accumulated over a run.
@@ -690,8 +710,8 @@ pub const MATRIX_HEAD_DIMS: [u32; 8] = [32, 64, 80, 96, 112, 128, 192, 256];
 /// `kivi verify --matrix`: a sampled matrix of 80 layouts the generator emits. Every pair (head_dim of
 /// [`MATRIX_HEAD_DIMS`], key bits of 1, 2, 3, 4, 8) appears twice, with value bits, query/KV head arrangements
 /// (MHA, GQA 3, 4 and 8, MQA, two head tiles), key groups (16 to 128 tokens and per_block), value groups (16 to 64
-/// channels and per_block), residual lengths (64, 128, 192), symmetric quantization and fp32 rounding rotating
-/// through the samples.
+/// channels and per_block), residual lengths (64, 128, 192), symmetric quantization, fp32 rounding and sink
+/// tokens (4, 33, 200) rotating through the samples.
 pub fn sampled_matrix() -> Vec<String> {
     const BITS: [u32; 5] = [1, 2, 3, 4, 8];
     const HEADS: [(u32, u32); 6] = [(8, 8), (8, 2), (6, 1), (12, 4), (16, 2), (32, 1)];
@@ -732,8 +752,15 @@ pub fn sampled_matrix() -> Vec<String> {
                     4 => ("", ", rounding: fp32"),
                     _ => ("", ""),
                 };
+                // Sink tokens on every fourth: fewer than a group, more than an iteration, more than R.
+                let sinks = match n % 12 {
+                    1 => ", sink_tokens: 4",
+                    5 => ", sink_tokens: 33",
+                    9 => ", sink_tokens: 200",
+                    _ => "",
+                };
                 out.push(format!(
-                    "num_heads: {h}, num_kv_heads: {hkv}, head_dim: {d}, residual_length: {r}, \
+                    "num_heads: {h}, num_kv_heads: {hkv}, head_dim: {d}, residual_length: {r}{sinks}, \
                      keys: {{ bits: {kb}, group_size: {kg}{kq}{kr} }}, \
                      values: {{ bits: {vb}, group_size: {vg}{vq}{vr} }}"
                 ));
@@ -794,6 +821,12 @@ mod tests {
             assert!(layouts
                 .iter()
                 .any(|l| t(l).group_size == kivi_dsl::GroupSize::PerBlock));
+        }
+        for sinks in [4, 33, 200] {
+            assert!(
+                layouts.iter().any(|l| l.sink_tokens == sinks),
+                "sinks {sinks}"
+            );
         }
         let distinct: std::collections::HashSet<_> = layouts.iter().collect();
         assert_eq!(distinct.len(), layouts.len(), "duplicate layouts");

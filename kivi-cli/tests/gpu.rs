@@ -122,6 +122,21 @@ fn gpu_three_bit_codes_match_the_cpu_reference() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn gpu_sink_tokens_match_the_cpu_reference() {
+    // Sink tokens at prefills 31, 129 and 300 with 140 steps: 40 sinks (prefill 31 steps into Algorithm 1 after
+    // 9 sink steps), 200 (prefill 31 and 129 decode sink steps, then flush around 328), 7 with 1-bit and 3-bit
+    // codes (64-token iterations), 16 with MQA.
+    verify_specs_at_awkward_lengths(&[
+        "kivi-2, llama-3-8b, sink_tokens: 40",
+        "kivi-4, num_heads: 8, num_kv_heads: 2, head_dim: 64, sink_tokens: 200",
+        "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 128, keys: { bits: 1 }, values: { bits: 3 }, sink_tokens: 7",
+        "kivi-2, num_heads: 8, num_kv_heads: 1, head_dim: 96, residual_length: 64, keys: { group_size: 16 }, \
+         values: { group_size: 16 }, sink_tokens: 16",
+    ]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_per_block_groups_match_the_cpu_reference() {
     // `group_size: per_block`: one scale and min per flush block of a key channel (R tokens) and per value token
     // (head_dim channels), i.e. the largest groups the kernels take (128- and 256-channel value groups, 64- and

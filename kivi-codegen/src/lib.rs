@@ -336,7 +336,8 @@ impl DecodePlan {
 
 /// The layout part of kernel and module names: key bits/axis/group, value bits/axis/group, residual, head_dim,
 /// dtype, GQA ratio, e.g. `k2c32_v2t32_r128_d128_f16_gqa4` (`c` per-channel, `t` per-token). Options away from
-/// the defaults follow a tensor's group: `s` symmetric quantization, `f` fp32 rounding (`k4c32sf_...`).
+/// the defaults follow a tensor's group: `s` symmetric quantization, `f` fp32 rounding (`k4c32sf_...`); sink
+/// tokens follow the residual (`r128_s4`).
 pub fn layout_tag(layout: &Layout) -> String {
     let axis = |a: kivi_dsl::QuantAxis| match a {
         kivi_dsl::QuantAxis::PerChannel => 'c',
@@ -353,8 +354,13 @@ pub fn layout_tag(layout: &Layout) -> String {
         o
     };
     let r = layout.residual_length;
+    let sinks = if layout.sink_tokens > 0 {
+        format!("_s{}", layout.sink_tokens)
+    } else {
+        String::new()
+    };
     format!(
-        "k{}{}{}{}_v{}{}{}{}_r{}_d{}_{}_gqa{}",
+        "k{}{}{}{}_v{}{}{}{}_r{}{sinks}_d{}_{}_gqa{}",
         layout.keys.bits,
         axis(layout.keys.axis),
         layout.keys.group_elems(r),
@@ -541,6 +547,7 @@ fn kernel_context(
     ctx.insert("head_dim", &st.head_dim);
     ctx.insert("residual_length", &st.residual_length);
     ctx.insert("value_ring", &st.value_ring);
+    ctx.insert("sink_tokens", &st.sink_tokens);
     ctx.insert("key_bits", &st.key_bits);
     ctx.insert("key_max_code", &((1u32 << st.key_bits) - 1));
     ctx.insert("key_group_size", &st.key_group_size);

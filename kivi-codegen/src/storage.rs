@@ -47,6 +47,11 @@ use kivi_dsl::Layout;
 /// **Residual rings** (fp16, row-major): keys `[R][head_dim]` per sequence, token at position p in row `p % R`;
 /// values `[R + 1][head_dim]`, token p in row `p % (R + 1)` (the reference holds R + 1 full-precision values
 /// between an append and the flush of the oldest one).
+///
+/// **Sink tokens** (S = `sink_tokens`, fp16, never quantized): the first S tokens of a sequence sit in S more rows
+/// after each ring, so a sequence's key rows are `[R + S][head_dim]` and its value rows `[R + 1 + S][head_dim]`,
+/// sink i in row `R + i` (keys) and `R + 1 + i` (values). Positions p above count the tokens after the sinks:
+/// Algorithm 1 runs on them as if the sinks were not there (the reference's semantics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StorageLayout {
     /// Channels per head.
@@ -63,6 +68,8 @@ pub struct StorageLayout {
     pub value_group_size: u32,
     /// Rows of the value residual ring (R + 1).
     pub value_ring: u32,
+    /// S: sink tokens per sequence (fp16 rows after each ring).
+    pub sink_tokens: u32,
 }
 
 /// Where one code lives: the u32 word (counted from the start of its block) and the bit of its lowest bit; or,
@@ -129,7 +136,18 @@ impl StorageLayout {
             value_bits: layout.values.bits,
             value_group_size: layout.values.group_elems(r),
             value_ring: r + 1,
+            sink_tokens: layout.sink_tokens,
         }
+    }
+
+    /// fp16 key rows per sequence: the ring's R, then the S sink tokens.
+    pub fn key_res_rows(&self) -> u32 {
+        self.residual_length + self.sink_tokens
+    }
+
+    /// fp16 value rows per sequence: the ring's R + 1, then the S sink tokens.
+    pub fn value_res_rows(&self) -> u32 {
+        self.value_ring + self.sink_tokens
     }
 
     /// Key codes per 16-bit half-word (16 / key bits; 5 for 3 bits, whose packs hold 16 per three halves).
@@ -212,9 +230,29 @@ impl StorageLayout {
         self.residual_length * self.value_groups_per_token()
     }
 
-    /// Blocks a sequence needs for `capacity` tokens (every quantized token lies in a block).
+    /// Blocks a sequence needs for `capacity` tokens (every quantized token lies in a block; the sink tokens do
+    /// not).
     pub fn blocks_for(&self, capacity: u32) -> u32 {
-        capacity.div_ceil(self.residual_length)
+        capacity
+            .saturating_sub(self.sink_tokens)
+            .div_ceil(self.residual_length)
+            .max(1)
+    }
+
+    /// Tokens of a sequence of `len` that Algorithm 1 sees (those after the sink tokens).
+    pub fn after_sinks(&self, len: u32) -> u32 {
+        len.saturating_sub(self.sink_tokens)
+    }
+
+    /// Quantized keys of a sequence of `len` tokens: the whole blocks of R among its tokens after the sinks.
+    pub fn quantized_keys(&self, len: u32) -> u32 {
+        let n = self.after_sinks(len);
+        n - n % self.residual_length
+    }
+
+    /// Quantized values of a sequence of `len` tokens: all but the newest R of its tokens after the sinks.
+    pub fn quantized_values(&self, len: u32) -> u32 {
+        self.after_sinks(len).saturating_sub(self.residual_length)
     }
 
     /// The key code of token `t` (0..R, within its block) and channel `d`.
@@ -319,9 +357,9 @@ impl StorageLayout {
         key_codes + key_params + value_codes + value_params + residual
     }
 
-    /// Bytes of the two residual rings of one sequence.
+    /// Bytes of the two residual rings of one sequence, with their sink rows.
     pub fn ring_bytes(&self) -> u64 {
-        2 * u64::from(self.head_dim) * u64::from(self.residual_length + self.value_ring)
+        2 * u64::from(self.head_dim) * u64::from(self.key_res_rows() + self.value_res_rows())
     }
 }
 
@@ -342,7 +380,7 @@ pub struct MemoryBreakdown {
     pub value_codes: u64,
     /// Value scales and mins (fp16), bytes.
     pub value_scales_mins: u64,
-    /// The fp16 residual rings of keys (R tokens) and values (R + 1 tokens), bytes.
+    /// The fp16 residual rings of keys (R tokens) and values (R + 1 tokens), and the sink tokens of both, bytes.
     pub residual: u64,
 }
 

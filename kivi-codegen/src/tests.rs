@@ -51,6 +51,27 @@ fn three_bit_packs_waste_nothing_and_read_back() {
     assert_eq!(s.value_words_per_pair(), 2);
 }
 
+/// Sink tokens: rows after each ring, never in a block; Algorithm 1's counts start after them; names spell them.
+#[test]
+fn sink_tokens_take_rows_after_the_rings_and_shift_the_counts() {
+    let l = layout("kivi-2, llama-3-8b, sink_tokens: 4");
+    let s = StorageLayout::new(&l);
+    assert_eq!((s.key_res_rows(), s.value_res_rows()), (132, 133));
+    assert_eq!(s.ring_bytes(), 2 * 128 * (132 + 133));
+    assert_eq!(s.blocks_for(4 + 256), 2);
+    assert_eq!(s.blocks_for(3), 1);
+    assert_eq!(s.after_sinks(3), 0);
+    // 300 tokens: 4 sinks, then 296: 256 quantized keys, 168 quantized values.
+    assert_eq!((s.quantized_keys(300), s.quantized_values(300)), (256, 168));
+    assert_eq!((s.quantized_keys(131), s.quantized_values(131)), (0, 0));
+    assert!(layout_tag(&l).contains("_r128_s4_"), "{}", layout_tag(&l));
+    let none = StorageLayout::new(&layout("kivi-2, llama-3-8b"));
+    assert_eq!(
+        (none.quantized_keys(300), none.quantized_values(300)),
+        (256, 172)
+    );
+}
+
 #[test]
 fn storage_numbers_follow_the_layout() {
     let s = StorageLayout::new(&layout("kivi-4, smollm2-135m, residual_length: 64"));

@@ -67,7 +67,13 @@ impl KernelTiles {
         let plan = DecodePlan::new(layout);
         let accumulator = plan.head_dim / 16 * plan.heads_per_tile.div_ceil(8) * 4;
         let per_sm = if layout.keys.bits == 3 { 256 } else { 512 };
-        let budget = |threads: u32| if accumulator <= 64 { per_sm / threads } else { 0 };
+        let budget = |threads: u32| {
+            if accumulator <= 64 {
+                per_sm / threads
+            } else {
+                0
+            }
+        };
         let mut decode = TileConfig {
             threads: 128,
             split_tokens: 0,

@@ -911,7 +911,6 @@ fn check_supported_rules() {
             "not yet supported: keys.scale_dtype bf16 (only fp16)",
         ),
         (with(|l| l.dtype = Dtype::Bf16), "dtype", "not yet supported: dtype bf16 (only fp16)"),
-        (with(|l| l.sink_tokens = 4), "sink_tokens", "not yet supported: sink_tokens 4 (only 0)"),
         (
             with(|l| l.values.head_dim = 64),
             "values.head_dim",

@@ -154,10 +154,10 @@ impl Layout {
     /// Checks that the code generator emits this layout: [`Layout::validate`] first, then bits 1, 2, 3, 4 or 8;
     /// keys per-channel and values per-token; numeric group sizes of at least 16 (a 16-row tile of the decode
     /// kernel's tensor-core fragments shares a group), or `per_block` where the block (residual_length for keys,
-    /// head_dim for values) is a power of two; `residual_length` a multiple of
-    /// `max(64 / key bits, 16)` (whole key chunks and value tiles per flush block); fp16 scales; fp16
-    /// activations; no sink tokens; equal key and value head_dim. Symmetric or asymmetric quantization and
-    /// either rounding are generated.
+    /// head_dim for values) is a power of two; `residual_length` a multiple of `max(key chunk, 16)` (whole key
+    /// chunks and value tiles per flush block; [`key_chunk_tokens`]: 64 / key bits, 64 for 3 bits); fp16 scales;
+    /// fp16 activations; equal key and value head_dim. Symmetric or asymmetric quantization, either rounding and
+    /// any number of sink tokens are generated.
     ///
     /// # Errors
     /// A [`LayoutError`] from `validate`, or [`LayoutError::NotYetSupported`] for the first unsupported choice.
@@ -221,9 +221,6 @@ impl Layout {
         }
         if self.dtype != Dtype::F16 {
             return unsupported(format!("dtype {} (only fp16)", self.dtype.as_str()));
-        }
-        if self.sink_tokens > 0 {
-            return unsupported(format!("sink_tokens {} (only 0)", self.sink_tokens));
         }
         let unit = key_chunk_tokens(self.keys.bits).max(16);
         if !self.residual_length.is_multiple_of(unit) {

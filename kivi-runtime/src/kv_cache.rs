@@ -32,16 +32,6 @@ fn checked_max_splits(module: &LayoutModule, capacity: u32) -> Result<u32> {
     Ok(splits)
 }
 
-/// Quantized keys of a sequence of `len` tokens (KIVI Algorithm 1: whole blocks of R).
-fn quantized_keys_of(len: u32, r: u32) -> u32 {
-    len - len % r
-}
-
-/// Quantized values of a sequence of `len` tokens (all but the newest R).
-fn quantized_values_of(len: u32, r: u32) -> u32 {
-    len.saturating_sub(r)
-}
-
 /// Options of a decode step beyond the defaults of [`KiviCache::decode_step`].
 #[derive(Debug, Default)]
 pub struct DecodeOptions<'a> {
@@ -225,8 +215,9 @@ impl KiviCache {
                 limit: format!("both must be at least 1 and pages at most {}", i32::MAX),
             });
         }
-        let r = StorageLayout::new(&module.kernels().layout).residual_length;
-        let capacity = u64::from(entries_per_seq) * u64::from(r);
+        let st = StorageLayout::new(&module.kernels().layout);
+        let capacity =
+            u64::from(entries_per_seq) * u64::from(st.residual_length) + u64::from(st.sink_tokens);
         let capacity = u32::try_from(capacity).unwrap_or(u32::MAX);
         let paging = Some((block_table, entries_per_seq, pages));
         Self::allocate(gpu, module, batch, capacity, paging)
@@ -333,7 +324,11 @@ impl KiviCache {
     /// tile. A function of the length and the tile only, never of the batch, the GPU or the data.
     pub fn split_plan(&self, len: u32) -> (u32, u32) {
         let tile = self.module.kernels().spec(KernelKind::DecodePartial).tile;
-        self.plan.split_plan(tile.split_tokens, len, 0)
+        // Splits cut the tokens after the sink tokens (the first split attends the sinks too).
+        let (split, n) = self
+            .plan
+            .split_plan(tile.split_tokens, self.storage.after_sinks(len), 0);
+        (split, n.max(1))
     }
 
     /// Runs later steps with `module`: the same layout compiled with other tiles (the autotuner times candidates
@@ -437,14 +432,14 @@ impl KiviCache {
         self.len() == 0
     }
 
-    /// Quantized keys of the longest sequence (a multiple of `residual_length`).
+    /// Quantized keys of the longest sequence (a multiple of `residual_length`; sink tokens are never quantized).
     pub fn quantized_keys(&self) -> u32 {
-        quantized_keys_of(self.len(), self.storage.residual_length)
+        self.storage.quantized_keys(self.len())
     }
 
     /// Quantized values of the longest sequence.
     pub fn quantized_values(&self) -> u32 {
-        quantized_values_of(self.len(), self.storage.residual_length)
+        self.storage.quantized_values(self.len())
     }
 
     /// The loaded kernels.
@@ -1070,6 +1065,10 @@ impl KiviCache {
             self.quantized_keys() as usize,
             self.quantized_values() as usize,
         );
+        // Positions below count the tokens after the sinks, n of them.
+        let n = st.after_sinks(self.len()) as usize;
+        let sinks = len - n;
+        let (key_rows, value_rows) = (st.key_res_rows() as usize, st.value_res_rows() as usize);
         let mut e = CacheExport {
             batch: self.batch as usize,
             kv_heads: self.layout.num_kv_heads as usize,
@@ -1079,10 +1078,11 @@ impl KiviCache {
             k_group: st.key_group_size as usize,
             v_group: st.value_group_size as usize,
             len,
+            sink_tokens: sinks,
             quantized_keys: qk,
-            residual_keys: len - qk,
+            residual_keys: n - qk,
             quantized_values: qv,
-            residual_values: len - qv,
+            residual_values: n - qv,
             ..CacheExport::default()
         };
         let (kbw, kbp) = (
@@ -1158,9 +1158,17 @@ impl KiviCache {
                     e.k_mn.push(k_params[base + min]);
                 }
             }
-            for p in qk..len {
-                let row = (seq * r + p % r) * d;
+            for p in qk..n {
+                let row = (seq * key_rows + p % r) * d;
                 e.k_residual.extend_from_slice(&k_res[row..row + d]);
+            }
+            for i in 0..sinks {
+                let (kr, vr) = (
+                    (seq * key_rows + r + i) * d,
+                    (seq * value_rows + vring + i) * d,
+                );
+                e.k_sink.extend_from_slice(&k_res[kr..kr + d]);
+                e.v_sink.extend_from_slice(&v_res[vr..vr + d]);
             }
             // Values: codes [qv][D / cpw] packed along head_dim, params [qv][D / G].
             for p in 0..qv {
@@ -1177,8 +1185,8 @@ impl KiviCache {
                     e.v_mn.push(v_mn[i]);
                 }
             }
-            for p in qv..len {
-                let row = (seq * vring + p % vring) * d;
+            for p in qv..n {
+                let row = (seq * value_rows + p % vring) * d;
                 e.v_residual.extend_from_slice(&v_res[row..row + d]);
             }
         }

@@ -15,8 +15,9 @@
 //! `seqs = batch * num_kv_heads`, `blocks` = `seqs * blocks_per_seq` contiguous or `pages * num_kv_heads` paged):
 //! `k_codes` u32 `[blocks][key_block_words]`, `k_params` fp16 `[blocks][key_block_params]`, `v_codes` u32
 //! `[blocks][value_block_words]`, `v_scale` and `v_mn` fp16 `[blocks][value_block_params]`, `k_res` fp16
-//! `[seqs][residual_length][head_dim]`, `v_res` fp16 `[seqs][value_ring][head_dim]`; every block buffer 16-byte
-//! aligned. [`StorageLayout::memory`](kivi_codegen::StorageLayout::memory) gives the bytes per sequence.
+//! `[seqs][residual_length + sink_tokens][head_dim]`, `v_res` fp16 `[seqs][value_ring + sink_tokens][head_dim]`
+//! (the ring's rows, then the sink tokens'); every block buffer 16-byte aligned. With sink tokens, a sequence of
+//! `len` tokens keeps its first `min(len, sink_tokens)` in fp16 and runs Algorithm 1 on the rest. [`StorageLayout::memory`](kivi_codegen::StorageLayout::memory) gives the bytes per sequence.
 
 use std::ffi::c_void;
 
@@ -76,7 +77,7 @@ pub struct CacheBuffers {
     pub k_codes: CUdeviceptr,
     /// Key mins and scales, fp16.
     pub k_params: CUdeviceptr,
-    /// Full-precision key ring, fp16 `[seqs][residual_length][head_dim]`.
+    /// Full-precision key ring and sink tokens, fp16 `[seqs][residual_length + sink_tokens][head_dim]`.
     pub k_res: CUdeviceptr,
     /// Value codes, u32.
     pub v_codes: CUdeviceptr,
@@ -84,7 +85,7 @@ pub struct CacheBuffers {
     pub v_scale: CUdeviceptr,
     /// Value mins, fp16.
     pub v_mn: CUdeviceptr,
-    /// Full-precision value ring, fp16 `[seqs][value_ring][head_dim]`.
+    /// Full-precision value ring and sink tokens, fp16 `[seqs][value_ring + sink_tokens][head_dim]`.
     pub v_res: CUdeviceptr,
 }
 
@@ -128,7 +129,7 @@ impl BlockAddressing {
         }
     }
 
-    /// Tokens one sequence can hold.
+    /// Tokens one sequence can hold: those of its blocks, plus the layout's sink tokens.
     pub fn max_tokens(&self, storage: &StorageLayout) -> u64 {
         let per_seq = match *self {
             BlockAddressing::Contiguous { blocks_per_seq } => blocks_per_seq,
@@ -136,7 +137,7 @@ impl BlockAddressing {
                 entries_per_seq, ..
             } => entries_per_seq,
         };
-        u64::from(per_seq) * u64::from(storage.residual_length)
+        u64::from(per_seq) * u64::from(storage.residual_length) + u64::from(storage.sink_tokens)
     }
 
     /// (table pointer or 0, blocks or entries per sequence, pages) as the kernels take them.
@@ -169,7 +170,7 @@ impl BlockAddressing {
                 value: per_seq.into(),
                 limit: format!(
                     "it must be in 1..={} (a capacity of at most {MAX_CAPACITY} tokens)",
-                    MAX_CAPACITY / storage.residual_length
+                    MAX_CAPACITY.saturating_sub(storage.sink_tokens) / storage.residual_length
                 ),
             });
         }
@@ -295,11 +296,11 @@ impl BufferBytes {
         BufferBytes {
             k_codes: n * u64::from(st.key_block_words()) * 4,
             k_params: n * u64::from(st.key_block_params()) * 2,
-            k_res: seqs * u64::from(st.residual_length) * d * 2,
+            k_res: seqs * u64::from(st.key_res_rows()) * d * 2,
             v_codes: n * u64::from(st.value_block_words()) * 4,
             v_scale: n * u64::from(st.value_block_params()) * 2,
             v_mn: n * u64::from(st.value_block_params()) * 2,
-            v_res: seqs * u64::from(st.value_ring) * d * 2,
+            v_res: seqs * u64::from(st.value_res_rows()) * d * 2,
             part_acc: acc as u64 * 4,
             part_ml: ml as u64 * 4,
             counters: counters as u64 * 4,
@@ -683,7 +684,7 @@ impl LayoutModule {
                 .push(&ring)
                 .push(&ring_size)
                 .push(&a.error_flag);
-            let grid = (ring_size as u32 * st.head_dim).div_ceil(threads);
+            let grid = ((ring_size as u32 + st.sink_tokens) * st.head_dim).div_ceil(threads);
             self.launch(KernelKind::StoreResidual, stream, (grid, seqs), &mut p)?;
         }
         Ok(())

@@ -359,7 +359,8 @@ fn graph_replays_are_bit_identical_to_direct_launches() {
 }
 
 /// Exact attention of head `head` of batch entry `b` over the reference cache's tokens plus the new (k, v),
-/// with a window and a scale: (output `[D]`, natural-log log-sum-exp of the scaled scores).
+/// with a window and a scale: (output `[D]`, natural-log log-sum-exp of the scaled scores). The layout's sink
+/// tokens (the first of the sequence) are always attended; the window counts the tokens after them.
 fn expected_step(
     cpu: &RefCache,
     l: &Layout,
@@ -378,17 +379,20 @@ fn expected_step(
     k.extend(kn[kvh * d..(kvh + 1) * d].iter().map(|x| x.to_f32()));
     v.extend(vn[kvh * d..(kvh + 1) * d].iter().map(|x| x.to_f32()));
     let t = k.len() / d;
-    let lo = if window > 0 && t > window {
+    let sinks = t.min(l.sink_tokens as usize);
+    let lo = if window > 0 && t - sinks > window {
         t - window
     } else {
-        0
+        sinks
     };
+    let attended: Vec<usize> = (0..sinks).chain(lo..t).collect();
     let qh: Vec<f64> = q[head * d..(head + 1) * d]
         .iter()
         .map(|x| f64::from(x.to_f32()))
         .collect();
-    let scores: Vec<f64> = (lo..t)
-        .map(|j| (0..d).map(|c| qh[c] * f64::from(k[j * d + c])).sum::<f64>() * scale)
+    let scores: Vec<f64> = attended
+        .iter()
+        .map(|&j| (0..d).map(|c| qh[c] * f64::from(k[j * d + c])).sum::<f64>() * scale)
         .collect();
     let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
@@ -397,7 +401,7 @@ fn expected_step(
         .map(|c| {
             (w.iter()
                 .enumerate()
-                .map(|(i, wi)| wi * f64::from(v[(lo + i) * d + c]))
+                .map(|(i, wi)| wi * f64::from(v[attended[i] * d + c]))
                 .sum::<f64>()
                 / sum) as f32
         })
@@ -461,6 +465,116 @@ fn log_sum_exp_sliding_window_and_softmax_scale_match_the_cpu_reference() {
                         .collect();
                     let err = rel_l2(&ours, &e_out);
                     let what = format!("split {split} window {window} scale {scale:?} len {len} step {step} head {head}");
+                    assert!(err <= TOL, "{what}: output {err:.2e}");
+                    let lse_err = (f64::from(lse[head]) - e_lse).abs();
+                    assert!(
+                        lse_err <= 1e-3 * e_lse.abs().max(1.0),
+                        "{what}: lse {} vs {e_lse}",
+                        lse[head]
+                    );
+                }
+                cpu.decode_step(&q, &k, &v).unwrap();
+            }
+            cache.check_device_errors().unwrap();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn sink_tokens_ragged_paged_and_windowed_match_the_cpu_reference() {
+    // Sink tokens (fp16 rows after the rings, attended by the first split): 4 (one partial iteration) and 70 (three
+    // iterations over the warps), a ragged batch around the sink count (empty, inside, at, just past, past R, and
+    // several splits), steps that turn sink steps into Algorithm 1 steps; a paged cache bit-identical to a
+    // contiguous one; a sliding window that keeps the sinks.
+    let gpu = gpu();
+    let s = gpu.stream().clone();
+    for sinks in [4u32, 70] {
+        let l = layout(&format!(
+            "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 128, sink_tokens: {sinks}"
+        ));
+        let (h, d) = (l.num_heads as usize, l.keys.head_dim as usize);
+        let m = module(&gpu, &l, 0);
+        let lens = [0u32, sinks - 2, sinks, sinks + 1, sinks + 129, 2300];
+        let steps = 4;
+        let run = Run::new(&l, &lens, steps, 23);
+        let all: Vec<usize> = (0..lens.len()).collect();
+        let entries = 20u32; // 2560 tokens after the sinks
+        let mut contiguous =
+            KiviCache::new(&gpu, m.clone(), lens.len() as u32, entries * 128 + sinks).unwrap();
+        let batch = run_gpu(&gpu, &mut contiguous, &l, &run, &all);
+        contiguous.check_device_errors().unwrap();
+        for (b, &len) in lens.iter().enumerate() {
+            let mut cpu = RefCache::new(&l, 1).unwrap();
+            let (pk, pv) = &run.prefill[b];
+            cpu.prefill(pk, pv, len as usize).unwrap();
+            for (step, out) in batch.iter().enumerate() {
+                let (q, k, v) = run.step(step, &[b]);
+                let expected = cpu.decode_step(&q, &k, &v).unwrap();
+                assert_heads_within_tol(
+                    &out[b * h * d..(b + 1) * h * d],
+                    &expected,
+                    d,
+                    &|head, e| {
+                        format!(
+                            "sinks {sinks} entry {b} (len {len}) step {step} head {head}: {e:.2e}"
+                        )
+                    },
+                );
+            }
+        }
+        // Paged: the same outputs, bit for bit.
+        let pages = lens.len() as u32 * entries;
+        let table: Vec<i32> = (0..pages as i32).rev().collect();
+        let pm = gpu
+            .load_layout(&l, &KernelTiles::heuristic(&l).paged())
+            .unwrap();
+        let mut paged =
+            KiviCache::new_paged(&gpu, pm, lens.len() as u32, entries, pages, &table).unwrap();
+        let paged_out = run_gpu(&gpu, &mut paged, &l, &run, &all);
+        paged.check_device_errors().unwrap();
+        for (step, (x, y)) in batch.iter().zip(&paged_out).enumerate() {
+            assert_eq!(
+                bits(x),
+                bits(y),
+                "sinks {sinks} step {step}: paged vs contiguous"
+            );
+        }
+        // A sliding window of 100 tokens after the sinks: the sinks stay attended.
+        for (b, &len) in lens.iter().enumerate().filter(|&(_, &n)| n > sinks + 100) {
+            let mut cache = KiviCache::new(&gpu, m.clone(), 1, entries * 128 + sinks).unwrap();
+            let mut cpu = RefCache::new(&l, 1).unwrap();
+            let (pk, pv) = &run.prefill[b];
+            cache.prefill_host(pk, pv, len).unwrap();
+            cpu.prefill(pk, pv, len as usize).unwrap();
+            for step in 0..steps {
+                let (q, k, v) = run.step(step, &[b]);
+                let (dq, dk, dv) = (
+                    s.clone_htod(&q).unwrap(),
+                    s.clone_htod(&k).unwrap(),
+                    s.clone_htod(&v).unwrap(),
+                );
+                let mut out = s.clone_htod(&vec![f16::NAN; q.len()]).unwrap();
+                let mut lse: CudaSlice<f32> = s.clone_htod(&vec![f32::NAN; h]).unwrap();
+                let options = DecodeOptions {
+                    lse: Some(&mut lse),
+                    window: 100,
+                    softmax_scale: None,
+                };
+                cache
+                    .decode_step_with(&dq, &dk, &dv, &mut out, options)
+                    .unwrap();
+                let (out, lse) = (s.clone_dtoh(&out).unwrap(), s.clone_dtoh(&lse).unwrap());
+                let sc = 1.0 / (d as f64).sqrt();
+                for head in 0..h {
+                    let (e_out, e_lse) = expected_step(&cpu, &l, (&q, &k, &v), head, 100, sc);
+                    let ours: Vec<f32> = out[head * d..(head + 1) * d]
+                        .iter()
+                        .map(|x| x.to_f32())
+                        .collect();
+                    let err = rel_l2(&ours, &e_out);
+                    let what =
+                        format!("sinks {sinks} window 100 len {len} step {step} head {head}");
                     assert!(err <= TOL, "{what}: output {err:.2e}");
                     let lse_err = (f64::from(lse[head]) - e_lse).abs();
                     assert!(

@@ -71,7 +71,7 @@ fn every_preset_compiles_for_sm80_and_sm90_without_warnings_contiguous_and_paged
 
 /// Symmetric quantization and fp32 rounding change the quantize paths (prefill kernels and the decode kernel's
 /// flushes): every combination, at each width (3-bit packs included), compiles warning-free; so do per_block
-/// groups (the largest).
+/// groups (the largest) and sink tokens.
 #[test]
 fn symmetric_fp32_rounding_and_per_block_layouts_compile_without_warnings() {
     let Some(compiler) = compiler(None) else {
@@ -81,6 +81,8 @@ fn symmetric_fp32_rounding_and_per_block_layouts_compile_without_warnings() {
         "kivi-2, llama-3-8b, keys: { group_size: per_block }, values: { group_size: per_block }",
         "kivi-2, num_heads: 4, num_kv_heads: 4, head_dim: 256, keys: { bits: 4, group_size: per_block }, \
          values: { group_size: per_block }",
+        "kivi-2, llama-3-8b, sink_tokens: 4",
+        "kivi-4, num_heads: 8, num_kv_heads: 1, head_dim: 64, keys: { bits: 3 }, sink_tokens: 200",
     ] {
         let layout = parse_spec(spec).unwrap();
         compiles_cleanly(&compiler, spec, &layout, &KernelTiles::heuristic(&layout));

@@ -65,7 +65,7 @@ impl Module {
         Ok(Module { gpu, module })
     }
 
-    /// The layout: num_heads, num_kv_heads, head_dim, residual_length, value_ring, paged, spec, gpu.
+    /// The layout: num_heads, num_kv_heads, head_dim, residual_length, value_ring, sink_tokens, paged, spec, gpu.
     fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let layout = &self.module.kernels().layout;
         let st = StorageLayout::new(layout);
@@ -75,6 +75,7 @@ impl Module {
         d.set_item("head_dim", st.head_dim)?;
         d.set_item("residual_length", st.residual_length)?;
         d.set_item("value_ring", st.value_ring)?;
+        d.set_item("sink_tokens", st.sink_tokens)?;
         d.set_item(
             "paged",
             self.module
