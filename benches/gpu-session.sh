@@ -56,6 +56,7 @@ case $what in all|sanitize)
         --spec "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 80, residual_length: 64, keys: { bits: 3 }, values: { bits: 2, group_size: 16 }" \
         --spec "kivi-2, num_heads: 4, num_kv_heads: 1, head_dim: 160, keys: { bits: 2 }, values: { bits: 3 }" \
         --spec "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 128, sink_tokens: 40" \
+        --spec "kivi-2, num_heads: 8, num_kv_heads: 2, keys: { head_dim: 192 }, values: { head_dim: 128 }" \
         --prefill 1,31,129,300 --batch 1,3 --steps 140
     stage racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 .gpu/bin/kivi verify \
         --spec "kivi-2, llama-3-8b" --spec "kivi-2, llama-3-8b, keys: { bits: 3 }, values: { bits: 3 }" \

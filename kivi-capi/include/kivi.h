@@ -12,7 +12,7 @@
 
 // The version of this C ABI: the layout of its structs and the meaning of their fields. 1: the first release; 2:
 // `KiviDecodeArgs` gained `q_lens` and `q_index`; 3: `KiviShape` gained `sink_tokens` (and the rings their sink
-// rows). A program built against one header must not call a library of another version: compare
+// rows) and `value_head_dim` (values, outputs and the split-K scratch use it). A program built against one header must not call a library of another version: compare
 // [`kivi_abi_version`] with this constant before the first call.
 #define KIVI_ABI_VERSION 3
 
@@ -47,7 +47,7 @@ typedef struct KiviShape {
   uint32_t num_heads;
   // KV heads.
   uint32_t num_kv_heads;
-  // head_dim of keys and values.
+  // head_dim of keys (and queries).
   uint32_t head_dim;
   // Tokens per quantized block (R) = the page size of a paged cache.
   uint32_t residual_length;
@@ -58,6 +58,8 @@ typedef struct KiviShape {
   // Sink tokens (the first of a sequence, kept in fp16): a sequence's key rows are `residual_length +
   // sink_tokens`, its value rows `value_ring + sink_tokens`.
   uint32_t sink_tokens;
+  // head_dim of values (and of the attention output); equal to `head_dim` unless the layout differs.
+  uint32_t value_head_dim;
 } KiviShape;
 
 // Where a cache's quantized blocks live: `block_table` 0 for contiguous storage (`per_seq` blocks per
@@ -125,7 +127,7 @@ typedef struct KiviCacheBuffers {
   uint64_t v_scale;
   // Value mins (fp16).
   uint64_t v_mn;
-  // Value ring and sink rows (fp16, `[seqs][value_ring + sink_tokens][head_dim]`).
+  // Value ring and sink rows (fp16, `[seqs][value_ring + sink_tokens][value_head_dim]`).
   uint64_t v_res;
 } KiviCacheBuffers;
 
@@ -157,9 +159,9 @@ typedef struct KiviDecodeArgs {
   uint64_t q;
   // fp16 `[batch][num_kv_heads][head_dim]`.
   uint64_t k_new;
-  // fp16 `[batch][num_kv_heads][head_dim]`.
+  // fp16 `[batch][num_kv_heads][value_head_dim]`.
   uint64_t v_new;
-  // fp16 `[batch][num_heads][head_dim]`.
+  // fp16 `[batch][num_heads][value_head_dim]`.
   uint64_t out;
   // f32 `[batch][num_heads]` log-sum-exp, or 0.
   uint64_t lse;

@@ -118,7 +118,7 @@ pub struct KiviShape {
     pub num_heads: u32,
     /// KV heads.
     pub num_kv_heads: u32,
-    /// head_dim of keys and values.
+    /// head_dim of keys (and queries).
     pub head_dim: u32,
     /// Tokens per quantized block (R) = the page size of a paged cache.
     pub residual_length: u32,
@@ -129,6 +129,8 @@ pub struct KiviShape {
     /// Sink tokens (the first of a sequence, kept in fp16): a sequence's key rows are `residual_length +
     /// sink_tokens`, its value rows `value_ring + sink_tokens`.
     pub sink_tokens: u32,
+    /// head_dim of values (and of the attention output); equal to `head_dim` unless the layout differs.
+    pub value_head_dim: u32,
 }
 
 /// Where a cache's quantized blocks live: `block_table` 0 for contiguous storage (`per_seq` blocks per
@@ -167,7 +169,7 @@ pub struct KiviCacheBuffers {
     pub v_scale: u64,
     /// Value mins (fp16).
     pub v_mn: u64,
-    /// Value ring and sink rows (fp16, `[seqs][value_ring + sink_tokens][head_dim]`).
+    /// Value ring and sink rows (fp16, `[seqs][value_ring + sink_tokens][value_head_dim]`).
     pub v_res: u64,
 }
 
@@ -271,9 +273,9 @@ pub struct KiviDecodeArgs {
     pub q: u64,
     /// fp16 `[batch][num_kv_heads][head_dim]`.
     pub k_new: u64,
-    /// fp16 `[batch][num_kv_heads][head_dim]`.
+    /// fp16 `[batch][num_kv_heads][value_head_dim]`.
     pub v_new: u64,
-    /// fp16 `[batch][num_heads][head_dim]`.
+    /// fp16 `[batch][num_heads][value_head_dim]`.
     pub out: u64,
     /// f32 `[batch][num_heads]` log-sum-exp, or 0.
     pub lse: u64,
@@ -391,7 +393,8 @@ pub unsafe extern "C" fn kivi_module_shape(
         let shape = KiviShape {
             num_heads: layout.num_heads,
             num_kv_heads: layout.num_kv_heads,
-            head_dim: st.head_dim,
+            head_dim: st.key_head_dim,
+            value_head_dim: st.value_head_dim,
             residual_length: st.residual_length,
             value_ring: st.value_ring,
             sink_tokens: st.sink_tokens,
@@ -563,7 +566,7 @@ pub unsafe extern "C" fn kivi_decode(
 
 /// The version of this C ABI: the layout of its structs and the meaning of their fields. 1: the first release; 2:
 /// `KiviDecodeArgs` gained `q_lens` and `q_index`; 3: `KiviShape` gained `sink_tokens` (and the rings their sink
-/// rows). A program built against one header must not call a library of another version: compare
+/// rows) and `value_head_dim` (values, outputs and the split-K scratch use it). A program built against one header must not call a library of another version: compare
 /// [`kivi_abi_version`] with this constant before the first call.
 pub const KIVI_ABI_VERSION: u32 = 3;
 

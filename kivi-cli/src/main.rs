@@ -176,8 +176,8 @@ enum Command {
         #[arg(long)]
         spec: Vec<String>,
         /// Verify the sampled layout matrix (80 layouts: every bit width 1, 2, 3, 4, 8 for keys and values, head_dim
-        /// 32 to 256, MHA, GQA and MQA, groups 16 to 128 and per_block, symmetric, fp32 rounding, sink tokens),
-        /// after any --spec.
+        /// 32 to 256, MHA, GQA and MQA, groups 16 to 128 and per_block, symmetric, fp32 rounding, sink tokens,
+        /// different key and value head_dims), after any --spec.
         #[arg(long)]
         matrix: bool,
         /// Decode steps per run.
@@ -327,7 +327,8 @@ fn memory(spec: &str, context: u32, batch: u32, layers: u32) -> Result<ExitCode,
     let m = kivi_codegen::StorageLayout::new(l).memory(context);
     let seqs = u64::from(batch) * u64::from(l.num_kv_heads);
     let per_layer = seqs * m.total();
-    let fp16 = seqs * kivi_codegen::MemoryBreakdown::fp16_bytes(context, l.keys.head_dim);
+    let fp16 = seqs
+        * kivi_codegen::MemoryBreakdown::fp16_bytes(context, l.keys.head_dim, l.values.head_dim);
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     println!(
         "{}\ncontext {context} tokens, batch {batch}, {} KV heads, {layers} layers",
@@ -365,10 +366,10 @@ fn memory(spec: &str, context: u32, batch: u32, layers: u32) -> Result<ExitCode,
     };
     println!(
         "{comparison}. Blocks of {} tokens are allocated for the whole capacity; the decode kernel's \
-         split-K scratch (batch x num_heads x splits x (head_dim + 2) x 4 bytes, at most {:.2} MiB per layer with the \
+         split-K scratch (batch x num_heads x splits x (value head_dim + 2) x 4 bytes, at most {:.2} MiB per layer with the \
          automatic split) comes on top.",
         l.residual_length,
-        mib(u64::from(batch) * u64::from(l.num_heads) * 64 * (u64::from(l.keys.head_dim) + 2) * 4)
+        mib(u64::from(batch) * u64::from(l.num_heads) * 64 * (u64::from(l.values.head_dim) + 2) * 4)
     );
     Ok(ExitCode::SUCCESS)
 }

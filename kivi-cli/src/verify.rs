@@ -285,7 +285,10 @@ fn case_inputs(layout: &Layout, b: u32, p: u32, steps: u32) -> RunInputs {
 
 fn random_inputs(layout: &Layout, batch: u32, prefill: u32, steps: u32, seed: u64) -> RunInputs {
     let mut rng = StdRng::seed_from_u64(seed);
-    let d = layout.keys.head_dim as usize;
+    let (d, dv) = (
+        layout.keys.head_dim as usize,
+        layout.values.head_dim as usize,
+    );
     let (h, hkv, b) = (
         layout.num_heads as usize,
         layout.num_kv_heads as usize,
@@ -303,12 +306,12 @@ fn random_inputs(layout: &Layout, batch: u32, prefill: u32, steps: u32, seed: u6
             .collect()
     };
     let prefill_k = sample(b * hkv * prefill as usize * d, true);
-    let prefill_v = sample(b * hkv * prefill as usize * d, false);
+    let prefill_v = sample(b * hkv * prefill as usize * dv, false);
     let steps = (0..steps)
         .map(|_| {
             let q = sample(b * h * d, false);
             let k = sample(b * hkv * d, true);
-            let v = sample(b * hkv * d, false);
+            let v = sample(b * hkv * dv, false);
             (q, k, v)
         })
         .collect();
@@ -323,9 +326,10 @@ fn random_inputs(layout: &Layout, batch: u32, prefill: u32, steps: u32, seed: u6
 }
 
 fn compare_runs(name: String, inp: &RunInputs, gpu: &GpuRun, cpu: &CpuRun) -> Check {
+    // Outputs are [B, H, value head_dim].
     let (h, d) = (
         inp.layout.num_heads as usize,
-        inp.layout.keys.head_dim as usize,
+        inp.layout.values.head_dim as usize,
     );
     let mut e = StepErrors::default();
     for (s, (g, c)) in gpu.outputs.iter().zip(&cpu.outputs).enumerate() {
@@ -710,8 +714,8 @@ pub const MATRIX_HEAD_DIMS: [u32; 8] = [32, 64, 80, 96, 112, 128, 192, 256];
 /// `kivi verify --matrix`: a sampled matrix of 80 layouts the generator emits. Every pair (head_dim of
 /// [`MATRIX_HEAD_DIMS`], key bits of 1, 2, 3, 4, 8) appears twice, with value bits, query/KV head arrangements
 /// (MHA, GQA 3, 4 and 8, MQA, two head tiles), key groups (16 to 128 tokens and per_block), value groups (16 to 64
-/// channels and per_block), residual lengths (64, 128, 192), symmetric quantization, fp32 rounding and sink
-/// tokens (4, 33, 200) rotating through the samples.
+/// channels and per_block), residual lengths (64, 128, 192), symmetric quantization, fp32 rounding, sink tokens
+/// (4, 33, 200) and value head_dims other than the keys' rotating through the samples.
 pub fn sampled_matrix() -> Vec<String> {
     const BITS: [u32; 5] = [1, 2, 3, 4, 8];
     const HEADS: [(u32, u32); 6] = [(8, 8), (8, 2), (6, 1), (12, 4), (16, 2), (32, 1)];
@@ -730,13 +734,22 @@ pub fn sampled_matrix() -> Vec<String> {
                     0 => "64".to_string(),
                     k => (8u32 << k).min(1 << r.trailing_zeros()).to_string(),
                 };
+                // Every fifth sample gives the values another head_dim than the keys.
+                let dv = if n % 5 == 2 {
+                    MATRIX_HEAD_DIMS[(i + 3 + pass) % MATRIX_HEAD_DIMS.len()]
+                } else {
+                    d
+                };
                 let vg = match (n / 2) % 4 {
                     0 => "per_block".to_string(),
-                    // The largest of 16, 32, 64 dividing head_dim (80 and 112 take 16).
-                    k => (8u32 << k).min(1 << d.trailing_zeros()).max(16).to_string(),
+                    // The largest of 16, 32, 64 dividing the values' head_dim (80 and 112 take 16).
+                    k => (8u32 << k)
+                        .min(1 << dv.trailing_zeros())
+                        .max(16)
+                        .to_string(),
                 };
                 // per_block value groups need a power-of-two head_dim.
-                let vg = if vg == "per_block" && !d.is_power_of_two() {
+                let vg = if vg == "per_block" && !dv.is_power_of_two() {
                     "16".to_string()
                 } else {
                     vg
@@ -762,7 +775,7 @@ pub fn sampled_matrix() -> Vec<String> {
                 out.push(format!(
                     "num_heads: {h}, num_kv_heads: {hkv}, head_dim: {d}, residual_length: {r}{sinks}, \
                      keys: {{ bits: {kb}, group_size: {kg}{kq}{kr} }}, \
-                     values: {{ bits: {vb}, group_size: {vg}{vq}{vr} }}"
+                     values: {{ bits: {vb}, group_size: {vg}, head_dim: {dv}{vq}{vr} }}"
                 ));
             }
         }
@@ -822,6 +835,14 @@ mod tests {
                 .iter()
                 .any(|l| t(l).group_size == kivi_dsl::GroupSize::PerBlock));
         }
+        assert!(
+            layouts
+                .iter()
+                .filter(|l| l.keys.head_dim != l.values.head_dim)
+                .count()
+                >= 10,
+            "different key and value head_dims"
+        );
         for sinks in [4, 33, 200] {
             assert!(
                 layouts.iter().any(|l| l.sink_tokens == sinks),

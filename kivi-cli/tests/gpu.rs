@@ -137,6 +137,19 @@ fn gpu_sink_tokens_match_the_cpu_reference() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn gpu_different_key_and_value_head_dims_match_the_cpu_reference() {
+    // Keys (and queries) of one head_dim, values (and outputs) of another: 192/128 (MHA), 64/256 with 3-bit keys,
+    // 1-bit values and sinks (MQA), 128/80 (a value head_dim with 16-channel groups only).
+    verify_specs_at_awkward_lengths(&[
+        "kivi-2, num_heads: 16, num_kv_heads: 16, keys: { head_dim: 192 }, values: { head_dim: 128 }",
+        "kivi-4, num_heads: 8, num_kv_heads: 1, keys: { head_dim: 64, bits: 3 }, \
+         values: { head_dim: 256, bits: 1, group_size: 64 }, sink_tokens: 4",
+        "kivi-2, num_heads: 8, num_kv_heads: 2, keys: { head_dim: 128 }, values: { head_dim: 80, group_size: 16 }",
+    ]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_per_block_groups_match_the_cpu_reference() {
     // `group_size: per_block`: one scale and min per flush block of a key channel (R tokens) and per value token
     // (head_dim channels), i.e. the largest groups the kernels take (128- and 256-channel value groups, 64- and

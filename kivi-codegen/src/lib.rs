@@ -228,8 +228,8 @@ pub struct DecodePlan {
     pub head_tiles: u32,
     /// Bytes of one cp.async pipeline stage of one warp (one iteration's codes, scales and mins).
     pub stage_bytes: u32,
-    /// head_dim.
-    pub head_dim: u32,
+    /// The values' head_dim (the output accumulator's channels).
+    pub value_head_dim: u32,
 }
 
 impl DecodePlan {
@@ -241,10 +241,10 @@ impl DecodePlan {
         let gqa = layout.gqa_ratio();
         let head_tiles = gqa.div_ceil(16);
         let heads_per_tile = gqa.div_ceil(head_tiles);
-        let d = st.head_dim;
+        let (dk, dv) = (st.key_head_dim, st.value_head_dim);
         let value_tiles = iter_tokens / 16;
-        let stage_bytes = iter_tokens * d * st.key_bits / 8
-            + 2 * key_groups_per_iter * d * 2
+        let stage_bytes = iter_tokens * dk * st.key_bits / 8
+            + 2 * key_groups_per_iter * dk * 2
             + value_tiles * 32 * st.value_words_per_lane() * 4
             + 2 * value_tiles * 16 * st.value_groups_per_token() * 2;
         DecodePlan {
@@ -253,7 +253,7 @@ impl DecodePlan {
             heads_per_tile,
             head_tiles,
             stage_bytes,
-            head_dim: d,
+            value_head_dim: dv,
         }
     }
 
@@ -326,7 +326,7 @@ impl DecodePlan {
     /// warp-merge buffers if larger (they reuse it).
     pub fn shared_bytes(&self, warps: u32, stages: u32) -> u32 {
         let pipe = warps * stages * self.stage_bytes;
-        let merge = 4 * (2 * warps * 16 + self.heads_per_tile * self.head_dim);
+        let merge = 4 * (2 * warps * 16 + self.heads_per_tile * self.value_head_dim);
         // The combine of the last block of a sequence: a weight per split and a reduction buffer.
         let combine = 4 * (MAX_SPLITS + 64);
         // + the block's "last one done" flag, padded to 16 bytes.
@@ -337,7 +337,7 @@ impl DecodePlan {
 /// The layout part of kernel and module names: key bits/axis/group, value bits/axis/group, residual, head_dim,
 /// dtype, GQA ratio, e.g. `k2c32_v2t32_r128_d128_f16_gqa4` (`c` per-channel, `t` per-token). Options away from
 /// the defaults follow a tensor's group: `s` symmetric quantization, `f` fp32 rounding (`k4c32sf_...`); sink
-/// tokens follow the residual (`r128_s4`).
+/// tokens follow the residual (`r128_s4`), and different key and value head_dims are spelled `d192x128`.
 pub fn layout_tag(layout: &Layout) -> String {
     let axis = |a: kivi_dsl::QuantAxis| match a {
         kivi_dsl::QuantAxis::PerChannel => 'c',
@@ -359,8 +359,14 @@ pub fn layout_tag(layout: &Layout) -> String {
     } else {
         String::new()
     };
+    // head_dim, or the keys' x the values' where they differ (`d192x128`).
+    let dims = if layout.keys.head_dim == layout.values.head_dim {
+        layout.keys.head_dim.to_string()
+    } else {
+        format!("{}x{}", layout.keys.head_dim, layout.values.head_dim)
+    };
     format!(
-        "k{}{}{}{}_v{}{}{}{}_r{}{sinks}_d{}_{}_gqa{}",
+        "k{}{}{}{}_v{}{}{}{}_r{}{sinks}_d{dims}_{}_gqa{}",
         layout.keys.bits,
         axis(layout.keys.axis),
         layout.keys.group_elems(r),
@@ -370,7 +376,6 @@ pub fn layout_tag(layout: &Layout) -> String {
         layout.values.group_elems(r),
         options(&layout.values),
         r,
-        layout.keys.head_dim,
         layout.dtype.as_str(),
         layout.gqa_ratio()
     )
@@ -544,7 +549,8 @@ fn kernel_context(
     ctx.insert("threads", &threads);
     // The layout constants every template (and quant_common) reads.
     ctx.insert("layout_tag", &layout_tag(l));
-    ctx.insert("head_dim", &st.head_dim);
+    ctx.insert("key_head_dim", &st.key_head_dim);
+    ctx.insert("value_head_dim", &st.value_head_dim);
     ctx.insert("residual_length", &st.residual_length);
     ctx.insert("value_ring", &st.value_ring);
     ctx.insert("sink_tokens", &st.sink_tokens);

@@ -44,6 +44,9 @@ use kivi_dsl::Layout;
 /// **Value scales and mins** (fp16, one per token and group of `value_group_size` channels): per value tile,
 /// `[q 4][p 2][head_dim / value_group_size][e 2]` ([`StorageLayout::value_param_index`]).
 ///
+/// Keys and values may have different head_dims: "head_dim" above means the keys' for key storage and the
+/// values' for value storage.
+///
 /// **Residual rings** (fp16, row-major): keys `[R][head_dim]` per sequence, token at position p in row `p % R`;
 /// values `[R + 1][head_dim]`, token p in row `p % (R + 1)` (the reference holds R + 1 full-precision values
 /// between an append and the flush of the oldest one).
@@ -54,8 +57,10 @@ use kivi_dsl::Layout;
 /// Algorithm 1 runs on them as if the sinks were not there (the reference's semantics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StorageLayout {
-    /// Channels per head.
-    pub head_dim: u32,
+    /// Channels per key head (and per query head).
+    pub key_head_dim: u32,
+    /// Channels per value head (and per output row).
+    pub value_head_dim: u32,
     /// R: tokens per block and per key flush.
     pub residual_length: u32,
     /// Key bits.
@@ -129,7 +134,8 @@ impl StorageLayout {
     pub fn new(layout: &Layout) -> Self {
         let r = layout.residual_length;
         StorageLayout {
-            head_dim: layout.keys.head_dim,
+            key_head_dim: layout.keys.head_dim,
+            value_head_dim: layout.values.head_dim,
             residual_length: r,
             key_bits: layout.keys.bits,
             key_group_size: layout.keys.group_elems(r),
@@ -161,10 +167,10 @@ impl StorageLayout {
         kivi_dsl::key_chunk_tokens(self.key_bits)
     }
 
-    /// 16-channel k-steps of the score mma (head_dim / 16); a lane keeps [`StorageLayout::key_words_per_step`]
-    /// code words per step and chunk.
+    /// 16-channel k-steps of the score mma (key head_dim / 16); a lane keeps
+    /// [`StorageLayout::key_words_per_step`] code words per step and chunk.
     pub fn key_words_per_lane(&self) -> u32 {
-        self.head_dim / 16
+        self.key_head_dim / 16
     }
 
     /// Code words of one lane per 16-channel step and chunk: 1, or 3 (one pack) for 3-bit keys.
@@ -189,7 +195,7 @@ impl StorageLayout {
     /// u32 words per lane per value tile for one token pair: ceil((head_dim / 8) / codes per half-word); for 3
     /// bits, three per whole pack of 16 codes and ceil(rest / 5) for the rest.
     pub fn value_words_per_pair(&self) -> u32 {
-        let n = self.head_dim / 8;
+        let n = self.value_head_dim / 8;
         if self.value_bits == 3 {
             3 * (n / 16) + (n % 16).div_ceil(5)
         } else {
@@ -202,9 +208,9 @@ impl StorageLayout {
         2 * self.value_words_per_pair()
     }
 
-    /// Value groups per token (head_dim / value_group_size).
+    /// Value groups per token (value head_dim / value_group_size).
     pub fn value_groups_per_token(&self) -> u32 {
-        self.head_dim / self.value_group_size
+        self.value_head_dim / self.value_group_size
     }
 
     /// u32 words of key codes per block.
@@ -217,7 +223,7 @@ impl StorageLayout {
 
     /// fp16 numbers of the key parameter buffer per block: a min and a scale per channel and group.
     pub fn key_block_params(&self) -> u32 {
-        2 * self.head_dim * self.key_groups_per_block()
+        2 * self.key_head_dim * self.key_groups_per_block()
     }
 
     /// u32 words of value codes per block.
@@ -344,29 +350,30 @@ impl StorageLayout {
     /// Bytes a decode step must read for one sequence (one KV head) holding `len` tokens of which
     /// `quantized_keys` and `quantized_values` are quantized: key codes, scales and mins of the quantized keys,
     /// value codes (with their padding, as stored), scales and mins of the quantized values, and every
-    /// full-precision key and value (the residual, including the new token). The query heads (2 bytes x
-    /// head_dim each) come on top. This is the byte count `kivi bench` divides by the time. (With more than 16
+    /// full-precision key and value (the residual, including the new token, and the sink tokens). The query heads
+    /// (2 bytes x key head_dim each) come on top. This is the byte count `kivi bench` divides by the time. (With more than 16
     /// query heads per KV head the kernel reads the cache once per tile of 16 heads; this counts it once.)
     pub fn decode_read_bytes(&self, len: u64, quantized_keys: u64, quantized_values: u64) -> u64 {
-        let d = u64::from(self.head_dim);
-        let key_codes = quantized_keys * d * u64::from(self.key_bits) / 8;
-        let key_params = quantized_keys / u64::from(self.key_group_size) * d * 4;
+        let (dk, dv) = (u64::from(self.key_head_dim), u64::from(self.value_head_dim));
+        let key_codes = quantized_keys * dk * u64::from(self.key_bits) / 8;
+        let key_params = quantized_keys / u64::from(self.key_group_size) * dk * 4;
         let value_codes = quantized_values * 32 * u64::from(self.value_words_per_lane()) * 4 / 16;
         let value_params = quantized_values * u64::from(self.value_groups_per_token()) * 4;
-        let residual = (2 * len - quantized_keys - quantized_values) * d * 2;
+        let residual = ((len - quantized_keys) * dk + (len - quantized_values) * dv) * 2;
         key_codes + key_params + value_codes + value_params + residual
     }
 
     /// Bytes of the two residual rings of one sequence, with their sink rows.
     pub fn ring_bytes(&self) -> u64 {
-        2 * u64::from(self.head_dim) * u64::from(self.key_res_rows() + self.value_res_rows())
+        2 * (u64::from(self.key_head_dim) * u64::from(self.key_res_rows())
+            + u64::from(self.value_head_dim) * u64::from(self.value_res_rows()))
     }
 }
 
 /// Device bytes of one sequence (one batch entry x one KV head) of a KIVI cache with room for `capacity` tokens,
 /// as [`StorageLayout`] stores it: quantized blocks of R tokens for the whole capacity (so a cache never moves),
 /// plus the full-precision residual rings. Split-K scratch is per cache, not per sequence (the runtime's
-/// `KiviCache` adds `batch x num_heads x splits x (head_dim + 2) x 4` bytes, splits <= 64 with the automatic
+/// `KiviCache` adds `batch x num_heads x splits x (value head_dim + 2) x 4` bytes, splits <= 64 with the automatic
 /// split). Multiply by batch x num_kv_heads for a layer, and by the layers for a model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryBreakdown {
@@ -394,9 +401,9 @@ impl MemoryBreakdown {
             + self.residual
     }
 
-    /// Bytes an fp16 cache of the same capacity takes per sequence: keys and values, `2 x 2 x head_dim x
-    /// capacity`.
-    pub fn fp16_bytes(capacity: u32, head_dim: u32) -> u64 {
-        4 * u64::from(head_dim) * u64::from(capacity)
+    /// Bytes an fp16 cache of the same capacity takes per sequence: keys and values, `2 x (key head_dim + value
+    /// head_dim) x capacity`.
+    pub fn fp16_bytes(capacity: u32, key_head_dim: u32, value_head_dim: u32) -> u64 {
+        2 * u64::from(key_head_dim + value_head_dim) * u64::from(capacity)
     }
 }

@@ -102,7 +102,11 @@ fn storage_numbers_follow_the_layout() {
         (3 * 2048, 3 * 512, 3 * 2048, 3 * 512, 2 * 64 * 129)
     );
     assert_eq!(m.total(), s.bytes_per_sequence(129));
-    assert_eq!(MemoryBreakdown::fp16_bytes(129, 64), 4 * 64 * 129);
+    assert_eq!(MemoryBreakdown::fp16_bytes(129, 64, 64), 4 * 64 * 129);
+    assert_eq!(
+        MemoryBreakdown::fp16_bytes(10, 192, 128),
+        2 * (192 + 128) * 10
+    );
 }
 
 /// Every (token, channel) of a block has its own code bits inside the block, and every group its own scale
@@ -121,18 +125,21 @@ fn storage_positions_are_a_bijection() {
         "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, residual_length: 64, keys: { bits: 3 }, values: { bits: 3 }",
         "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 160, residual_length: 192, keys: { bits: 3, group_size: 64 }, values: { bits: 3 }",
         "kivi-2, num_heads: 4, num_kv_heads: 4, head_dim: 80, residual_length: 64, keys: { bits: 3 }, values: { bits: 2, group_size: 16 }",
+        "kivi-2, num_heads: 8, num_kv_heads: 2, keys: { head_dim: 192, bits: 3 }, values: { head_dim: 128, bits: 4 }",
+        "kivi-2, num_heads: 8, num_kv_heads: 2, keys: { head_dim: 64 }, values: { head_dim: 256, bits: 1, group_size: 64 }",
     ] {
         let l = layout(spec);
         l.check_supported().unwrap();
         let s = StorageLayout::new(&l);
-        let (r, d) = (s.residual_length, s.head_dim);
-        for (bits, words, pos) in [
+        let r = s.residual_length;
+        for (bits, words, d, pos) in [
             (
                 s.key_bits,
                 s.key_block_words(),
+                s.key_head_dim,
                 &(|t, c| s.key_code_position(t, c)) as &dyn Fn(u32, u32) -> CodePosition,
             ),
-            (s.value_bits, s.value_block_words(), &|t, c| {
+            (s.value_bits, s.value_block_words(), s.value_head_dim, &|t, c| {
                 s.value_code_position(t, c)
             }),
         ] {
@@ -154,7 +161,7 @@ fn storage_positions_are_a_bijection() {
         }
         let mut keys = vec![false; s.key_block_params() as usize];
         for t in (0..r).step_by(s.key_group_size as usize) {
-            for c in 0..d {
+            for c in 0..s.key_head_dim {
                 let (scale, min) = s.key_param_index(t, c);
                 for i in [scale, min] {
                     assert!(!keys[i], "{spec}: key param ({t},{c}) reused");
@@ -167,7 +174,7 @@ fn storage_positions_are_a_bijection() {
         assert!(keys.iter().all(|&u| u), "{spec}: unused key param slots");
         let mut values = vec![false; s.value_block_params() as usize];
         for t in 0..r {
-            for c in (0..d).step_by(s.value_group_size as usize) {
+            for c in (0..s.value_head_dim).step_by(s.value_group_size as usize) {
                 let i = s.value_param_index(t, c);
                 assert!(!values[i], "{spec}: value param ({t},{c}) reused");
                 values[i] = true;
@@ -194,7 +201,8 @@ fn templates_receive_derived_constants() {
     let k = LayoutKernels::new(&l, &KernelTiles::heuristic(&l)).unwrap();
     let m = generate_module(&k.specs).unwrap();
     assert!(!m.source.contains("{{"), "unrendered template text");
-    assert!(m.source.contains("constexpr int D = 64;"), "head_dim 64");
+    assert!(m.source.contains("constexpr int DK = 64;"), "head_dim 64");
+    assert!(m.source.contains("constexpr int DV = 64;"), "head_dim 64");
     assert!(m.source.contains("constexpr int HT = 3;"), "GQA 3");
     // The automatic split of the host (DecodePlan::split_tokens) is the kernel's.
     assert!(

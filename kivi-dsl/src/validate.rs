@@ -156,8 +156,8 @@ impl Layout {
     /// kernel's tensor-core fragments shares a group), or `per_block` where the block (residual_length for keys,
     /// head_dim for values) is a power of two; `residual_length` a multiple of `max(key chunk, 16)` (whole key
     /// chunks and value tiles per flush block; [`key_chunk_tokens`]: 64 / key bits, 64 for 3 bits); fp16 scales;
-    /// fp16 activations; equal key and value head_dim. Symmetric or asymmetric quantization, either rounding and
-    /// any number of sink tokens are generated.
+    /// fp16 activations. Symmetric or asymmetric quantization, either rounding, any number of sink tokens and
+    /// different key and value head_dims are generated.
     ///
     /// # Errors
     /// A [`LayoutError`] from `validate`, or [`LayoutError::NotYetSupported`] for the first unsupported choice.
@@ -228,12 +228,6 @@ impl Layout {
                 "residual_length {} with {}-bit keys (a flush block must hold whole key chunks and value tiles: \
                  use a multiple of {unit})",
                 self.residual_length, self.keys.bits
-            ));
-        }
-        if self.keys.head_dim != self.values.head_dim {
-            return unsupported(format!(
-                "values.head_dim {} different from keys.head_dim {} (they must be equal)",
-                self.values.head_dim, self.keys.head_dim
             ));
         }
         Ok(())

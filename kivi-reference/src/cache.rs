@@ -58,7 +58,10 @@ pub struct RefCache {
     batch: usize,
     heads: usize,
     kv_heads: usize,
-    d: usize,
+    /// Keys' (and queries') head_dim.
+    dk: usize,
+    /// Values' (and outputs') head_dim.
+    dv: usize,
     r: usize,
     k_bits: u32,
     v_bits: u32,
@@ -83,8 +86,10 @@ pub struct CacheExport {
     pub batch: usize,
     /// KV heads Hkv.
     pub kv_heads: usize,
-    /// Head dim D.
+    /// Head dim D of keys (the D of the key tensors below).
     pub head_dim: usize,
+    /// Head dim of values (the D of the value tensors below; equal to `head_dim` unless the layout differs).
+    pub value_head_dim: usize,
     /// Key bits.
     pub k_bits: u32,
     /// Value bits.
@@ -131,13 +136,14 @@ fn f16s_to_f32(x: &[f16]) -> Vec<f32> {
     x.iter().map(|v| v.to_f32()).collect()
 }
 
-/// Attention of one query over keys/values given as segments (each `[n_i, D]` row-major f32), in f64.
-fn attend(q: &[f32], keys: &[&[f32]], values: &[&[f32]], d: usize) -> Vec<f32> {
-    let scale = 1.0 / (d as f64).sqrt();
+/// Attention of one query (`[dk]`) over keys (segments of `[n_i, dk]`) and values (`[n_i, dv]`), row-major f32,
+/// in f64; scores scaled by 1 / sqrt(dk). Returns `[dv]`.
+fn attend(q: &[f32], keys: &[&[f32]], values: &[&[f32]], dk: usize, dv: usize) -> Vec<f32> {
+    let scale = 1.0 / (dk as f64).sqrt();
     let qd: Vec<f64> = q.iter().map(|&x| f64::from(x)).collect();
     let mut scores = Vec::new();
     for seg in keys {
-        for k in seg.chunks(d) {
+        for k in seg.chunks(dk) {
             let s: f64 = qd.iter().zip(k).map(|(a, &b)| a * f64::from(b)).sum();
             scores.push(s * scale);
         }
@@ -153,10 +159,10 @@ fn attend(q: &[f32], keys: &[&[f32]], values: &[&[f32]], d: usize) -> Vec<f32> {
         *s = (*s - m).exp();
         sum += *s;
     }
-    let mut out = vec![0f64; d];
+    let mut out = vec![0f64; dv];
     let mut t = 0;
     for seg in values {
-        for v in seg.chunks(d) {
+        for v in seg.chunks(dv) {
             let w = scores[t];
             t += 1;
             for (o, &x) in out.iter_mut().zip(v) {
@@ -200,7 +206,7 @@ pub fn attention_exact(
 ) -> Result<Vec<f32>, RefError> {
     check_attention_args(q.len(), k.len(), v.len(), head_dim)?;
     let (k, v) = (f16s_to_f32(k), f16s_to_f32(v));
-    Ok(attend(&f16s_to_f32(q), &[&k], &[&v], head_dim))
+    Ok(attend(&f16s_to_f32(q), &[&k], &[&v], head_dim, head_dim))
 }
 
 /// [`attention_exact`] on f32 inputs (e.g. dequantized keys and values from [`RefCache::effective_kv`]):
@@ -215,7 +221,7 @@ pub fn attention_f32(
     head_dim: usize,
 ) -> Result<Vec<f32>, RefError> {
     check_attention_args(q.len(), k.len(), v.len(), head_dim)?;
-    Ok(attend(q, &[k], &[v], head_dim))
+    Ok(attend(q, &[k], &[v], head_dim, head_dim))
 }
 
 impl RefCache {
@@ -223,7 +229,7 @@ impl RefCache {
     ///
     /// # Errors
     /// [`RefError::Unsupported`] for anything but keys per-channel / values per-token, fp16 scales, fp16
-    /// activations, bits 1 to 8 (either rounding mode; asymmetric, or symmetric from 2 bits), equal key and value head_dim, a key group dividing R and R
+    /// activations, bits 1 to 8 (either rounding mode; asymmetric, or symmetric from 2 bits), a key group dividing R and R
     /// a multiple of [`codes_per_pack`]`(k_bits)`, a value group dividing head_dim (a token's value codes are
     /// packed in whole words, the last zero-padded);
     /// [`RefError::Invalid`] for zero sizes or `num_heads` not a multiple of `num_kv_heads`.
@@ -260,18 +266,12 @@ impl RefCache {
                 layout.dtype.as_str()
             )));
         }
-        if k.head_dim != v.head_dim {
-            return Err(RefError::unsupported(format!(
-                "different key and value head_dim ({} and {})",
-                k.head_dim, v.head_dim
-            )));
-        }
-        let d = k.head_dim as usize;
+        let (dk, dv) = (k.head_dim as usize, v.head_dim as usize);
         let r = layout.residual_length as usize;
         let (heads, kv_heads) = (layout.num_heads as usize, layout.num_kv_heads as usize);
-        if d == 0 || r == 0 || heads == 0 || kv_heads == 0 || batch == 0 {
+        if dk == 0 || dv == 0 || r == 0 || heads == 0 || kv_heads == 0 || batch == 0 {
             return Err(RefError::Invalid(format!(
-                "sizes must be positive: head_dim {d}, residual_length {r}, num_heads {heads}, \
+                "sizes must be positive: head_dim {dk} (keys) and {dv} (values), residual_length {r}, num_heads {heads}, \
                  num_kv_heads {kv_heads}, batch {batch}"
             )));
         }
@@ -290,16 +290,17 @@ impl RefCache {
                 k.bits
             )));
         }
-        if v_group == 0 || !d.is_multiple_of(v_group) {
+        if v_group == 0 || !dv.is_multiple_of(v_group) {
             return Err(RefError::unsupported(format!(
-                "head_dim {d} not a multiple of the value group {v_group}"
+                "values' head_dim {dv} not a multiple of the value group {v_group}"
             )));
         }
         Ok(RefCache {
             batch,
             heads,
             kv_heads,
-            d,
+            dk,
+            dv,
             r,
             k_bits: k.bits,
             v_bits: v.bits,
@@ -400,19 +401,19 @@ impl RefCache {
                 self.len
             )));
         }
-        let (b, hkv, d) = (self.batch, self.kv_heads, self.d);
-        let n = b * hkv * len * d;
-        if k.len() != n {
+        let (b, hkv, dk, dv) = (self.batch, self.kv_heads, self.dk, self.dv);
+        let (nk, nv) = (b * hkv * len * dk, b * hkv * len * dv);
+        if k.len() != nk {
             return Err(RefError::shape(
-                format!("prefill keys [B={b}, Hkv={hkv}, len={len}, D={d}]"),
-                n,
+                format!("prefill keys [B={b}, Hkv={hkv}, len={len}, D={dk}]"),
+                nk,
                 k.len(),
             ));
         }
-        if v.len() != n {
+        if v.len() != nv {
             return Err(RefError::shape(
-                format!("prefill values [B={b}, Hkv={hkv}, len={len}, D={d}]"),
-                n,
+                format!("prefill values [B={b}, Hkv={hkv}, len={len}, D={dv}]"),
+                nv,
                 v.len(),
             ));
         }
@@ -422,18 +423,18 @@ impl RefCache {
         let nqv = n.saturating_sub(self.r);
         let (r, kq, vq) = (self.r, self.key_quant(), self.value_quant());
         for (i, c) in self.caches.iter_mut().enumerate() {
-            let ks = &k[i * len * d..(i + 1) * len * d];
-            let vs = &v[i * len * d..(i + 1) * len * d];
-            c.k_sink.extend_from_slice(&ks[..sinks * d]);
-            c.v_sink.extend_from_slice(&vs[..sinks * d]);
-            let (ks, vs) = (&ks[sinks * d..], &vs[sinks * d..]);
+            let ks = &k[i * len * dk..(i + 1) * len * dk];
+            let vs = &v[i * len * dv..(i + 1) * len * dv];
+            c.k_sink.extend_from_slice(&ks[..sinks * dk]);
+            c.v_sink.extend_from_slice(&vs[..sinks * dv]);
+            let (ks, vs) = (&ks[sinks * dk..], &vs[sinks * dv..]);
             c.k_res.extend_from_slice(ks);
             for _ in 0..nqk / r {
-                Self::flush_keys(r, d, kq, c);
+                Self::flush_keys(r, dk, kq, c);
             }
             c.v_res.extend_from_slice(vs);
             if nqv > 0 {
-                Self::flush_values(nqv, d, vq, c);
+                Self::flush_values(nqv, dv, vq, c);
             }
         }
         self.len = len;
@@ -453,31 +454,31 @@ impl RefCache {
     /// # Errors
     /// [`RefError::Shape`] for wrong lengths (the cache is left unchanged).
     pub fn decode_step(&mut self, q: &[f16], k: &[f16], v: &[f16]) -> Result<Vec<f32>, RefError> {
-        let (b, h, hkv, d) = (self.batch, self.heads, self.kv_heads, self.d);
-        if q.len() != b * h * d {
+        let (b, h, hkv, dk, dv) = (self.batch, self.heads, self.kv_heads, self.dk, self.dv);
+        if q.len() != b * h * dk {
             return Err(RefError::shape(
-                format!("decode query [B={b}, H={h}, D={d}]"),
-                b * h * d,
+                format!("decode query [B={b}, H={h}, D={dk}]"),
+                b * h * dk,
                 q.len(),
             ));
         }
-        if k.len() != b * hkv * d {
+        if k.len() != b * hkv * dk {
             return Err(RefError::shape(
-                format!("decode key [B={b}, Hkv={hkv}, D={d}]"),
-                b * hkv * d,
+                format!("decode key [B={b}, Hkv={hkv}, D={dk}]"),
+                b * hkv * dk,
                 k.len(),
             ));
         }
-        if v.len() != b * hkv * d {
+        if v.len() != b * hkv * dv {
             return Err(RefError::shape(
-                format!("decode value [B={b}, Hkv={hkv}, D={d}]"),
-                b * hkv * d,
+                format!("decode value [B={b}, Hkv={hkv}, D={dv}]"),
+                b * hkv * dv,
                 v.len(),
             ));
         }
         let sink = self.len < self.sinks;
         for (i, c) in self.caches.iter_mut().enumerate() {
-            let (kt, vt) = (&k[i * d..(i + 1) * d], &v[i * d..(i + 1) * d]);
+            let (kt, vt) = (&k[i * dk..(i + 1) * dk], &v[i * dv..(i + 1) * dv]);
             if sink {
                 c.k_sink.extend_from_slice(kt);
                 c.v_sink.extend_from_slice(vt);
@@ -488,7 +489,7 @@ impl RefCache {
         }
         self.len += 1;
         let ratio = h / hkv;
-        let mut out = vec![0f32; b * h * d];
+        let mut out = vec![0f32; b * h * dv];
         for bi in 0..b {
             for kh in 0..hkv {
                 let c = &self.caches[bi * hkv + kh];
@@ -496,10 +497,10 @@ impl RefCache {
                 let vr = f16s_to_f32(&c.v_res);
                 let (ks, vs) = (f16s_to_f32(&c.k_sink), f16s_to_f32(&c.v_sink));
                 for qh in kh * ratio..(kh + 1) * ratio {
-                    let o = (bi * h + qh) * d;
-                    let qf = f16s_to_f32(&q[o..o + d]);
-                    let a = attend(&qf, &[&ks, &c.k_deq, &kr], &[&vs, &c.v_deq, &vr], d);
-                    out[o..o + d].copy_from_slice(&a);
+                    let (qo, o) = ((bi * h + qh) * dk, (bi * h + qh) * dv);
+                    let qf = f16s_to_f32(&q[qo..qo + dk]);
+                    let a = attend(&qf, &[&ks, &c.k_deq, &kr], &[&vs, &c.v_deq, &vr], dk, dv);
+                    out[o..o + dv].copy_from_slice(&a);
                 }
             }
         }
@@ -508,10 +509,10 @@ impl RefCache {
         let flush_v = !sink && self.residual_values() == r + 1;
         for c in self.caches.iter_mut() {
             if flush_k {
-                Self::flush_keys(r, d, kq, c);
+                Self::flush_keys(r, dk, kq, c);
             }
             if flush_v {
-                Self::flush_values(1, d, vq, c);
+                Self::flush_values(1, dv, vq, c);
             }
         }
         if flush_k {
@@ -551,11 +552,12 @@ impl RefCache {
 
     /// The cache in the reference files' layouts (see [`CacheExport`]).
     pub fn export(&self) -> CacheExport {
-        let d = self.d;
+        let d = self.dk;
         let mut e = CacheExport {
             batch: self.batch,
             kv_heads: self.kv_heads,
             head_dim: d,
+            value_head_dim: self.dv,
             k_bits: self.k_bits,
             v_bits: self.v_bits,
             k_group: self.k_group,

@@ -601,3 +601,74 @@ fn symmetric_layouts_run_the_cache() {
     l.keys.symmetry = Symmetry::Symmetric;
     assert!(RefCache::new(&l, 1).is_err());
 }
+
+/// Keys and values with different head_dims (192 and 128, as some models use): queries and keys have 192
+/// channels, values and outputs 128; the scores are scaled by 1 / sqrt(192); each step's output is exact
+/// attention over the cache's own effective keys and values plus the new token; the export keeps both dims.
+#[test]
+fn different_key_and_value_head_dims() {
+    let mut l = layout(2, 4, 32, 128, 192, 4, 2);
+    l.values.head_dim = 128;
+    let (dk, dv, h, hkv) = (192usize, 128usize, 4usize, 2usize);
+    let mut c = RefCache::new(&l, 1).unwrap();
+    let mut r = rng(41);
+    let len = 200;
+    let (k, v) = (
+        rand_f16(&mut r, hkv * len * dk, 2.0),
+        rand_f16(&mut r, hkv * len * dv, 1.0),
+    );
+    assert!(
+        c.prefill(&v, &v, len).is_err(),
+        "values as keys: wrong length"
+    );
+    c.prefill(&k, &v, len).unwrap();
+    for _ in 0..60 {
+        let q = rand_f16(&mut r, h * dk, 1.0);
+        let kn = rand_f16(&mut r, hkv * dk, 2.0);
+        let vn = rand_f16(&mut r, hkv * dv, 1.0);
+        let before: Vec<_> = (0..hkv).map(|j| c.effective_kv(0, j).unwrap()).collect();
+        let out = c.decode_step(&q, &kn, &vn).unwrap();
+        assert_eq!(out.len(), h * dv);
+        for head in 0..h {
+            let j = head / (h / hkv);
+            let (mut ek, mut ev) = before[j].clone();
+            ek.extend(kn[j * dk..(j + 1) * dk].iter().map(|x| x.to_f32()));
+            ev.extend(vn[j * dv..(j + 1) * dv].iter().map(|x| x.to_f32()));
+            let qh: Vec<f64> = q[head * dk..(head + 1) * dk]
+                .iter()
+                .map(|x| f64::from(x.to_f32()))
+                .collect();
+            let scores: Vec<f64> = ek
+                .chunks(dk)
+                .map(|kt| {
+                    qh.iter()
+                        .zip(kt)
+                        .map(|(a, &b)| a * f64::from(b))
+                        .sum::<f64>()
+                        / (dk as f64).sqrt()
+                })
+                .collect();
+            let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            for ch in 0..dv {
+                let expect: f64 = w
+                    .iter()
+                    .enumerate()
+                    .map(|(t, wt)| wt * f64::from(ev[t * dv + ch]))
+                    .sum::<f64>()
+                    / sum;
+                let got = f64::from(out[head * dv + ch]);
+                assert!(
+                    (got - expect).abs() <= 1e-5 * expect.abs().max(1.0),
+                    "head {head} ch {ch}: {got} vs {expect}"
+                );
+            }
+        }
+    }
+    let e = c.export();
+    assert_eq!((e.head_dim, e.value_head_dim), (dk, dv));
+    assert_eq!(e.k_scale.len(), hkv * dk * e.quantized_keys / 32);
+    assert_eq!(e.v_scale.len(), hkv * e.quantized_values * dv / 32);
+    assert_eq!(e.v_residual.len(), hkv * e.residual_values * dv);
+}

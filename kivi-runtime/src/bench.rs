@@ -160,7 +160,10 @@ impl DecodeBench {
         }
         let fill = RandomFill::new(gpu)?;
         let layout = module.kernels().layout;
-        let d = layout.keys.head_dim as usize;
+        let (d, dv) = (
+            layout.keys.head_dim as usize,
+            layout.values.head_dim as usize,
+        );
         let kv = batch as usize * layout.num_kv_heads as usize;
         let heads = batch as usize * layout.num_heads as usize;
         let prefill = (context - 1) as usize;
@@ -169,7 +172,7 @@ impl DecodeBench {
         // One random prefill source, reused by every copy (each copy still has its own memory) and by
         // [`DecodeBench::restart`].
         let src_k = fill.random((kv * prefill).max(1) * d, 11, 2.0)?;
-        let src_v = fill.random((kv * prefill).max(1) * d, 12, 2.0)?;
+        let src_v = fill.random((kv * prefill).max(1) * dv, 12, 2.0)?;
         for c in 0..copies {
             let mut cache =
                 KiviCache::new(gpu, module.clone(), batch, context + extra_steps.max(1))?;
@@ -180,8 +183,8 @@ impl DecodeBench {
             let seed = 100 + 4 * c as u32;
             q.push(fill.random(heads * d, seed, 1.0)?);
             k.push(fill.random(kv * d, seed + 1, 2.0)?);
-            v.push(fill.random(kv * d, seed + 2, 2.0)?);
-            out.push(fill.random(heads * d, seed + 3, 1.0)?);
+            v.push(fill.random(kv * dv, seed + 2, 2.0)?);
+            out.push(fill.random(heads * dv, seed + 3, 1.0)?);
         }
         gpu.stream().synchronize()?;
         Ok(DecodeBench {
@@ -197,7 +200,7 @@ impl DecodeBench {
         })
     }
 
-    /// The output buffer of cache copy `copy` (`[batch, num_heads, head_dim]` fp16) after its last step, copied
+    /// The output buffer of cache copy `copy` (`[batch, num_heads, value head_dim]` fp16) after its last step, copied
     /// to the host (synchronizes).
     ///
     /// # Errors
@@ -301,12 +304,9 @@ pub fn time_prefill(
 ) -> Result<(Vec<f64>, KiviCache)> {
     let fill = RandomFill::new(gpu)?;
     let layout = module.kernels().layout;
-    let n = batch as usize
-        * layout.num_kv_heads as usize
-        * context as usize
-        * layout.keys.head_dim as usize;
-    let k = fill.random(n, 21, 2.0)?;
-    let v = fill.random(n, 22, 2.0)?;
+    let n = batch as usize * layout.num_kv_heads as usize * context as usize;
+    let k = fill.random(n * layout.keys.head_dim as usize, 21, 2.0)?;
+    let v = fill.random(n * layout.values.head_dim as usize, 22, 2.0)?;
     let mut cache = KiviCache::new(gpu, module, batch, context)?;
     let stream = gpu.stream().clone();
     for _ in 0..warmup {

@@ -451,8 +451,17 @@ impl KiviCache {
         self.batch * self.layout.num_kv_heads
     }
 
-    fn check_len(&self, what: &'static str, got: usize, tokens: usize, heads: u32) -> Result<()> {
-        let d = self.storage.head_dim as usize;
+    /// Checks a tensor of `[batch, heads, tokens, d]` elements, `d` the keys' head_dim (keys and queries) or the
+    /// values' (values and outputs).
+    fn check_len(
+        &self,
+        what: &'static str,
+        got: usize,
+        tokens: usize,
+        heads: u32,
+        d: u32,
+    ) -> Result<()> {
+        let d = d as usize;
         let expected = self.batch as usize * heads as usize * tokens * d;
         if got != expected {
             return Err(RuntimeError::Shape {
@@ -537,8 +546,9 @@ impl KiviCache {
     ) -> Result<()> {
         self.check_empty()?;
         let kv_heads = self.layout.num_kv_heads;
-        self.check_len("prefill k", k.len(), max_len as usize, kv_heads)?;
-        self.check_len("prefill v", v.len(), max_len as usize, kv_heads)?;
+        let (dk, dv) = (self.storage.key_head_dim, self.storage.value_head_dim);
+        self.check_len("prefill k", k.len(), max_len as usize, kv_heads, dk)?;
+        self.check_len("prefill v", v.len(), max_len as usize, kv_heads, dv)?;
         if lens.len() != self.batch as usize {
             return Err(RuntimeError::Shape {
                 what: "prefill lens",
@@ -562,14 +572,14 @@ impl KiviCache {
         let as_i32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
         self.stream
             .memcpy_htod(&as_i32, &mut self.lens_dev[self.cur])?;
-        let d = self.storage.head_dim;
+        let (dk, dv) = (self.storage.key_head_dim, self.storage.value_head_dim);
         let addressing = self.addressing();
         let stream = self.stream.clone();
         let mut g = Vec::new();
         let args = PrefillArgs {
             batch: self.batch,
-            keys: TokenRows::heads_major(dptr(k, &stream, &mut g), kv_heads, max_len, d),
-            values: TokenRows::heads_major(dptr(v, &stream, &mut g), kv_heads, max_len, d),
+            keys: TokenRows::heads_major(dptr(k, &stream, &mut g), kv_heads, max_len, dk),
+            values: TokenRows::heads_major(dptr(v, &stream, &mut g), kv_heads, max_len, dv),
             seq_lens: dptr(&self.lens_dev[self.cur], &stream, &mut g),
             max_len,
             cache: CacheBuffers {
@@ -602,8 +612,9 @@ impl KiviCache {
     /// As [`KiviCache::prefill`].
     pub fn prefill_host(&mut self, k: &[f16], v: &[f16], len: u32) -> Result<()> {
         let kv_heads = self.layout.num_kv_heads;
-        self.check_len("prefill k", k.len(), len as usize, kv_heads)?;
-        self.check_len("prefill v", v.len(), len as usize, kv_heads)?;
+        let (dk, dv) = (self.storage.key_head_dim, self.storage.value_head_dim);
+        self.check_len("prefill k", k.len(), len as usize, kv_heads, dk)?;
+        self.check_len("prefill v", v.len(), len as usize, kv_heads, dv)?;
         if len == 0 {
             // Nothing to copy: the same checks as a device prefill of 0 tokens.
             return self.check_empty();
@@ -733,11 +744,16 @@ impl KiviCache {
             let as_i32: Vec<i32> = l.iter().map(|&n| n as i32).collect();
             self.stream.memcpy_htod(&as_i32, &mut self.q_lens_dev)?;
         }
-        let d = u64::from(self.storage.head_dim);
+        let (dk, dv) = (
+            u64::from(self.storage.key_head_dim),
+            u64::from(self.storage.value_head_dim),
+        );
         let batch = u64::from(self.batch);
-        let (q_slab, kv_slab, lse_slab) = (
-            2 * batch * u64::from(heads) * d,
-            2 * batch * u64::from(kv_heads) * d,
+        let (q_slab, out_slab, k_slab, v_slab, lse_slab) = (
+            2 * batch * u64::from(heads) * dk,
+            2 * batch * u64::from(heads) * dv,
+            2 * batch * u64::from(kv_heads) * dk,
+            2 * batch * u64::from(kv_heads) * dv,
             4 * batch * u64::from(heads),
         );
         let mut lse = options.lse;
@@ -761,9 +777,9 @@ impl KiviCache {
             let mut args = self.decode_args(&stream, io, cur, grid_splits, &step, &mut g);
             let jj = u64::from(j);
             args.q += jj * q_slab;
-            args.out += jj * q_slab;
-            args.k_new += jj * kv_slab;
-            args.v_new += jj * kv_slab;
+            args.out += jj * out_slab;
+            args.k_new += jj * k_slab;
+            args.v_new += jj * v_slab;
             if args.lse != 0 {
                 args.lse += jj * lse_slab;
             }
@@ -805,14 +821,17 @@ impl KiviCache {
         }
         let t = q_len as usize;
         let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
-        self.check_len("decode q", q.len(), t, heads)?;
-        self.check_len("decode k", k.len(), t, kv_heads)?;
-        self.check_len("decode v", v.len(), t, kv_heads)?;
+        let (dkh, dvh) = (self.storage.key_head_dim, self.storage.value_head_dim);
+        self.check_len("decode q", q.len(), t, heads, dkh)?;
+        self.check_len("decode k", k.len(), t, kv_heads, dkh)?;
+        self.check_len("decode v", v.len(), t, kv_heads, dvh)?;
         let dq = self.stream.clone_htod(q)?;
         let dk = self.stream.clone_htod(k)?;
         let dv = self.stream.clone_htod(v)?;
         // Poisoned (NaN) so that an element the kernels fail to write cannot pass a check.
-        let mut out = self.stream.clone_htod(&vec![f16::NAN; q.len()])?;
+        let out_len =
+            t * self.batch as usize * heads as usize * self.storage.value_head_dim as usize;
+        let mut out = self.stream.clone_htod(&vec![f16::NAN; out_len])?;
         self.decode_tokens(
             &dq,
             &dk,
@@ -837,10 +856,11 @@ impl KiviCache {
     ) -> Result<()> {
         let (heads, kv_heads) = (self.layout.num_heads, self.layout.num_kv_heads);
         let t = tokens as usize;
-        self.check_len("decode q", q.len(), t, heads)?;
-        self.check_len("decode k", k.len(), t, kv_heads)?;
-        self.check_len("decode v", v.len(), t, kv_heads)?;
-        self.check_len("decode out", out.len(), t, heads)?;
+        let (dk, dv) = (self.storage.key_head_dim, self.storage.value_head_dim);
+        self.check_len("decode q", q.len(), t, heads, dk)?;
+        self.check_len("decode k", k.len(), t, kv_heads, dk)?;
+        self.check_len("decode v", v.len(), t, kv_heads, dv)?;
+        self.check_len("decode out", out.len(), t, heads, dv)?;
         if let Some(lse) = lse {
             let rows = t * self.batch as usize * heads as usize;
             if lse.len() != rows {
@@ -1057,7 +1077,7 @@ impl KiviCache {
             s.clone_dtoh(&self.v_mn)?,
             s.clone_dtoh(&self.v_res)?,
         );
-        let d = st.head_dim as usize;
+        let (dk, dv) = (st.key_head_dim as usize, st.value_head_dim as usize);
         let r = st.residual_length as usize;
         let bps = self.blocks_per_seq as usize;
         let (len, qk, qv) = (
@@ -1072,7 +1092,8 @@ impl KiviCache {
         let mut e = CacheExport {
             batch: self.batch as usize,
             kv_heads: self.layout.num_kv_heads as usize,
-            head_dim: d,
+            head_dim: dk,
+            value_head_dim: dv,
             k_bits: self.layout.keys.bits,
             v_bits: self.layout.values.bits,
             k_group: st.key_group_size as usize,
@@ -1140,7 +1161,7 @@ impl KiviCache {
         };
         for seq in 0..self.seqs() as usize {
             // Keys in the reference layout: codes [D][qk / cpw] packed along tokens, params [D][qk / G].
-            for c in 0..d {
+            for c in 0..dk {
                 let codes: Vec<u8> = (0..qk)
                     .map(|t| {
                         let base = block_of(seq, t / r) * kbw;
@@ -1159,35 +1180,35 @@ impl KiviCache {
                 }
             }
             for p in qk..n {
-                let row = (seq * key_rows + p % r) * d;
-                e.k_residual.extend_from_slice(&k_res[row..row + d]);
+                let row = (seq * key_rows + p % r) * dk;
+                e.k_residual.extend_from_slice(&k_res[row..row + dk]);
             }
             for i in 0..sinks {
                 let (kr, vr) = (
-                    (seq * key_rows + r + i) * d,
-                    (seq * value_rows + vring + i) * d,
+                    (seq * key_rows + r + i) * dk,
+                    (seq * value_rows + vring + i) * dv,
                 );
-                e.k_sink.extend_from_slice(&k_res[kr..kr + d]);
-                e.v_sink.extend_from_slice(&v_res[vr..vr + d]);
+                e.k_sink.extend_from_slice(&k_res[kr..kr + dk]);
+                e.v_sink.extend_from_slice(&v_res[vr..vr + dv]);
             }
             // Values: codes [qv][D / cpw] packed along head_dim, params [qv][D / G].
             for p in 0..qv {
                 let (base, tb) = (block_of(seq, p / r) * vbw, (p % r) as u32);
                 let block = &v_codes[base..base + vbw];
-                let codes: Vec<u8> = (0..d as u32)
+                let codes: Vec<u8> = (0..dv as u32)
                     .map(|c| st.value_code_position(tb, c).read(block, vb) as u8)
                     .collect();
                 e.v_code
                     .extend(pack(&codes, vb)?.into_iter().map(|w| w as i32));
-                for g in 0..d / vg {
+                for g in 0..dv / vg {
                     let i = block_of(seq, p / r) * vbp + st.value_param_index(tb, (g * vg) as u32);
                     e.v_scale.push(v_scale[i]);
                     e.v_mn.push(v_mn[i]);
                 }
             }
             for p in qv..n {
-                let row = (seq * value_rows + p % vring) * d;
-                e.v_residual.extend_from_slice(&v_res[row..row + d]);
+                let row = (seq * value_rows + p % vring) * dv;
+                e.v_residual.extend_from_slice(&v_res[row..row + dv]);
             }
         }
         Ok(e)

@@ -15,7 +15,8 @@
 //! `seqs = batch * num_kv_heads`, `blocks` = `seqs * blocks_per_seq` contiguous or `pages * num_kv_heads` paged):
 //! `k_codes` u32 `[blocks][key_block_words]`, `k_params` fp16 `[blocks][key_block_params]`, `v_codes` u32
 //! `[blocks][value_block_words]`, `v_scale` and `v_mn` fp16 `[blocks][value_block_params]`, `k_res` fp16
-//! `[seqs][residual_length + sink_tokens][head_dim]`, `v_res` fp16 `[seqs][value_ring + sink_tokens][head_dim]`
+//! `[seqs][residual_length + sink_tokens][key head_dim]`, `v_res` fp16 `[seqs][value_ring + sink_tokens][value
+//! head_dim]`
 //! (the ring's rows, then the sink tokens'); every block buffer 16-byte aligned. With sink tokens, a sequence of
 //! `len` tokens keeps its first `min(len, sink_tokens)` in fp16 and runs Algorithm 1 on the rest. [`StorageLayout::memory`](kivi_codegen::StorageLayout::memory) gives the bytes per sequence.
 
@@ -77,7 +78,7 @@ pub struct CacheBuffers {
     pub k_codes: CUdeviceptr,
     /// Key mins and scales, fp16.
     pub k_params: CUdeviceptr,
-    /// Full-precision key ring and sink tokens, fp16 `[seqs][residual_length + sink_tokens][head_dim]`.
+    /// Full-precision key ring and sink tokens, fp16 `[seqs][residual_length + sink_tokens][key head_dim]`.
     pub k_res: CUdeviceptr,
     /// Value codes, u32.
     pub v_codes: CUdeviceptr,
@@ -85,7 +86,7 @@ pub struct CacheBuffers {
     pub v_scale: CUdeviceptr,
     /// Value mins, fp16.
     pub v_mn: CUdeviceptr,
-    /// Full-precision value ring and sink tokens, fp16 `[seqs][value_ring + sink_tokens][head_dim]`.
+    /// Full-precision value ring and sink tokens, fp16 `[seqs][value_ring + sink_tokens][value head_dim]`.
     pub v_res: CUdeviceptr,
 }
 
@@ -291,16 +292,16 @@ impl BufferBytes {
             BlockAddressing::Contiguous { blocks_per_seq } => seqs * u64::from(blocks_per_seq),
             BlockAddressing::Paged { pages, .. } => u64::from(pages) * hkv,
         };
-        let d = u64::from(st.head_dim);
+        let (dk, dv) = (u64::from(st.key_head_dim), u64::from(st.value_head_dim));
         let (acc, ml, counters) = DecodeScratch::elements(layout, batch, splits);
         BufferBytes {
             k_codes: n * u64::from(st.key_block_words()) * 4,
             k_params: n * u64::from(st.key_block_params()) * 2,
-            k_res: seqs * u64::from(st.key_res_rows()) * d * 2,
+            k_res: seqs * u64::from(st.key_res_rows()) * dk * 2,
             v_codes: n * u64::from(st.value_block_words()) * 4,
             v_scale: n * u64::from(st.value_block_params()) * 2,
             v_mn: n * u64::from(st.value_block_params()) * 2,
-            v_res: seqs * u64::from(st.value_res_rows()) * d * 2,
+            v_res: seqs * u64::from(st.value_res_rows()) * dv * 2,
             part_acc: acc as u64 * 4,
             part_ml: ml as u64 * 4,
             counters: counters as u64 * 4,
@@ -344,7 +345,7 @@ pub struct PrefillArgs {
     pub error_flag: CUdeviceptr,
 }
 
-/// The split-K scratch of decode steps: `part_acc` f32 `[batch * num_heads][splits][head_dim]`, `part_ml` f32
+/// The split-K scratch of decode steps: `part_acc` f32 `[batch * num_heads][splits][value head_dim]`, `part_ml` f32
 /// `[batch * num_heads][splits][2]`, `counters` u32 `[batch * num_kv_heads]`, zeroed once before the first step
 /// (each step leaves them zero).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -363,7 +364,7 @@ impl DecodeScratch {
     /// Elements of (`part_acc`, `part_ml`, `counters`) for `batch` entries and `splits` splits per row.
     pub fn elements(layout: &kivi_dsl::Layout, batch: u32, splits: u32) -> (usize, usize, usize) {
         let rows = batch as usize * layout.num_heads as usize;
-        let d = StorageLayout::new(layout).head_dim as usize;
+        let d = StorageLayout::new(layout).value_head_dim as usize;
         (
             rows * splits as usize * d,
             rows * splits as usize * 2,
@@ -379,13 +380,13 @@ impl DecodeScratch {
 pub struct DecodeArgs {
     /// Batch entries.
     pub batch: u32,
-    /// fp16 `[batch][num_heads][head_dim]`, 4-byte aligned.
+    /// fp16 `[batch][num_heads][key head_dim]`, 4-byte aligned.
     pub q: CUdeviceptr,
-    /// fp16 `[batch][num_kv_heads][head_dim]`: the new keys.
+    /// fp16 `[batch][num_kv_heads][key head_dim]`: the new keys.
     pub k_new: CUdeviceptr,
-    /// fp16 `[batch][num_kv_heads][head_dim]`: the new values.
+    /// fp16 `[batch][num_kv_heads][value head_dim]`: the new values.
     pub v_new: CUdeviceptr,
-    /// fp16 `[batch][num_heads][head_dim]`: the attention output.
+    /// fp16 `[batch][num_heads][value head_dim]`: the attention output.
     pub out: CUdeviceptr,
     /// f32 `[batch][num_heads]`, or 0: the natural-log log-sum-exp of each row's scaled scores, to merge partial
     /// attention results (out = sum_i exp(lse_i - lse) out_i over parts with lse = log sum_i exp(lse_i)).
@@ -417,7 +418,7 @@ pub struct DecodeArgs {
     pub grid_splits: u32,
     /// Sliding window: attend the newest `window` tokens only (0: all).
     pub window: u32,
-    /// Softmax scale of the scores (None: 1 / sqrt(head_dim)).
+    /// Softmax scale of the scores (None: 1 / sqrt(key head_dim)).
     pub softmax_scale: Option<f32>,
     /// u32 error flag, or 0.
     pub error_flag: CUdeviceptr,
@@ -615,8 +616,8 @@ impl LayoutModule {
         a.cache.check()?;
         a.blocks.check(&st)?;
         check_block_count(layout, a.batch, &a.blocks)?;
-        a.keys.check("prefill keys", st.head_dim)?;
-        a.values.check("prefill values", st.head_dim)?;
+        a.keys.check("prefill keys", st.key_head_dim)?;
+        a.values.check("prefill values", st.value_head_dim)?;
         check_ptr("seq_lens", a.seq_lens, 4)?;
         check_optional_ptr("error_flag", a.error_flag, 4)?;
         if u64::from(a.max_len) > a.blocks.max_tokens(&st) {
@@ -671,9 +672,21 @@ impl LayoutModule {
             )?;
         }
         let threads = self.kernels().spec(KernelKind::StoreResidual).tile.threads;
-        for (rows, ring, ring_size, is_values) in [
-            (&a.keys, a.cache.k_res, st.residual_length as i32, 0i32),
-            (&a.values, a.cache.v_res, st.value_ring as i32, 1i32),
+        for (rows, ring, ring_size, is_values, d) in [
+            (
+                &a.keys,
+                a.cache.k_res,
+                st.residual_length as i32,
+                0i32,
+                st.key_head_dim,
+            ),
+            (
+                &a.values,
+                a.cache.v_res,
+                st.value_ring as i32,
+                1i32,
+                st.value_head_dim,
+            ),
         ] {
             let mut p = Params::new();
             p.rows(rows)
@@ -684,7 +697,7 @@ impl LayoutModule {
                 .push(&ring)
                 .push(&ring_size)
                 .push(&a.error_flag);
-            let grid = ((ring_size as u32 + st.sink_tokens) * st.head_dim).div_ceil(threads);
+            let grid = ((ring_size as u32 + st.sink_tokens) * d).div_ceil(threads);
             self.launch(KernelKind::StoreResidual, stream, (grid, seqs), &mut p)?;
         }
         Ok(())
@@ -763,7 +776,9 @@ impl LayoutModule {
                 ),
             });
         }
-        let scale = a.softmax_scale.unwrap_or(1.0 / (st.head_dim as f32).sqrt());
+        let scale = a
+            .softmax_scale
+            .unwrap_or(1.0 / (st.key_head_dim as f32).sqrt());
         if !(scale.is_finite() && scale > 0.0) {
             return Err(RuntimeError::State(format!(
                 "softmax_scale {scale} must be finite and positive"

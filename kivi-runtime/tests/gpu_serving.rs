@@ -601,7 +601,7 @@ fn the_raw_api_rejects_bad_arguments_and_flags_bad_lengths_without_breaking_the_
     let (batch, blocks_per_seq) = (2u32, 4u32);
     let seqs = (batch * l.num_kv_heads) as usize;
     let blocks = seqs * blocks_per_seq as usize;
-    let d = st.head_dim as usize;
+    let d = st.key_head_dim as usize; // keys and values alike here
     let k_codes = s
         .alloc_zeros::<u32>(blocks * st.key_block_words() as usize)
         .unwrap();

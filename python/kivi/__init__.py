@@ -9,6 +9,7 @@ allocated as torch tensors, so torch's caching allocator owns it.
     cache = kivi.KiviCache("kivi-2, llama-3-8b", batch=4, capacity=8192)
     cache.prefill(k, v)                 # [batch, num_kv_heads, tokens, head_dim] fp16 (any strides, unit last)
     out = cache.decode(q, k_new, v_new) # q [batch, num_heads, head_dim]; k_new, v_new [batch, num_kv_heads, head_dim]
+                                        # (v_new and out: value_head_dim where the spec gives values their own)
     out = cache.decode_tokens(q, k, v)  # q_len > 1 (causal): q [q_len, batch, num_heads, head_dim], ...
 
 Bad input (a tensor on the CPU or another GPU, of another dtype or shape, a non-contiguous decode input, a length
@@ -88,7 +89,8 @@ class KiviCache:
         shape = self.module.shape()
         self.num_heads = shape["num_heads"]
         self.num_kv_heads = shape["num_kv_heads"]
-        self.head_dim = shape["head_dim"]
+        self.head_dim = shape["head_dim"]              # keys and queries
+        self.value_head_dim = shape["value_head_dim"]  # values and outputs (head_dim unless the spec differs)
         self.residual_length = r = shape["residual_length"]
         self.batch = batch
         if paged:
@@ -103,7 +105,7 @@ class KiviCache:
             self.block_table = block_table
             self.per_seq = block_table.shape[1]
             self.pages = pages
-            self.capacity = self.per_seq * r
+            self.capacity = self.per_seq * r + shape["sink_tokens"]  # the sinks live beside the rings
         else:
             if capacity < 1:
                 raise ValueError(f"capacity is {capacity}, but it must be at least 1")
@@ -157,16 +159,15 @@ class KiviCache:
         torch = _torch()
         if any(self.lens):
             raise ValueError(f"prefill needs empty sequences, these hold {self.lens} tokens: reset() first")
-        for name, t in (("k", k), ("v", v)):
+        for name, t, d in (("k", k, self.head_dim), ("v", v, self.value_head_dim)):
             self._check(t, name, torch.float16, None)
-            if t.dim() != 4 or t.shape[0] != self.batch or t.shape[1] != self.num_kv_heads \
-                    or t.shape[3] != self.head_dim:
+            if t.dim() != 4 or t.shape[0] != self.batch or t.shape[1] != self.num_kv_heads or t.shape[3] != d:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, but it must be [batch {self.batch}, "
-                                 f"num_kv_heads {self.num_kv_heads}, tokens, head_dim {self.head_dim}]")
+                                 f"num_kv_heads {self.num_kv_heads}, tokens, head_dim {d}]")
             if t.stride(3) != 1:
                 raise ValueError(f"{name}'s head_dim must be contiguous (stride 1), it is {t.stride(3)}")
-        if k.shape != v.shape:
-            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+        if k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in batch, heads or tokens")
         tokens = k.shape[2]
         lens = [tokens] * self.batch if lens is None else [int(n) for n in lens]
         if len(lens) != self.batch:
@@ -193,13 +194,13 @@ class KiviCache:
         scores. ``window`` > 0 attends the newest ``window`` tokens only; ``softmax_scale`` defaults to
         1 / sqrt(head_dim). All inputs must be contiguous."""
         torch = _torch()
-        b, h, hkv, d = self.batch, self.num_heads, self.num_kv_heads, self.head_dim
+        b, h, hkv, d, dv = self.batch, self.num_heads, self.num_kv_heads, self.head_dim, self.value_head_dim
         self._check(q, "q", torch.float16, (b, h, d))
         self._check(k_new, "k_new", torch.float16, (b, hkv, d))
-        self._check(v_new, "v_new", torch.float16, (b, hkv, d))
+        self._check(v_new, "v_new", torch.float16, (b, hkv, dv))
         if out is None:
-            out = torch.empty((b, h, d), dtype=torch.float16, device=self.device)
-        self._check(out, "out", torch.float16, (b, h, d))
+            out = torch.empty((b, h, dv), dtype=torch.float16, device=self.device)
+        self._check(out, "out", torch.float16, (b, h, dv))
         for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("out", out)):
             if not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous")
@@ -230,7 +231,7 @@ class KiviCache:
         ``[q_len, batch, num_heads, head_dim]`` (and the ``[q_len, batch, num_heads]`` log-sum-exp with
         ``lse=True``)."""
         torch = _torch()
-        b, h, hkv, d = self.batch, self.num_heads, self.num_kv_heads, self.head_dim
+        b, h, hkv, d, dv = self.batch, self.num_heads, self.num_kv_heads, self.head_dim, self.value_head_dim
         self._check(q, "q", torch.float16, None)
         if q.dim() != 4 or q.shape[0] < 1:
             raise ValueError(f"q has shape {tuple(q.shape)}, but it must be [q_len >= 1, batch {b}, num_heads {h}, "
@@ -238,10 +239,10 @@ class KiviCache:
         t = q.shape[0]
         self._check(q, "q", torch.float16, (t, b, h, d))
         self._check(k_new, "k_new", torch.float16, (t, b, hkv, d))
-        self._check(v_new, "v_new", torch.float16, (t, b, hkv, d))
+        self._check(v_new, "v_new", torch.float16, (t, b, hkv, dv))
         if out is None:
-            out = torch.empty((t, b, h, d), dtype=torch.float16, device=self.device)
-        self._check(out, "out", torch.float16, (t, b, h, d))
+            out = torch.empty((t, b, h, dv), dtype=torch.float16, device=self.device)
+        self._check(out, "out", torch.float16, (t, b, h, dv))
         for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new), ("out", out)):
             if not x.is_contiguous():
                 raise ValueError(f"{name} must be contiguous")

@@ -65,14 +65,16 @@ impl Module {
         Ok(Module { gpu, module })
     }
 
-    /// The layout: num_heads, num_kv_heads, head_dim, residual_length, value_ring, sink_tokens, paged, spec, gpu.
+    /// The layout: num_heads, num_kv_heads, head_dim (keys and queries), value_head_dim (values and outputs),
+    /// residual_length, value_ring, sink_tokens, paged, spec, gpu.
     fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let layout = &self.module.kernels().layout;
         let st = StorageLayout::new(layout);
         let d = PyDict::new(py);
         d.set_item("num_heads", layout.num_heads)?;
         d.set_item("num_kv_heads", layout.num_kv_heads)?;
-        d.set_item("head_dim", st.head_dim)?;
+        d.set_item("head_dim", st.key_head_dim)?;
+        d.set_item("value_head_dim", st.value_head_dim)?;
         d.set_item("residual_length", st.residual_length)?;
         d.set_item("value_ring", st.value_ring)?;
         d.set_item("sink_tokens", st.sink_tokens)?;

@@ -17,9 +17,9 @@ SPEC8 = ("keys: { bits: 8, group_size: 32 }, values: { bits: 8, group_size: 32 }
 
 def exact(q, keys, vals, lens, scale):
     """q [B,H,D]; keys/vals lists per batch entry of [Hkv, T_b, D] float64."""
-    b, h, d = q.shape
-    hkv = keys[0].shape[0]
-    out = torch.empty((b, h, d), dtype=torch.float64)
+    b, h, _ = q.shape
+    hkv, dv = keys[0].shape[0], vals[0].shape[2]
+    out = torch.empty((b, h, dv), dtype=torch.float64)
     lse = torch.empty((b, h), dtype=torch.float64)
     for i in range(b):
         for j in range(h):
@@ -35,10 +35,10 @@ def run(spec, tol, steps=4):
     lens = [300, 77, 1]
     b = len(lens)
     cache = kivi.KiviCache(spec, batch=b, capacity=512, device=dev)
-    h, hkv, d = cache.num_heads, cache.num_kv_heads, cache.head_dim
+    h, hkv, d, dv = cache.num_heads, cache.num_kv_heads, cache.head_dim, cache.value_head_dim
     t = max(lens)
     k = (torch.rand((b, t, hkv, d), device=dev) * 4 - 2).half().transpose(1, 2)  # a strided [B,Hkv,T,D] view
-    v = (torch.rand((b, t, hkv, d), device=dev) * 2 - 1).half().transpose(1, 2)
+    v = (torch.rand((b, t, hkv, dv), device=dev) * 2 - 1).half().transpose(1, 2)
     cache.prefill(k, v, lens)
     keys = [k[i].double().cpu() for i in range(b)]
     vals = [v[i].double().cpu() for i in range(b)]
@@ -47,7 +47,7 @@ def run(spec, tol, steps=4):
     for step in range(steps):
         q = torch.randn((b, h, d), device=dev).half()
         kn = (torch.rand((b, hkv, d), device=dev) * 4 - 2).half()
-        vn = (torch.rand((b, hkv, d), device=dev) * 2 - 1).half()
+        vn = (torch.rand((b, hkv, dv), device=dev) * 2 - 1).half()
         out, lse = cache.decode(q, kn, vn, lse=True)
         for i in range(b):
             keys[i] = torch.cat([keys[i][:, : cur[i]], kn[i].double().cpu()[:, None]], 1)
@@ -65,6 +65,9 @@ def run(spec, tol, steps=4):
 
 
 cache = run(SPEC8, 2e-2)
+# Keys of 192 channels, values of 128 (queries 192, outputs 128), with 4 sink tokens.
+run("keys: { bits: 8, group_size: 32, head_dim: 192 }, values: { bits: 8, group_size: 32, head_dim: 128 }, "
+    "residual_length: 128, num_heads: 8, num_kv_heads: 2, sink_tokens: 4", 2e-2)
 
 
 def tokens_match_steps(spec):
