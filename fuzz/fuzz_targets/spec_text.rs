@@ -19,8 +19,12 @@ fuzz_target!(|data: &[u8]| {
     let _ = kivi_reference::RefCache::new(&layout, 1);
     if kivi_dsl::parse_spec_supported(text).is_ok() {
         let tiles = kivi_codegen::KernelTiles::heuristic(&layout);
-        let kernels = kivi_codegen::LayoutKernels::new(&layout, &tiles)
-            .unwrap_or_else(|e| panic!("a supported layout must have kernels: {canonical:?}: {e}"));
+        // The one check left to the generator: the decode iteration's shared memory (a "not yet supported" error).
+        let kernels = match kivi_codegen::LayoutKernels::new(&layout, &tiles) {
+            Ok(k) => k,
+            Err(kivi_codegen::CodegenError::Layout(e)) if e.is_unsupported() => return,
+            Err(e) => panic!("a supported layout must have kernels: {canonical:?}: {e}"),
+        };
         kivi_codegen::generate_module(&kernels.specs)
             .unwrap_or_else(|e| panic!("a supported layout must generate: {canonical:?}: {e}"));
     }

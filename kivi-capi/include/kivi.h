@@ -12,8 +12,9 @@
 
 // The version of this C ABI: the layout of its structs and the meaning of their fields. 1: the first release; 2:
 // `KiviDecodeArgs` gained `q_lens` and `q_index`; 3: `KiviShape` gained `sink_tokens` (and the rings their sink
-// rows) and `value_head_dim` (values, outputs and the split-K scratch use it). A program built against one header must not call a library of another version: compare
-// [`kivi_abi_version`] with this constant before the first call.
+// rows) and `value_head_dim` (values, outputs and the split-K scratch use it). A program built against one
+// header must not call a library of another version: compare [`kivi_abi_version`] with this constant before the
+// first call.
 #define KIVI_ABI_VERSION 3
 
 // What a call returned.
@@ -100,8 +101,8 @@ typedef struct KiviBufferBytes {
   uint64_t total;
 } KiviBufferBytes;
 
-// fp16 tokens of head_dim contiguous channels: token t of batch entry b, KV head h at element
-// `b * stride_batch + h * stride_head + t * stride_token` from `ptr`.
+// fp16 tokens of head_dim contiguous channels (the keys' head_dim for key rows, `value_head_dim` for value rows):
+// token t of batch entry b, KV head h at element `b * stride_batch + h * stride_head + t * stride_token` from `ptr`.
 typedef struct KiviTokenRows {
   // Device address, 4-byte aligned.
   uint64_t ptr;
@@ -183,7 +184,7 @@ typedef struct KiviDecodeArgs {
   uint32_t scratch_splits;
   // The grid's splits ([`kivi_decode_splits`], or [`kivi_graph_grid_splits`] for CUDA graphs).
   uint32_t grid_splits;
-  // Sliding window (0: none).
+  // Sliding window: the newest `window` tokens after the sink tokens, and the sinks, are attended (0: none).
   uint32_t window;
   // Softmax scale (0: 1 / sqrt(head_dim)).
   float softmax_scale;

@@ -215,8 +215,8 @@ pub struct KiviBufferBytes {
     pub total: u64,
 }
 
-/// fp16 tokens of head_dim contiguous channels: token t of batch entry b, KV head h at element
-/// `b * stride_batch + h * stride_head + t * stride_token` from `ptr`.
+/// fp16 tokens of head_dim contiguous channels (the keys' head_dim for key rows, `value_head_dim` for value rows):
+/// token t of batch entry b, KV head h at element `b * stride_batch + h * stride_head + t * stride_token` from `ptr`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct KiviTokenRows {
@@ -297,7 +297,7 @@ pub struct KiviDecodeArgs {
     pub scratch_splits: u32,
     /// The grid's splits ([`kivi_decode_splits`], or [`kivi_graph_grid_splits`] for CUDA graphs).
     pub grid_splits: u32,
-    /// Sliding window (0: none).
+    /// Sliding window: the newest `window` tokens after the sink tokens, and the sinks, are attended (0: none).
     pub window: u32,
     /// Softmax scale (0: 1 / sqrt(head_dim)).
     pub softmax_scale: f32,
@@ -566,8 +566,9 @@ pub unsafe extern "C" fn kivi_decode(
 
 /// The version of this C ABI: the layout of its structs and the meaning of their fields. 1: the first release; 2:
 /// `KiviDecodeArgs` gained `q_lens` and `q_index`; 3: `KiviShape` gained `sink_tokens` (and the rings their sink
-/// rows) and `value_head_dim` (values, outputs and the split-K scratch use it). A program built against one header must not call a library of another version: compare
-/// [`kivi_abi_version`] with this constant before the first call.
+/// rows) and `value_head_dim` (values, outputs and the split-K scratch use it). A program built against one
+/// header must not call a library of another version: compare [`kivi_abi_version`] with this constant before the
+/// first call.
 pub const KIVI_ABI_VERSION: u32 = 3;
 
 /// The [`KIVI_ABI_VERSION`] this library was built with.

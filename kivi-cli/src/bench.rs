@@ -101,11 +101,18 @@ pub fn shapes_for(quant: &str, texts: &[String]) -> Result<Vec<Shape>, String> {
     Ok(shapes)
 }
 
-/// The layout a shape runs with: `quant` (a quantization spec such as `kivi-2`) plus the shape's heads.
+/// The layout a shape runs with: `quant` (a quantization spec such as `kivi-2`) plus the shape's heads. The shape's
+/// head_dim sets both keys' and values' (a note on stderr says so when `quant` names a head_dim of its own).
 ///
 /// # Errors
 /// The spec's parse or support error.
 pub fn layout_for(quant: &str, shape: &Shape) -> Result<Layout, String> {
+    if quant.contains("head_dim") {
+        eprintln!(
+            "note: the shape's head_dim {} replaces the spec's for keys and values (bench shapes have one head_dim)",
+            shape.head_dim
+        );
+    }
     let spec = format!(
         "{quant}, num_heads: {}, num_kv_heads: {}, head_dim: {}",
         shape.num_heads, shape.num_kv_heads, shape.head_dim

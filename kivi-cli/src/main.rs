@@ -177,7 +177,8 @@ enum Command {
         spec: Vec<String>,
         /// Verify the sampled layout matrix (80 layouts: every bit width 1, 2, 3, 4, 8 for keys and values, head_dim
         /// 32 to 256, MHA, GQA and MQA, groups 16 to 128 and per_block, symmetric, fp32 rounding, sink tokens,
-        /// different key and value head_dims), after any --spec.
+        /// different key and value head_dims) instead of the default presets, after any --spec (not with
+        /// --reference).
         #[arg(long)]
         matrix: bool,
         /// Decode steps per run.
@@ -289,16 +290,22 @@ fn main() -> ExitCode {
             if matrix {
                 spec.extend(verify::sampled_matrix());
             }
-            verify_cmd(
-                &reference,
-                &spec,
-                steps,
-                &batch,
-                &prefill,
-                cpu_only,
-                &decode_tile,
-                nvrtc.as_deref(),
-            )
+            if matrix && !reference.is_empty() {
+                Err("--matrix verifies generated layouts on the GPU and --reference checks files: give one or the \
+                     other"
+                    .to_string())
+            } else {
+                verify_cmd(
+                    &reference,
+                    &spec,
+                    steps,
+                    &batch,
+                    &prefill,
+                    cpu_only,
+                    &decode_tile,
+                    nvrtc.as_deref(),
+                )
+            }
         }
     };
     match result {
@@ -342,7 +349,7 @@ fn memory(spec: &str, context: u32, batch: u32, layers: u32) -> Result<ExitCode,
         ("key scales + mins", m.key_scales_mins),
         ("value codes", m.value_codes),
         ("value scales + mins", m.value_scales_mins),
-        ("fp16 residual rings", m.residual),
+        ("fp16 residual rings and sinks", m.residual),
         ("total", m.total()),
     ] {
         println!(

@@ -106,6 +106,25 @@ fn an_impossible_layout_names_the_value_and_the_rule() {
 }
 
 #[test]
+fn verify_matrix_and_reference_files_are_one_or_the_other() {
+    let o = kivi(
+        &[
+            "verify",
+            "--matrix",
+            "--reference",
+            "no-such-file.safetensors",
+        ],
+        &[],
+    );
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("--matrix") && err.contains("--reference"),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_unsupported_layout_says_not_yet_supported() {
     let o = kivi(&["gen", "kivi-2, llama-3-8b, keys: { bits: 5 }"], &[]);
     assert!(!o.status.success());

@@ -218,7 +218,8 @@ pub const AUTO_SPLITS: u32 = 64;
 /// The numbers of the decode kernel's plan that do not depend on the tile configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DecodePlan {
-    /// Tokens one warp handles per iteration: max(key chunk = 64 / key bits, 16). Splits are multiples of it.
+    /// Tokens one warp handles per iteration: max(key chunk, 16), the chunk being 64 / key bits (64 for 3 bits).
+    /// Splits are multiples of it.
     pub iter_tokens: u32,
     /// Key groups an iteration touches (1 unless the key group is shorter than an iteration).
     pub key_groups_per_iter: u32,
@@ -228,6 +229,8 @@ pub struct DecodePlan {
     pub head_tiles: u32,
     /// Bytes of one cp.async pipeline stage of one warp (one iteration's codes, scales and mins).
     pub stage_bytes: u32,
+    /// The keys' head_dim (the query fragments' channels).
+    pub key_head_dim: u32,
     /// The values' head_dim (the output accumulator's channels).
     pub value_head_dim: u32,
 }
@@ -253,6 +256,7 @@ impl DecodePlan {
             heads_per_tile,
             head_tiles,
             stage_bytes,
+            key_head_dim: dk,
             value_head_dim: dv,
         }
     }

@@ -167,8 +167,8 @@ impl StorageLayout {
         kivi_dsl::key_chunk_tokens(self.key_bits)
     }
 
-    /// 16-channel k-steps of the score mma (key head_dim / 16); a lane keeps
-    /// [`StorageLayout::key_words_per_step`] code words per step and chunk.
+    /// 16-channel k-steps of the score mma (key head_dim / 16), despite the name: a lane keeps this many times
+    /// [`StorageLayout::key_words_per_step`] code words per chunk (three times as many words for 3 bits).
     pub fn key_words_per_lane(&self) -> u32 {
         self.key_head_dim / 16
     }
@@ -351,8 +351,9 @@ impl StorageLayout {
     /// `quantized_keys` and `quantized_values` are quantized: key codes, scales and mins of the quantized keys,
     /// value codes (with their padding, as stored), scales and mins of the quantized values, and every
     /// full-precision key and value (the residual, including the new token, and the sink tokens). The query heads
-    /// (2 bytes x key head_dim each) come on top. This is the byte count `kivi bench` divides by the time. (With more than 16
-    /// query heads per KV head the kernel reads the cache once per tile of 16 heads; this counts it once.)
+    /// (2 bytes x key head_dim each) come on top. This is the byte count `kivi bench` divides by the time. (With
+    /// more than 16 query heads per KV head the kernel reads the cache once per tile of 16 heads; this counts it
+    /// once.)
     pub fn decode_read_bytes(&self, len: u64, quantized_keys: u64, quantized_values: u64) -> u64 {
         let (dk, dv) = (u64::from(self.key_head_dim), u64::from(self.value_head_dim));
         let key_codes = quantized_keys * dk * u64::from(self.key_bits) / 8;
@@ -404,6 +405,6 @@ impl MemoryBreakdown {
     /// Bytes an fp16 cache of the same capacity takes per sequence: keys and values, `2 x (key head_dim + value
     /// head_dim) x capacity`.
     pub fn fp16_bytes(capacity: u32, key_head_dim: u32, value_head_dim: u32) -> u64 {
-        2 * u64::from(key_head_dim + value_head_dim) * u64::from(capacity)
+        2 * (u64::from(key_head_dim) + u64::from(value_head_dim)) * u64::from(capacity)
     }
 }

@@ -57,15 +57,17 @@ impl KernelTiles {
     /// pipeline (fewer stages, then fewer warps, where its shared memory would pass 48 KiB), its split chosen at
     /// launch, and registers budgeted for 512 threads per multiprocessor (16 warps: 128 registers each; on the
     /// H200 that beat the compiler's own choice on the short and the batched shapes, see docs/BENCHMARKS.md)
-    /// where the output accumulator fits that budget (value head_dim / 16 x ceil(heads per tile / 8) x 4 <= 64 fp32
-    /// registers), else the compiler's own choice (at head_dim 256 with 16 heads, 128 registers spilled 1.2 KB
+    /// where the output accumulator (or the query fragments, with wider keys) fits that budget (max(key, value
+    /// head_dim) / 16 x ceil(heads per tile / 8) x 4 <= 64 registers), else the compiler's own choice (at head_dim 256 with 16 heads, 128 registers spilled 1.2 KB
     /// per thread and ran 1.85x slower on the H200). 3-bit keys (three code words per lane and 16-channel step)
     /// get 256 threads' worth (255 registers): at 128 they spilled 280 bytes per thread and ran 1.25-1.40x slower
     /// on the H200's 32k and 128k shapes.
     pub fn heuristic(layout: &Layout) -> Self {
         let plain = TileConfig::plain(128);
         let plan = DecodePlan::new(layout);
-        let accumulator = plan.value_head_dim / 16 * plan.heads_per_tile.div_ceil(8) * 4;
+        // The output accumulator, or the query fragments where keys are wider (both live through the loop).
+        let widest = plan.key_head_dim.max(plan.value_head_dim);
+        let accumulator = widest / 16 * plan.heads_per_tile.div_ceil(8) * 4;
         let per_sm = if layout.keys.bits == 3 { 256 } else { 512 };
         let budget = |threads: u32| {
             if accumulator <= 64 {

@@ -157,7 +157,10 @@ impl Layout {
     /// head_dim for values) is a power of two; `residual_length` a multiple of `max(key chunk, 16)` (whole key
     /// chunks and value tiles per flush block; [`key_chunk_tokens`]: 64 / key bits, 64 for 3 bits); fp16 scales;
     /// fp16 activations. Symmetric or asymmetric quantization, either rounding, any number of sink tokens and
-    /// different key and value head_dims are generated.
+    /// different key and value head_dims are generated. One rule is left to the generator, which knows the
+    /// storage: the decode iteration of one warp must fit 48 KiB of shared memory (kivi-codegen's
+    /// `LayoutKernels::new` refuses it as [`LayoutError::NotYetSupported`] too; e.g. head_dim 256 with 3-bit keys
+    /// and 8-bit values).
     ///
     /// # Errors
     /// A [`LayoutError`] from `validate`, or [`LayoutError::NotYetSupported`] for the first unsupported choice.

@@ -26,23 +26,23 @@ type Quant = (u32, usize, GroupQuant);
 struct HeadCache {
     /// Quantized key blocks of R tokens each, oldest first.
     k_blocks: Vec<QuantizedKeys>,
-    /// The dequantized keys, `[nqk, D]` f32.
+    /// The dequantized keys, `[nqk, Dk]` f32 (Dk: the keys' head_dim, Dv: the values').
     k_deq: Vec<f32>,
-    /// fp16 keys, `[nrk, D]`.
+    /// fp16 keys, `[nrk, Dk]`.
     k_res: Vec<f16>,
-    /// Packed value codes `[nqv, ceil(D * bits / 32)]` (a run per token).
+    /// Packed value codes `[nqv, ceil(Dv * bits / 32)]` (a run per token).
     v_code: Vec<u32>,
-    /// Value scales `[nqv, D/G]`.
+    /// Value scales `[nqv, Dv/G]`.
     v_scale: Vec<f16>,
-    /// Value mins `[nqv, D/G]`.
+    /// Value mins `[nqv, Dv/G]`.
     v_mn: Vec<f16>,
-    /// The dequantized values, `[nqv, D]` f32.
+    /// The dequantized values, `[nqv, Dv]` f32.
     v_deq: Vec<f32>,
-    /// fp16 values, `[nrv, D]`.
+    /// fp16 values, `[nrv, Dv]`.
     v_res: Vec<f16>,
-    /// The sink tokens' keys, `[min(len, S), D]` fp16 (never quantized).
+    /// The sink tokens' keys, `[min(len, S), Dk]` fp16 (never quantized).
     k_sink: Vec<f16>,
-    /// The sink tokens' values, `[min(len, S), D]` fp16.
+    /// The sink tokens' values, `[min(len, S), Dv]` fp16.
     v_sink: Vec<f16>,
 }
 
@@ -52,7 +52,8 @@ struct HeadCache {
 /// rounding, fp16 activations) at any width from 1 to 8 bits (codes packed as one bit stream, see
 /// [`crate::quant`]), plus sink tokens: the first `sink_tokens` tokens of a sequence stay fp16 for good and
 /// Algorithm 1 runs on the tokens after them (its residual counts and flush points start at the first non-sink
-/// token). GQA: query head `h` reads KV head `h / (num_heads / num_kv_heads)`.
+/// token). GQA: query head `h` reads KV head `h / (num_heads / num_kv_heads)`. Keys (and queries) and values (and
+/// outputs) may have different head_dims, Dk and Dv; scores are scaled by 1 / sqrt(Dk).
 #[derive(Clone, Debug)]
 pub struct RefCache {
     batch: usize,
@@ -79,7 +80,8 @@ pub struct RefCache {
 /// A snapshot of a [`RefCache`] in the reference files' layouts (`final_*` tensors of
 /// `kivi_decode_streams.safetensors`). All tensors row-major; `nqk`/`nrk` are quantized/fp16 key counts,
 /// `nqv`/`nrv` the same for values, `G` the group size; packed codes are bit streams of `bits` bits per code
-/// (`n * bits / 32` words for `n` codes; see [`crate::quant`]).
+/// (`n * bits / 32` words for `n` codes, value codes padded per token; see [`crate::quant`]). D is `head_dim` in
+/// key tensors and `value_head_dim` in value tensors.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CacheExport {
     /// Batch B.
@@ -385,15 +387,16 @@ impl RefCache {
         c.v_mn.extend(q.mn);
     }
 
-    /// Prefill an empty cache with `len` tokens: `k`, `v` are `[B, Hkv, len, D]` row-major fp16.
+    /// Prefill an empty cache with `len` tokens: `k` is `[B, Hkv, len, Dk]`, `v` `[B, Hkv, len, Dv]`, row-major
+    /// fp16.
     ///
     /// The first `min(len, S)` tokens are sinks (fp16). Of the `n = len - sinks` others: keys, the first
     /// `n - n mod R` are quantized (none if `n < R`), the rest stay fp16; values, all but the newest R are
     /// quantized (none if `n <= R`). No attention is computed.
     ///
     /// # Errors
-    /// [`RefError::Shape`] if `k` or `v` is not `B * Hkv * len * D` long; [`RefError::Invalid`] if the cache is
-    /// not empty.
+    /// [`RefError::Shape`] if `k` is not `B * Hkv * len * Dk` long or `v` not `B * Hkv * len * Dv`;
+    /// [`RefError::Invalid`] if the cache is not empty.
     pub fn prefill(&mut self, k: &[f16], v: &[f16], len: usize) -> Result<(), RefError> {
         if self.len != 0 {
             return Err(RefError::Invalid(format!(
@@ -443,12 +446,12 @@ impl RefCache {
         Ok(())
     }
 
-    /// One decode step: appends `k`, `v` (`[B, Hkv, D]` fp16; as a sink token while the cache holds fewer than
-    /// `sink_tokens`), computes attention of `q` (`[B, H, D]` fp16) over all cached tokens including the new one,
-    /// then flushes (the R fp16 keys as one block once there are R; the oldest fp16 value once there are R + 1).
-    /// Returns the attention output `[B, H, D]` f32.
+    /// One decode step: appends `k` (`[B, Hkv, Dk]` fp16) and `v` (`[B, Hkv, Dv]`; as a sink token while the
+    /// cache holds fewer than `sink_tokens`), computes attention of `q` (`[B, H, Dk]` fp16) over all cached tokens
+    /// including the new one, then flushes (the R fp16 keys as one block once there are R; the oldest fp16 value
+    /// once there are R + 1). Returns the attention output `[B, H, Dv]` f32.
     ///
-    /// Scores are `q . k / sqrt(D)` over `[dequantized keys, fp16 keys]`, softmax subtracts the max, output is
+    /// Scores are `q . k / sqrt(Dk)` over `[dequantized keys, fp16 keys]`, softmax subtracts the max, output is
     /// the weighted sum of `[dequantized values, fp16 values]`; all in f64. Works on an empty cache too.
     ///
     /// # Errors
@@ -524,7 +527,7 @@ impl RefCache {
         Ok(out)
     }
 
-    /// The keys and values attention sees for (`batch`, `kv_head`): `[len, D]` f32 each, in token order: the
+    /// The keys and values attention sees for (`batch`, `kv_head`): `[len, Dk]` and `[len, Dv]` f32, in token order: the
     /// sink tokens, the dequantized part, then the fp16 residual.
     ///
     /// # Errors

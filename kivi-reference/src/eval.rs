@@ -87,14 +87,17 @@ pub fn eval_layout(case: &StreamCase, layout: &Layout) -> Result<EvalError, RefE
         layout.num_heads as usize,
         layout.num_kv_heads as usize,
         layout.keys.head_dim as usize,
-    ) != (case.heads, case.kv_heads, case.head_dim)
+        layout.values.head_dim as usize,
+    ) != (case.heads, case.kv_heads, case.head_dim, case.head_dim)
     {
         return Err(RefError::Invalid(format!(
-            "{}: the layout has {} heads, {} KV heads and head_dim {}; the file {}, {} and {}",
+            "{}: the layout has {} heads, {} KV heads and head_dim {} (keys) and {} (values); the file {}, {} and {} \
+             (both)",
             case.name,
             layout.num_heads,
             layout.num_kv_heads,
             layout.keys.head_dim,
+            layout.values.head_dim,
             case.heads,
             case.kv_heads,
             case.head_dim

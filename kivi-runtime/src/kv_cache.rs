@@ -38,9 +38,9 @@ pub struct DecodeOptions<'a> {
     /// f32 `[batch, num_heads]` on the GPU: receives the natural-log log-sum-exp of each row's scaled scores
     /// (to merge partial attention results).
     pub lse: Option<&'a mut CudaSlice<f32>>,
-    /// Attend only the newest `window` tokens (0: all).
+    /// Attend only the newest `window` tokens after the sink tokens, and the sink tokens (0: all).
     pub window: u32,
-    /// The softmax scale of the scores (None: 1 / sqrt(head_dim)).
+    /// The softmax scale of the scores (None: 1 / sqrt(key head_dim)).
     pub softmax_scale: Option<f32>,
 }
 
@@ -184,7 +184,8 @@ impl KiviCache {
     /// Allocates a paged cache: `pages` pages of one block (R tokens) of every KV head, addressed through
     /// `block_table` (i32 `[batch][entries_per_seq]`, host; page indices, copied to the GPU), as vLLM-style
     /// engines store them; `module` must hold the paged decode kernel (loaded with
-    /// [`kivi_codegen::KernelTiles::paged`] tiles). Each sequence holds up to `entries_per_seq * R` tokens. Entries are checked on the
+    /// [`kivi_codegen::KernelTiles::paged`] tiles). Each sequence holds up to `entries_per_seq * R + sink_tokens`
+    /// tokens. Entries are checked on the
     /// device when used: an entry outside `[0, pages)` makes the sequence's output NaN and sets the error flag
     /// ([`KiviCache::check_device_errors`]) instead of reading out of range.
     ///
@@ -269,6 +270,20 @@ impl KiviCache {
                 pages,
             },
         };
+        // Whole blocks plus the sink tokens must stay addressable by the kernels' 32-bit positions (the launch
+        // checks this too: refuse here rather than allocate a cache every launch would refuse).
+        let max_tokens = addressing.max_tokens(&storage);
+        if max_tokens > u64::from(MAX_CAPACITY) {
+            return Err(RuntimeError::Limit {
+                what: "capacity in whole blocks plus sink tokens",
+                value: max_tokens,
+                limit: format!(
+                    "it must be at most {MAX_CAPACITY} tokens (capacity {capacity} rounds up to blocks of {} tokens, \
+                     plus {} sink tokens)",
+                    storage.residual_length, storage.sink_tokens
+                ),
+            });
+        }
         check_paged_kernel(&module, &addressing)?;
         check_block_count(&layout, batch, &addressing)?;
         let stream = gpu.stream().clone();
@@ -518,9 +533,11 @@ impl KiviCache {
         ptr
     }
 
-    /// Prefill (KIVI Algorithm 1): `k`, `v` are `[batch, num_kv_heads, len, head_dim]` fp16 on the GPU. Keys: if
-    /// `len < R` all stay full precision, else the first `len - len % R` are quantized per-channel. Values: if
-    /// `len <= R` all stay full precision, else all but the newest R are quantized per-token.
+    /// Prefill (KIVI Algorithm 1): `k`, `v` are `[batch, num_kv_heads, len, head_dim]` fp16 on the GPU (the keys'
+    /// head_dim for `k`, the values' for `v`). The first `min(len, sink_tokens)` tokens are sinks, kept in fp16;
+    /// of the `n` after them, keys: if `n < R` all stay full precision, else the first `n - n % R` are quantized
+    /// per-channel; values: if `n <= R` all stay full precision, else all but the newest R are quantized
+    /// per-token.
     ///
     /// # Errors
     /// [`RuntimeError::State`] if the cache is not empty; [`RuntimeError::Shape`] if a length does not match;
@@ -624,10 +641,11 @@ impl KiviCache {
         self.prefill(&dk, &dv, len)
     }
 
-    /// One decode step (KIVI Algorithm 1): appends `k`, `v` (`[batch, num_kv_heads, head_dim]` fp16) to every
-    /// sequence, writes the attention of `q` (`[batch, num_heads, head_dim]` fp16; query head h reads KV head
-    /// `h / (H / Hkv)`) over every cached token of its sequence, the new one included, into `out`
-    /// (`[batch, num_heads, head_dim]` fp16; scores scaled by 1/sqrt(head_dim), softmax in fp32), then flushes
+    /// One decode step (KIVI Algorithm 1): appends `k`, `v` (`[batch, num_kv_heads, head_dim]` fp16; the keys'
+    /// head_dim for `k`, the values' for `v`) to every sequence, writes the attention of `q` (`[batch, num_heads,
+    /// key head_dim]` fp16; query head h reads KV head `h / (H / Hkv)`) over every cached token of its sequence,
+    /// the new one included (sink tokens too), into `out` (`[batch, num_heads, value head_dim]` fp16; scores scaled
+    /// by 1/sqrt(key head_dim), softmax in fp32), then flushes
     /// as the reference does: the full-precision keys once they number R (one block), the oldest full-precision
     /// value once they number R + 1. One kernel launch; the sequences may have different lengths.
     ///
@@ -670,7 +688,8 @@ impl KiviCache {
     /// is copied from host memory first (pageable: the copy may wait for the host side of the transfer).
     ///
     /// Shapes (fp16, token-major so that token `j`'s rows are one step's): `q` and `out`
-    /// `[q_len, batch, num_heads, head_dim]`, `k` and `v` `[q_len, batch, num_kv_heads, head_dim]`, `lse` (in
+    /// `[q_len, batch, num_heads, head_dim]`, `k` and `v` `[q_len, batch, num_kv_heads, head_dim]` (`q` and `k` with
+    /// the keys' head_dim, `v` and `out` with the values'), `lse` (in
     /// `options`) f32 `[q_len, batch, num_heads]`. Rows of tokens past a sequence's `q_lens[b]` are neither read
     /// nor written. Options apply to every token (a window counts back from each token). A launch error at token
     /// `j` returns with the tokens before it appended ([`KiviCache::lens`] tells).
@@ -799,7 +818,7 @@ impl KiviCache {
         Ok(())
     }
 
-    /// [`KiviCache::decode_tokens`] from host slices; returns `out` `[q_len, batch, num_heads, head_dim]` fp16
+    /// [`KiviCache::decode_tokens`] from host slices; returns `out` `[q_len, batch, num_heads, value head_dim]` fp16
     /// (NaN in the rows of tokens past a sequence's `q_lens[b]`).
     ///
     /// # Errors
@@ -1044,7 +1063,7 @@ impl KiviCache {
         Ok(())
     }
 
-    /// [`KiviCache::decode_step`] from host slices; returns the output `[batch, num_heads, head_dim]` fp16.
+    /// [`KiviCache::decode_step`] from host slices; returns the output `[batch, num_heads, value head_dim]` fp16.
     ///
     /// # Errors
     /// As [`KiviCache::decode_step`].
@@ -1191,7 +1210,7 @@ impl KiviCache {
                 e.k_sink.extend_from_slice(&k_res[kr..kr + dk]);
                 e.v_sink.extend_from_slice(&v_res[vr..vr + dv]);
             }
-            // Values: codes [qv][D / cpw] packed along head_dim, params [qv][D / G].
+            // Values: codes [qv][ceil(Dv * bits / 32)] packed along head_dim, params [qv][Dv / G].
             for p in 0..qv {
                 let (base, tb) = (block_of(seq, p / r) * vbw, (p % r) as u32);
                 let block = &v_codes[base..base + vbw];

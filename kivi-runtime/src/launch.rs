@@ -3,8 +3,9 @@
 //! or synchronizes: every call checks its arguments on the host, then queues kernels on `stream` and returns.
 //!
 //! The state of a sequence is its length alone (KIVI Algorithm 1's invariants: after a prefill or a decode step
-//! of a sequence of `len` tokens, its first `len - len % R` keys and its first `max(len - R, 0)` values are
-//! quantized, and the rest sit in its full-precision rings). Lengths are `i32` in device memory, one per batch
+//! of a sequence of `len` tokens, its first `min(len, sink_tokens)` are sink tokens in fp16; of the `n` after
+//! them, the first `n - n % R` keys and the first `max(n - R, 0)` values are quantized, and the rest sit in its
+//! full-precision rings). Lengths are `i32` in device memory, one per batch
 //! entry, so the batch may be ragged, a decode step needs no host synchronization, and it can be captured in a
 //! CUDA graph (a fixed grid of [`LayoutModule::graph_grid_splits`] splits; blocks past a sequence's own splits
 //! exit at once). Bad lengths or block-table entries found on the device set bits of an error flag
@@ -95,7 +96,7 @@ pub struct CacheBuffers {
 pub enum BlockAddressing {
     /// Sequence `seq = b * num_kv_heads + h` owns blocks `[seq * blocks_per_seq, (seq + 1) * blocks_per_seq)`.
     Contiguous {
-        /// Blocks per sequence (its capacity is `blocks_per_seq * residual_length` tokens).
+        /// Blocks per sequence (its capacity is `blocks_per_seq * residual_length + sink_tokens` tokens).
         blocks_per_seq: u32,
     },
     /// Paged (vLLM-style): a page holds one block of every KV head, `residual_length` tokens (a multiple of the
@@ -105,7 +106,7 @@ pub enum BlockAddressing {
     Paged {
         /// i32 `[batch][entries_per_seq]` in device memory, 4-byte aligned.
         block_table: CUdeviceptr,
-        /// Entries per batch entry (its capacity is `entries_per_seq * residual_length` tokens).
+        /// Entries per batch entry (its capacity is `entries_per_seq * residual_length + sink_tokens` tokens).
         entries_per_seq: u32,
         /// Pages allocated: the block buffers hold `pages * num_kv_heads` blocks.
         pages: u32,
@@ -416,7 +417,7 @@ pub struct DecodeArgs {
     /// The grid's splits: at least every sequence's splits ([`LayoutModule::decode_splits`] of the longest), or
     /// [`LayoutModule::graph_grid_splits`] for a step that must serve any length (CUDA graphs).
     pub grid_splits: u32,
-    /// Sliding window: attend the newest `window` tokens only (0: all).
+    /// Sliding window: attend the newest `window` tokens after the sink tokens only, and the sink tokens (0: all).
     pub window: u32,
     /// Softmax scale of the scores (None: 1 / sqrt(key head_dim)).
     pub softmax_scale: Option<f32>,
@@ -582,23 +583,28 @@ impl LayoutModule {
             .spec(KernelKind::DecodePartial)
             .tile
             .split_tokens;
-        DecodePlan::new(&self.kernels().layout).grid_splits(fixed, max_len, window)
+        // Splits cut the tokens after the sink tokens (the first split attends the sinks too).
+        let layout = &self.kernels().layout;
+        let n = StorageLayout::new(layout).after_sinks(max_len);
+        DecodePlan::new(layout).grid_splits(fixed, n, window)
     }
 
-    /// The splits that serve every length up to `capacity` tokens: the grid (and scratch) of a decode step that
-    /// is captured once in a CUDA graph and replayed at any length.
+    /// The splits that serve every length up to `capacity` tokens (sink tokens included): the grid (and scratch)
+    /// of a decode step that is captured once in a CUDA graph and replayed at any length.
     pub fn graph_grid_splits(&self, capacity: u32) -> u32 {
         let fixed = self
             .kernels()
             .spec(KernelKind::DecodePartial)
             .tile
             .split_tokens;
-        DecodePlan::new(&self.kernels().layout).max_splits(fixed, capacity.max(1))
+        let layout = &self.kernels().layout;
+        let n = StorageLayout::new(layout).after_sinks(capacity);
+        DecodePlan::new(layout).max_splits(fixed, n.max(1))
     }
 
-    /// Queues a prefill (KIVI Algorithm 1) on `stream`: per batch entry, the first `len - len % R` keys are
-    /// quantized per-channel and the first `max(len - R, 0)` values per-token into its blocks, and the rest of
-    /// its tokens go to its full-precision rings. The sequences must be empty (a prefill overwrites what their
+    /// Queues a prefill (KIVI Algorithm 1) on `stream`: per batch entry, its first `min(len, sink_tokens)` tokens
+    /// go to its sink rows; of the `n` after them, the first `n - n % R` keys are quantized per-channel and the
+    /// first `max(n - R, 0)` values per-token into its blocks, and the rest go to its full-precision rings. The sequences must be empty (a prefill overwrites what their
     /// blocks and rings held). Four kernels; no allocation, no synchronization.
     ///
     /// # Errors

@@ -110,7 +110,7 @@ class KiviCache:
             if capacity < 1:
                 raise ValueError(f"capacity is {capacity}, but it must be at least 1")
             self.block_table = None
-            self.per_seq = -(-capacity // r)
+            self.per_seq = -(-max(capacity - shape["sink_tokens"], 1) // r)  # blocks; the sinks live beside the rings
             self.pages = 0
             self.capacity = capacity
         self.splits = self.module.graph_grid_splits(self.capacity)
@@ -154,7 +154,8 @@ class KiviCache:
 
     def prefill(self, k, v, lens: Optional[Sequence[int]] = None):
         """Prefills empty sequences from ``k``, ``v``: fp16 ``[batch, num_kv_heads, tokens, head_dim]`` CUDA
-        tensors (any strides with a unit last one, e.g. a transposed ``[batch, tokens, heads, dim]`` view).
+        tensors (``value_head_dim`` for ``v``; any strides with a unit last one, e.g. a transposed
+        ``[batch, tokens, heads, dim]`` view).
         ``lens`` (default: all ``tokens``) gives each batch entry's length; rows past it are not read."""
         torch = _torch()
         if any(self.lens):
@@ -187,12 +188,13 @@ class KiviCache:
 
     def decode(self, q, k_new, v_new, out=None, *, lse: bool = False, window: int = 0,
                softmax_scale: Optional[float] = None):
-        """One decode step: appends ``k_new``, ``v_new`` (fp16 ``[batch, num_kv_heads, head_dim]``) to every
-        sequence and returns the attention of ``q`` (fp16 ``[batch, num_heads, head_dim]``) over its tokens (the new
-        one included) as fp16 ``[batch, num_heads, head_dim]`` (into ``out`` when given), then runs the flushes of
-        Algorithm 1. With ``lse=True`` also returns the fp32 ``[batch, num_heads]`` log-sum-exp of the scaled
-        scores. ``window`` > 0 attends the newest ``window`` tokens only; ``softmax_scale`` defaults to
-        1 / sqrt(head_dim). All inputs must be contiguous."""
+        """One decode step: appends ``k_new``, ``v_new`` (fp16 ``[batch, num_kv_heads, head_dim]``, with
+        ``value_head_dim`` for ``v_new``) to every sequence and returns the attention of ``q`` (fp16
+        ``[batch, num_heads, head_dim]``) over its tokens (the new one included) as fp16
+        ``[batch, num_heads, value_head_dim]`` (into ``out`` when given), then runs the flushes of Algorithm 1.
+        With ``lse=True`` also returns the fp32 ``[batch, num_heads]`` log-sum-exp of the scaled scores.
+        ``window`` > 0 attends the newest ``window`` tokens (after the sink tokens) and the sinks only;
+        ``softmax_scale`` defaults to 1 / sqrt(head_dim). All inputs must be contiguous."""
         torch = _torch()
         b, h, hkv, d, dv = self.batch, self.num_heads, self.num_kv_heads, self.head_dim, self.value_head_dim
         self._check(q, "q", torch.float16, (b, h, d))
@@ -223,7 +225,8 @@ class KiviCache:
                       lse: bool = False, window: int = 0, softmax_scale: Optional[float] = None):
         """Several new tokens per sequence (q_len > 1: draft-token verification, chunked prefill), causal:
         ``q`` fp16 ``[q_len, batch, num_heads, head_dim]``, ``k_new``, ``v_new`` fp16
-        ``[q_len, batch, num_kv_heads, head_dim]`` (token-major: token ``j``'s rows are one step's). Sequence ``b``
+        ``[q_len, batch, num_kv_heads, head_dim]`` (``value_head_dim`` for ``v_new`` and ``out``; token-major:
+        token ``j``'s rows are one step's). Sequence ``b``
         takes its first ``q_lens[b]`` tokens (all ``q_len`` by default); token ``j`` attends to every earlier token
         and itself. Exactly ``q_lens[b]`` repeated ``decode`` steps (bit for bit), queued as ``q_len`` launches;
         rows past a sequence's ``q_lens[b]`` are neither read nor written (an error at token ``j`` leaves tokens
