@@ -331,18 +331,26 @@ fn memory(spec: &str, context: u32, batch: u32, layers: u32) -> Result<ExitCode,
             kivi_runtime::MAX_CAPACITY
         ));
     }
-    let m = kivi_codegen::StorageLayout::new(l).memory(context);
+    let st = kivi_codegen::StorageLayout::new(l);
+    if l.sink_tokens > context {
+        eprintln!(
+            "note: sink_tokens {} exceeds the context {context}: a cache still keeps {} fp16 sink rows per sequence",
+            l.sink_tokens, l.sink_tokens
+        );
+    }
+    let m = st.memory(context);
     let seqs = u64::from(batch) * u64::from(l.num_kv_heads);
     let per_layer = seqs * m.total();
     let fp16 = seqs
         * kivi_codegen::MemoryBreakdown::fp16_bytes(context, l.keys.head_dim, l.values.head_dim);
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     println!(
-        "{}\ncontext {context} tokens, batch {batch}, {} KV heads, {layers} layers",
+        "{}\ncontext {context} tokens, batch {batch}, {} KV heads, {layers} layer{}",
         l.to_spec(),
-        l.num_kv_heads
+        l.num_kv_heads,
+        if layers == 1 { "" } else { "s" }
     );
-    println!("| part | bytes per sequence | MiB per layer | MiB per model |");
+    println!("| part | bytes per sequence (one KV head) | MiB per layer | MiB per model |");
     println!("|---|---|---|---|");
     for (name, b) in [
         ("key codes", m.key_codes),
@@ -371,12 +379,18 @@ fn memory(spec: &str, context: u32, batch: u32, layers: u32) -> Result<ExitCode,
         // Tiny contexts: the fp16 rings and whole blocks outweigh what the codes save.
         format!("{:.2}x larger than fp16", 1.0 / ratio)
     };
+    // The automatic split's most splits over any length up to the context (tokens after the sinks).
+    let splits = kivi_codegen::DecodePlan::new(l).max_splits(0, st.after_sinks(context).max(1));
     println!(
-        "{comparison}. Blocks of {} tokens are allocated for the whole capacity; the decode kernel's \
-         split-K scratch (batch x num_heads x splits x (value head_dim + 2) x 4 bytes, at most {:.2} MiB per layer with the \
-         automatic split) comes on top.",
+        "{comparison}. Blocks of {} tokens are allocated for the whole capacity (less the sink tokens, which sit beside \
+         the rings); the decode kernel's split-K scratch (batch x num_heads x splits x (value head_dim + 2) x 4 \
+         bytes, at most {:.2} MiB per layer with the automatic split's {splits} at this context) comes on top.",
         l.residual_length,
-        mib(u64::from(batch) * u64::from(l.num_heads) * 64 * (u64::from(l.values.head_dim) + 2) * 4)
+        mib(u64::from(batch)
+            * u64::from(l.num_heads)
+            * u64::from(splits)
+            * (u64::from(l.values.head_dim) + 2)
+            * 4)
     );
     Ok(ExitCode::SUCCESS)
 }

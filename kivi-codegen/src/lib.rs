@@ -159,9 +159,15 @@ impl KernelSpec {
             if smallest > MAX_STATIC_SHARED_BYTES {
                 return Err(CodegenError::Layout(LayoutError::NotYetSupported {
                     what: format!(
-                        "this layout's decode iteration: even one warp with a 2-stage pipeline needs {smallest} \
-                         bytes of shared memory, more than the {MAX_STATIC_SHARED_BYTES} a kernel gets without \
-                         opt-in (use fewer bits or larger groups at this head_dim)"
+                        "this layout's decode iteration ({} tokens of {}-bit keys at head_dim {} and {}-bit values \
+                         at head_dim {}): even one warp with a 2-stage pipeline needs {smallest} bytes of shared \
+                         memory, more than the {MAX_STATIC_SHARED_BYTES} a kernel gets without opt-in (use fewer key \
+                         or value bits, or a smaller head_dim)",
+                        plan.iter_tokens,
+                        layout.keys.bits,
+                        layout.keys.head_dim,
+                        layout.values.bits,
+                        layout.values.head_dim
                     ),
                 }));
             }
