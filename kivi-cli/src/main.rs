@@ -380,7 +380,7 @@ fn memory(spec: &str, context: u32, batch: u32, layers: u32) -> Result<ExitCode,
         format!("{:.2}x larger than fp16", 1.0 / ratio)
     };
     // The automatic split's most splits over any length up to the context (tokens after the sinks).
-    let splits = kivi_codegen::DecodePlan::new(l).max_splits(0, st.after_sinks(context).max(1));
+    let splits = kivi_codegen::DecodePlan::new(l).max_splits(0, context);
     println!(
         "{comparison}. Blocks of {} tokens are allocated for the whole capacity (less the sink tokens, which sit beside \
          the rings); the decode kernel's split-K scratch (batch x num_heads x splits x (value head_dim + 2) x 4 \

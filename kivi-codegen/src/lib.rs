@@ -239,6 +239,8 @@ pub struct DecodePlan {
     pub key_head_dim: u32,
     /// The values' head_dim (the output accumulator's channels).
     pub value_head_dim: u32,
+    /// The layout's sink tokens: splits cut the tokens after them (the first split attends them too).
+    pub sink_tokens: u32,
 }
 
 impl DecodePlan {
@@ -264,6 +266,7 @@ impl DecodePlan {
             stage_bytes,
             key_head_dim: dk,
             value_head_dim: dv,
+            sink_tokens: layout.sink_tokens,
         }
     }
 
@@ -287,9 +290,9 @@ impl DecodePlan {
         span.max(1).div_ceil(Self::auto_splits(span)).div_ceil(it) * it
     }
 
-    /// The first attended token (inclusive) and the start of the first split, for a step over `len` tokens
-    /// with a sliding `window` (0: none): tokens [len - window, len) when len > window, the start rounded down
-    /// to the iteration.
+    /// The first attended token (inclusive) and the start of the first split, for a step over `len` tokens after
+    /// the sinks with a sliding `window` (0: none): tokens [len - window, len) when len > window, the start rounded
+    /// down to the iteration.
     pub fn attended(&self, len: u32, window: u32) -> (u32, u32) {
         let lo = if window > 0 && len > window {
             len - window
@@ -299,36 +302,45 @@ impl DecodePlan {
         (lo, lo / self.iter_tokens * self.iter_tokens)
     }
 
-    /// (tokens per split, splits) of a decode step over `len` tokens (the new one included) with split
-    /// `fixed` (0: automatic) and sliding `window` (0: none), as the decode kernel computes them.
+    /// (tokens per split, splits) of a decode step over `len` tokens (the new one and the sink tokens included)
+    /// with split `fixed` (0: automatic) and sliding `window` (0: none), as the decode kernel computes them: the
+    /// splits cut the tokens after the sinks, at least one split.
     pub fn split_plan(&self, fixed: u32, len: u32, window: u32) -> (u32, u32) {
+        let len = len.saturating_sub(self.sink_tokens);
         let (_, base) = self.attended(len, window);
         let span = len - base;
         let split = self.split_tokens(fixed, span);
         (split, span.max(1).div_ceil(split))
     }
 
-    /// The most splits a decode step of any sequence of at most `max_len` tokens (the new one included) makes with
+    /// The most splits a decode step of any sequence of at most `max_len` tokens (the new one and the sinks
+    /// included; the splits cut the tokens after the sinks) makes with
     /// split `fixed` (0: automatic) and sliding `window` (0: none): the grid a ragged batch needs. The split count
     /// is not monotone in the length (a window's start is rounded down to the iteration, and the automatic split
     /// rounds up to it), so this bounds it: a sequence's span is at most `max_len`, and with a window at most
     /// `window + iter_tokens - 1`; [`DecodePlan::auto_splits`] and `ceil(span / fixed)` grow with the span and are
     /// never below the splits actually made.
     pub fn grid_splits(&self, fixed: u32, max_len: u32, window: u32) -> u32 {
-        let mut span = max_len.max(1);
+        let mut span = max_len.saturating_sub(self.sink_tokens).max(1);
         if window > 0 {
             span = span.min(window.saturating_add(self.iter_tokens - 1));
         }
-        self.max_splits(fixed, span)
+        Self::splits_for_span(fixed, span)
     }
 
-    /// The most splits any decode step of up to `capacity` tokens per sequence can make with split `fixed`
-    /// (0: automatic): sizes the split-K scratch and the grid of a CUDA-graph-captured step.
+    /// The most splits any decode step of up to `capacity` tokens per sequence (sinks included) can make with
+    /// split `fixed` (0: automatic): sizes the split-K scratch and the grid of a CUDA-graph-captured step.
     pub fn max_splits(&self, fixed: u32, capacity: u32) -> u32 {
+        Self::splits_for_span(fixed, capacity.saturating_sub(self.sink_tokens).max(1))
+    }
+
+    /// The most splits of a span of at most `span` tokens (after the sinks): `ceil(span / fixed)`, or the
+    /// automatic split's count.
+    fn splits_for_span(fixed: u32, span: u32) -> u32 {
         if fixed > 0 {
-            capacity.max(1).div_ceil(fixed)
+            span.max(1).div_ceil(fixed)
         } else {
-            Self::auto_splits(capacity)
+            Self::auto_splits(span)
         }
     }
 

@@ -70,6 +70,18 @@ fn sink_tokens_take_rows_after_the_rings_and_shift_the_counts() {
         (none.quantized_keys(300), none.quantized_values(300)),
         (256, 172)
     );
+    // The decode plan's splits cut the tokens after the sinks, as the kernel's seq_step does; at least one split
+    // (a sink step has no other token).
+    let (p, q) = (
+        DecodePlan::new(&l),
+        DecodePlan::new(&layout("kivi-2, llama-3-8b")),
+    );
+    assert_eq!(p.split_plan(0, 32768, 0), q.split_plan(0, 32764, 0));
+    assert_eq!(p.split_plan(0, 32768, 0), (2208, 15));
+    assert_eq!(p.split_plan(256, 3, 0), (256, 1));
+    assert_eq!(p.grid_splits(0, 32768, 0), q.grid_splits(0, 32764, 0));
+    assert_eq!(p.max_splits(256, 4 + 1024), 4);
+    assert_eq!(p.max_splits(256, 2), 1);
 }
 
 #[test]

@@ -339,11 +339,7 @@ impl KiviCache {
     /// tile. A function of the length and the tile only, never of the batch, the GPU or the data.
     pub fn split_plan(&self, len: u32) -> (u32, u32) {
         let tile = self.module.kernels().spec(KernelKind::DecodePartial).tile;
-        // Splits cut the tokens after the sink tokens (the first split attends the sinks too).
-        let (split, n) = self
-            .plan
-            .split_plan(tile.split_tokens, self.storage.after_sinks(len), 0);
-        (split, n.max(1))
+        self.plan.split_plan(tile.split_tokens, len, 0)
     }
 
     /// Runs later steps with `module`: the same layout compiled with other tiles (the autotuner times candidates

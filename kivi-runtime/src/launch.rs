@@ -583,10 +583,7 @@ impl LayoutModule {
             .spec(KernelKind::DecodePartial)
             .tile
             .split_tokens;
-        // Splits cut the tokens after the sink tokens (the first split attends the sinks too).
-        let layout = &self.kernels().layout;
-        let n = StorageLayout::new(layout).after_sinks(max_len);
-        DecodePlan::new(layout).grid_splits(fixed, n, window)
+        DecodePlan::new(&self.kernels().layout).grid_splits(fixed, max_len, window)
     }
 
     /// The splits that serve every length up to `capacity` tokens (sink tokens included): the grid (and scratch)
@@ -597,9 +594,7 @@ impl LayoutModule {
             .spec(KernelKind::DecodePartial)
             .tile
             .split_tokens;
-        let layout = &self.kernels().layout;
-        let n = StorageLayout::new(layout).after_sinks(capacity);
-        DecodePlan::new(layout).max_splits(fixed, n.max(1))
+        DecodePlan::new(&self.kernels().layout).max_splits(fixed, capacity)
     }
 
     /// Queues a prefill (KIVI Algorithm 1) on `stream`: per batch entry, its first `min(len, sink_tokens)` tokens
