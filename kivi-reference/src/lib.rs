@@ -30,8 +30,9 @@ pub use files::{
 };
 pub use quant::{
     check_bits, codes_per_pack, codes_per_word, dequantize, dequantize_keys_per_channel,
-    dequantize_values_per_token, pack_codes, packed_words, quantize_group, quantize_group_into,
-    quantize_group_with, quantize_keys_per_channel, quantize_keys_per_channel_with,
-    quantize_values_per_token, quantize_values_per_token_with, unpack_codes, value_words_per_token,
-    GroupQuant, QuantGroup, QuantizedKeys, QuantizedValues, Rounding, Symmetry,
+    dequantize_values_per_token, pack_codes, pack_codes_padded, packed_words, quantize_group,
+    quantize_group_into, quantize_group_with, quantize_keys_per_channel,
+    quantize_keys_per_channel_with, quantize_values_per_token, quantize_values_per_token_with,
+    unpack_codes, value_words_per_token, GroupQuant, QuantGroup, QuantizedKeys, QuantizedValues,
+    Rounding, Symmetry,
 };

@@ -314,6 +314,16 @@ pub fn pack_codes(codes: &[u8], bits: u32) -> Result<Vec<u32>, RefError> {
             codes.len()
         )));
     }
+    pack_codes_padded(codes, bits)
+}
+
+/// [`pack_codes`] for a run of any length: `ceil(codes.len() * bits / 32)` words, the last one zero-padded where
+/// the codes do not fill it (a token's value codes, [`value_words_per_token`]).
+///
+/// # Errors
+/// [`RefError::Unsupported`] for bad bits; [`RefError::Invalid`] if a code does not fit in `bits` bits.
+pub fn pack_codes_padded(codes: &[u8], bits: u32) -> Result<Vec<u32>, RefError> {
+    check_bits(bits)?;
     if let Some(c) = codes.iter().find(|&&c| u32::from(c) >> bits != 0) {
         return Err(RefError::Invalid(format!(
             "code {c} does not fit in {bits} bits"

@@ -7,7 +7,7 @@ use common::h;
 use half::f16;
 use kivi_reference::{
     codes_per_pack, dequantize, dequantize_keys_per_channel, dequantize_values_per_token,
-    pack_codes, quantize_group, quantize_group_with, quantize_keys_per_channel,
+    pack_codes, pack_codes_padded, quantize_group, quantize_group_with, quantize_keys_per_channel,
     quantize_values_per_token, unpack_codes, value_words_per_token, GroupQuant, RefError, Rounding,
     Symmetry,
 };
@@ -114,6 +114,13 @@ fn quant_argument_errors() {
     ));
     assert!(matches!(
         quantize_values_per_token(&k, 8, 64, 2, 48),
+        Err(RefError::Invalid(_))
+    ));
+    // A run of any length packs into whole words, zero-padded; codes must still fit.
+    assert_eq!(pack_codes_padded(&[1, 2, 3], 2).unwrap(), vec![0b11_10_01]);
+    assert_eq!(pack_codes_padded(&[7; 11], 3).unwrap().len(), 2);
+    assert!(matches!(
+        pack_codes_padded(&[4], 2),
         Err(RefError::Invalid(_))
     ));
     // 8 2-bit codes of a token fill half a word: one word per token, zero-padded.

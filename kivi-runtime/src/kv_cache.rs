@@ -1130,20 +1130,12 @@ impl KiviCache {
             st.value_block_params() as usize,
         );
         let (kb, vb) = (st.key_bits, st.value_bits);
-        // The reference layouts are bit streams (kivi_reference::pack_codes): per channel along tokens for keys (a
-        // whole number of words: R is a multiple of 64), per token along head_dim for values (zero-padded to whole
-        // words, kivi_reference::value_words_per_token).
+        // The reference layouts are bit streams (kivi_reference::pack_codes_padded): per channel along tokens for
+        // keys (a whole number of words: R is a multiple of 64), per token along head_dim for values (zero-padded to
+        // whole words, kivi_reference::value_words_per_token).
         let pack = |codes: &[u8], bits: u32| {
-            let mut c = codes.to_vec();
-            c.resize(
-                c.len()
-                    .next_multiple_of(kivi_reference::codes_per_pack(bits)),
-                0,
-            );
-            let mut words = kivi_reference::pack_codes(&c, bits)
-                .map_err(|e| RuntimeError::State(format!("export: packing codes: {e}")))?;
-            words.truncate((codes.len() * bits as usize).div_ceil(32));
-            Ok::<_, RuntimeError>(words)
+            kivi_reference::pack_codes_padded(codes, bits)
+                .map_err(|e| RuntimeError::State(format!("export: packing codes: {e}")))
         };
         let (kg, vg) = (st.key_group_size as usize, st.value_group_size as usize);
         let vring = st.value_ring as usize;
