@@ -80,25 +80,25 @@ pub(crate) fn to_f32(x: &[f16]) -> Vec<f32> {
     x.iter().map(|v| v.to_f32()).collect()
 }
 
-/// Per-tensor mismatches between two exports in the reference layouts (f16 compared by bits, NaN equal to NaN);
-/// returns `(total, description of the tensors that differ)`.
+/// Per-tensor mismatches between two exports in the reference layouts (numbers compared by bits, NaN equal to
+/// NaN); returns `(total, description of the tensors that differ)`.
 fn compare_cache(
     ours: &CacheExport,
     k_code: &[i32],
-    k_scale: &[f16],
-    k_mn: &[f16],
-    k_res: &[f16],
-    v: (&[i32], &[f16], &[f16], &[f16]),
+    k_scale: &[f32],
+    k_mn: &[f32],
+    k_res: &[f32],
+    v: (&[i32], &[f32], &[f32], &[f32]),
 ) -> (usize, String) {
     summarize(&[
         TensorDiff::i32("k_code", k_code, &ours.k_code),
-        TensorDiff::f16("k_scale", k_scale, &ours.k_scale),
-        TensorDiff::f16("k_mn", k_mn, &ours.k_mn),
-        TensorDiff::f16("k_residual", k_res, &ours.k_residual),
+        TensorDiff::values("k_scale", k_scale, &ours.k_scale),
+        TensorDiff::values("k_mn", k_mn, &ours.k_mn),
+        TensorDiff::values("k_residual", k_res, &ours.k_residual),
         TensorDiff::i32("v_code", v.0, &ours.v_code),
-        TensorDiff::f16("v_scale", v.1, &ours.v_scale),
-        TensorDiff::f16("v_mn", v.2, &ours.v_mn),
-        TensorDiff::f16("v_residual", v.3, &ours.v_residual),
+        TensorDiff::values("v_scale", v.1, &ours.v_scale),
+        TensorDiff::values("v_mn", v.2, &ours.v_mn),
+        TensorDiff::values("v_residual", v.3, &ours.v_residual),
     ])
 }
 
@@ -128,8 +128,8 @@ fn compare_with_reference(
         (&cpu.v_code, &cpu.v_scale, &cpu.v_mn, &cpu.v_residual),
     );
     let (sinks, sink_text) = summarize(&[
-        TensorDiff::f16("k_sink", &cpu.k_sink, &ours.k_sink),
-        TensorDiff::f16("v_sink", &cpu.v_sink, &ours.v_sink),
+        TensorDiff::values("k_sink", &cpu.k_sink, &ours.k_sink),
+        TensorDiff::values("v_sink", &cpu.v_sink, &ours.v_sink),
     ]);
     total += sinks;
     let mut parts: Vec<String> = [text, sink_text]
@@ -569,14 +569,14 @@ pub fn verify_file_on_gpu(
         let (mismatches, which) = compare_cache(
             &g.export,
             &case.final_k_code,
-            &case.final_k_scale,
-            &case.final_k_mn,
-            &case.final_k_residual,
+            &to_f32(&case.final_k_scale),
+            &to_f32(&case.final_k_mn),
+            &to_f32(&case.final_k_residual),
             (
                 &case.final_v_code,
-                &case.final_v_scale,
-                &case.final_v_mn,
-                &case.final_v_residual,
+                &to_f32(&case.final_v_scale),
+                &to_f32(&case.final_v_mn),
+                &to_f32(&case.final_v_residual),
             ),
         );
         let passed =
@@ -657,20 +657,20 @@ fn gpu_pack_case(gpu: &Gpu, case: &PackCase) -> Check {
             ),
         );
     }
-    let take = |x: &[f16], per: usize, keep: usize| -> Vec<f16> {
+    let take = |x: &[f32], per: usize, keep: usize| -> Vec<f32> {
         x.chunks(per).flat_map(|c| c[..keep].to_vec()).collect()
     };
     let k_code: Vec<i32> = e.k_code.chunks(kw).flat_map(|c| c[..tw].to_vec()).collect();
     let mut diffs = vec![
         TensorDiff::i32("k_code", &case.k_code, &k_code),
-        TensorDiff::f16("k_scale", &case.k_scale, &take(&e.k_scale, kg, tg)),
-        TensorDiff::f16("k_mn", &case.k_mn, &take(&e.k_mn, kg, tg)),
+        TensorDiff::f16_values("k_scale", &case.k_scale, &take(&e.k_scale, kg, tg)),
+        TensorDiff::f16_values("k_mn", &case.k_mn, &take(&e.k_mn, kg, tg)),
     ];
     if let Some(v) = &case.values {
         // Values: T + G tokens, of which exactly the T prefill tokens are quantized after G steps (checked above).
         diffs.push(TensorDiff::i32("v_code", &v.v_code, &e.v_code));
-        diffs.push(TensorDiff::f16("v_scale", &v.v_scale, &e.v_scale));
-        diffs.push(TensorDiff::f16("v_mn", &v.v_mn, &e.v_mn));
+        diffs.push(TensorDiff::f16_values("v_scale", &v.v_scale, &e.v_scale));
+        diffs.push(TensorDiff::f16_values("v_mn", &v.v_mn, &e.v_mn));
     }
     let (mismatches, which) = summarize(&diffs);
     let what = if case.values.is_some() {

@@ -9,67 +9,139 @@
 //! f32 dequantized values and the fp16 residuals, and returned as f32: this is the oracle, free of the
 //! reference's own fp16 rounding of scores and weights (which costs it about 1.5e-3 relative error).
 
-use half::f16;
 use kivi_dsl::{Dtype, Layout, QuantAxis, ScaleDtype};
 
+use crate::dtype::{to_f32s, Activation, Format};
 use crate::error::RefError;
 use crate::quant::{
     check_mode, codes_per_pack, dequantize_keys_per_channel, dequantize_values_per_token,
-    quantize_keys_per_channel_with, quantize_values_per_token_with, GroupQuant, QuantizedKeys,
+    quantize_per_channel, quantize_per_token, GroupQuant, QuantizedKeys,
 };
 
-/// How one tensor is quantized: bits, group size (elements), rounding mode and symmetry.
-type Quant = (u32, usize, GroupQuant);
+/// How one tensor (keys or values) is quantized, and so when it flushes.
+#[derive(Clone, Copy, Debug)]
+struct TensorSpec {
+    bits: u32,
+    /// Group size in elements along the axis.
+    group: usize,
+    mode: GroupQuant,
+    axis: QuantAxis,
+    /// This tensor's head_dim.
+    d: usize,
+}
+
+impl TensorSpec {
+    /// Tokens quantized (after the sinks) once `n` tokens have gone through Algorithm 1: per-channel tensors
+    /// whole blocks of R (the paper's keys), per-token tensors all but the newest R (the paper's values).
+    fn quantized(&self, n: usize, r: usize) -> usize {
+        match self.axis {
+            QuantAxis::PerChannel => n / r * r,
+            QuantAxis::PerToken => n.saturating_sub(r),
+        }
+    }
+}
+
+/// One tensor of one (batch, KV head): its quantized part, full-precision residual and sinks. Every value is
+/// held as f32, exactly (activations of the layout's dtype; scales and mins of the tensor's scale dtype).
+#[derive(Clone, Debug, Default)]
+struct Stream {
+    /// Per-channel: the quantized blocks of R tokens, oldest first.
+    blocks: Vec<QuantizedKeys>,
+    /// Per-token: packed codes `[nq, ceil(D * bits / 32)]` (a run per token).
+    codes: Vec<u32>,
+    /// Per-token: scales `[nq, D/G]`.
+    scale: Vec<f32>,
+    /// Per-token: mins `[nq, D/G]`.
+    mn: Vec<f32>,
+    /// The dequantized tokens, `[nq, D]`.
+    deq: Vec<f32>,
+    /// Full-precision (residual) tokens, `[nr, D]`.
+    res: Vec<f32>,
+    /// The sink tokens, `[min(len, S), D]` (never quantized).
+    sink: Vec<f32>,
+}
+
+impl Stream {
+    /// Quantizes the oldest `n` residual tokens (per-channel: `n` is R, one block).
+    fn flush(&mut self, t: &TensorSpec, act: Format, n: usize) {
+        let x: Vec<f32> = self.res.drain(..n * t.d).collect();
+        match t.axis {
+            QuantAxis::PerChannel => {
+                let q = quantize_per_channel(&x, act, n, t.d, t.bits, t.group, t.mode);
+                self.deq
+                    .extend(dequantize_keys_per_channel(&q).expect("dims validated in new()"));
+                self.blocks.push(q);
+            }
+            QuantAxis::PerToken => {
+                let q = quantize_per_token(&x, act, n, t.d, t.bits, t.group, t.mode);
+                self.deq
+                    .extend(dequantize_values_per_token(&q).expect("dims validated in new()"));
+                self.codes.extend(q.codes);
+                self.scale.extend(q.scale);
+                self.mn.extend(q.mn);
+            }
+        }
+    }
+
+    /// Appends this stream's quantized part to an export in its axis's layout (see [`CacheExport`]).
+    fn export_quantized(
+        &self,
+        d: usize,
+        code: &mut Vec<i32>,
+        scale: &mut Vec<f32>,
+        mn: &mut Vec<f32>,
+    ) {
+        if self.blocks.is_empty() {
+            code.extend(self.codes.iter().map(|&w| w as i32));
+            scale.extend_from_slice(&self.scale);
+            mn.extend_from_slice(&self.mn);
+            return;
+        }
+        for ch in 0..d {
+            for blk in &self.blocks {
+                let (wpc, gpc) = (blk.codes.len() / d, blk.scale.len() / d);
+                code.extend(
+                    blk.codes[ch * wpc..(ch + 1) * wpc]
+                        .iter()
+                        .map(|&w| w as i32),
+                );
+                scale.extend_from_slice(&blk.scale[ch * gpc..(ch + 1) * gpc]);
+                mn.extend_from_slice(&blk.mn[ch * gpc..(ch + 1) * gpc]);
+            }
+        }
+    }
+}
 
 /// The cache of one (batch, KV head).
 #[derive(Clone, Debug, Default)]
 struct HeadCache {
-    /// Quantized key blocks of R tokens each, oldest first.
-    k_blocks: Vec<QuantizedKeys>,
-    /// The dequantized keys, `[nqk, Dk]` f32 (Dk: the keys' head_dim, Dv: the values').
-    k_deq: Vec<f32>,
-    /// fp16 keys, `[nrk, Dk]`.
-    k_res: Vec<f16>,
-    /// Packed value codes `[nqv, ceil(Dv * bits / 32)]` (a run per token).
-    v_code: Vec<u32>,
-    /// Value scales `[nqv, Dv/G]`.
-    v_scale: Vec<f16>,
-    /// Value mins `[nqv, Dv/G]`.
-    v_mn: Vec<f16>,
-    /// The dequantized values, `[nqv, Dv]` f32.
-    v_deq: Vec<f32>,
-    /// fp16 values, `[nrv, Dv]`.
-    v_res: Vec<f16>,
-    /// The sink tokens' keys, `[min(len, S), Dk]` fp16 (never quantized).
-    k_sink: Vec<f16>,
-    /// The sink tokens' values, `[min(len, S), Dv]` fp16.
-    v_sink: Vec<f16>,
+    k: Stream,
+    v: Stream,
 }
 
 /// The reference KIVI cache for `batch` sequences x `num_kv_heads` KV heads (Algorithm 1).
 ///
-/// Supports the paper's configuration (keys per-channel, values per-token, asymmetric, fp16 scale and min, half
-/// rounding, fp16 activations) at any width from 1 to 8 bits (codes packed as one bit stream, see
-/// [`crate::quant`]), plus sink tokens: the first `sink_tokens` tokens of a sequence stay fp16 for good and
-/// Algorithm 1 runs on the tokens after them (its residual counts and flush points start at the first non-sink
-/// token). GQA: query head `h` reads KV head `h / (num_heads / num_kv_heads)`. Keys (and queries) and values (and
-/// outputs) may have different head_dims, Dk and Dv; scores are scaled by 1 / sqrt(Dk).
+/// Supports every layout kivi-dsl validates: 1 to 8 bits (codes packed as one bit stream, see [`crate::quant`]),
+/// either rounding, asymmetric or symmetric (from 2 bits), fp16, bf16 or fp32 scales, fp16 or bf16 activations
+/// (the inputs' type, [`Activation`], must be the layout's dtype), either axis for either tensor, and sink
+/// tokens: the first `sink_tokens` tokens of a sequence stay in full precision for good and Algorithm 1 runs on
+/// the tokens after them (its residual counts and flush points start at the first non-sink token).
+///
+/// The flush rule follows a tensor's axis, as in the paper: a per-channel tensor (the paper's keys) quantizes R
+/// tokens at a time once R full-precision tokens exist (its groups run along tokens, so they must be complete);
+/// a per-token tensor (the paper's values) quantizes its oldest token once R + 1 exist. GQA: query head `h`
+/// reads KV head `h / (num_heads / num_kv_heads)`. Keys (and queries) and values (and outputs) may have
+/// different head_dims, Dk and Dv; scores are scaled by 1 / sqrt(Dk).
 #[derive(Clone, Debug)]
 pub struct RefCache {
     batch: usize,
     heads: usize,
     kv_heads: usize,
-    /// Keys' (and queries') head_dim.
-    dk: usize,
-    /// Values' (and outputs') head_dim.
-    dv: usize,
     r: usize,
-    k_bits: u32,
-    v_bits: u32,
-    k_group: usize,
-    v_group: usize,
-    k_mode: GroupQuant,
-    v_mode: GroupQuant,
+    /// The activation dtype (inputs, residuals, sinks).
+    dtype: Dtype,
+    keys: TensorSpec,
+    values: TensorSpec,
     sinks: usize,
     len: usize,
     nqk: usize,
@@ -78,11 +150,17 @@ pub struct RefCache {
 }
 
 /// A snapshot of a [`RefCache`] in the reference files' layouts (`final_*` tensors of
-/// `kivi_decode_streams.safetensors`). All tensors row-major; `nqk`/`nrk` are quantized/fp16 key counts,
-/// `nqv`/`nrv` the same for values, `G` the group size; packed codes are bit streams of `bits` bits per code
-/// (`n * bits / 32` words for `n` codes, value codes padded per token; see [`crate::quant`]). D is `head_dim` in
-/// key tensors and `value_head_dim` in value tensors.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// `kivi_decode_streams.safetensors`). All tensors row-major; `nqk`/`nrk` are quantized/full-precision key
+/// counts, `nqv`/`nrv` the same for values, `G` the group size; packed codes are bit streams of `bits` bits per
+/// code (`n * bits / 32` words for `n` codes, per-token codes padded per token; see [`crate::quant`]). D is
+/// `head_dim` in key tensors and `value_head_dim` in value tensors.
+///
+/// A tensor's quantized part is laid out by its axis: per-channel (the paper's keys) `codes [B, Hkv, D,
+/// nq * bits / 32]`, `scales [B, Hkv, D, nq / G]`; per-token (the paper's values) `codes [B, Hkv, nq,
+/// ceil(D * bits / 32)]`, `scales [B, Hkv, nq, D / G]`. Scales and mins are numbers of the tensor's scale dtype,
+/// residuals and sinks numbers of the activation dtype, all held exactly as f32 (compare them by bits, with any
+/// two NaNs equal: [`crate::TensorDiff::values`]).
+#[derive(Clone, Debug, PartialEq)]
 pub struct CacheExport {
     /// Batch B.
     pub batch: usize,
@@ -92,50 +170,94 @@ pub struct CacheExport {
     pub head_dim: usize,
     /// Head dim of values (the D of the value tensors below; equal to `head_dim` unless the layout differs).
     pub value_head_dim: usize,
+    /// The activation dtype of the residuals and sinks.
+    pub dtype: Dtype,
     /// Key bits.
     pub k_bits: u32,
     /// Value bits.
     pub v_bits: u32,
-    /// Key group size (tokens).
+    /// Key group size (tokens per-channel, head-dim entries per-token).
     pub k_group: usize,
-    /// Value group size (head-dim entries).
+    /// Value group size (head-dim entries per-token, tokens per-channel).
     pub v_group: usize,
+    /// The keys' axis (the layout of `k_code`, `k_scale`, `k_mn`).
+    pub k_axis: QuantAxis,
+    /// The values' axis.
+    pub v_axis: QuantAxis,
+    /// The keys' scale dtype.
+    pub k_scale_dtype: ScaleDtype,
+    /// The values' scale dtype.
+    pub v_scale_dtype: ScaleDtype,
     /// Tokens in the cache (sink tokens included).
     pub len: usize,
-    /// Sink tokens held (fp16, never quantized): `min(len, sink_tokens)`.
+    /// Sink tokens held (full precision, never quantized): `min(len, sink_tokens)`.
     pub sink_tokens: usize,
     /// Sink keys `[B, Hkv, sink_tokens, D]`.
-    pub k_sink: Vec<f16>,
+    pub k_sink: Vec<f32>,
     /// Sink values `[B, Hkv, sink_tokens, D]`.
-    pub v_sink: Vec<f16>,
+    pub v_sink: Vec<f32>,
     /// Quantized keys `nqk`.
     pub quantized_keys: usize,
-    /// fp16 keys `nrk`.
+    /// Full-precision keys `nrk`.
     pub residual_keys: usize,
     /// Quantized values `nqv`.
     pub quantized_values: usize,
-    /// fp16 values `nrv`.
+    /// Full-precision values `nrv`.
     pub residual_values: usize,
-    /// Key codes `[B, Hkv, D, nqk * bits / 32]` (u32 words as i32).
+    /// Key codes (u32 words as i32): `[B, Hkv, D, nqk * bits / 32]` per-channel.
     pub k_code: Vec<i32>,
-    /// Key scales `[B, Hkv, D, nqk/G]`.
-    pub k_scale: Vec<f16>,
-    /// Key mins `[B, Hkv, D, nqk/G]`.
-    pub k_mn: Vec<f16>,
-    /// fp16 keys `[B, Hkv, nrk, D]`.
-    pub k_residual: Vec<f16>,
-    /// Value codes `[B, Hkv, nqv, ceil(D * bits / 32)]` (u32 words as i32; a bit stream per token, zero-padded).
+    /// Key scales: `[B, Hkv, D, nqk/G]` per-channel.
+    pub k_scale: Vec<f32>,
+    /// Key mins, as `k_scale`.
+    pub k_mn: Vec<f32>,
+    /// Full-precision keys `[B, Hkv, nrk, D]`.
+    pub k_residual: Vec<f32>,
+    /// Value codes (u32 words as i32): `[B, Hkv, nqv, ceil(D * bits / 32)]` per-token (a zero-padded bit stream
+    /// per token).
     pub v_code: Vec<i32>,
-    /// Value scales `[B, Hkv, nqv, D/G]`.
-    pub v_scale: Vec<f16>,
-    /// Value mins `[B, Hkv, nqv, D/G]`.
-    pub v_mn: Vec<f16>,
-    /// fp16 values `[B, Hkv, nrv, D]`.
-    pub v_residual: Vec<f16>,
+    /// Value scales: `[B, Hkv, nqv, D/G]` per-token.
+    pub v_scale: Vec<f32>,
+    /// Value mins, as `v_scale`.
+    pub v_mn: Vec<f32>,
+    /// Full-precision values `[B, Hkv, nrv, D]`.
+    pub v_residual: Vec<f32>,
 }
 
-fn f16s_to_f32(x: &[f16]) -> Vec<f32> {
-    x.iter().map(|v| v.to_f32()).collect()
+impl Default for CacheExport {
+    /// An empty export of the paper's layout (fp16, keys per-channel, values per-token).
+    fn default() -> Self {
+        CacheExport {
+            batch: 0,
+            kv_heads: 0,
+            head_dim: 0,
+            value_head_dim: 0,
+            dtype: Dtype::F16,
+            k_bits: 0,
+            v_bits: 0,
+            k_group: 0,
+            v_group: 0,
+            k_axis: QuantAxis::PerChannel,
+            v_axis: QuantAxis::PerToken,
+            k_scale_dtype: ScaleDtype::F16,
+            v_scale_dtype: ScaleDtype::F16,
+            len: 0,
+            sink_tokens: 0,
+            k_sink: Vec::new(),
+            v_sink: Vec::new(),
+            quantized_keys: 0,
+            residual_keys: 0,
+            quantized_values: 0,
+            residual_values: 0,
+            k_code: Vec::new(),
+            k_scale: Vec::new(),
+            k_mn: Vec::new(),
+            k_residual: Vec::new(),
+            v_code: Vec::new(),
+            v_scale: Vec::new(),
+            v_mn: Vec::new(),
+            v_residual: Vec::new(),
+        }
+    }
 }
 
 /// Attention of one query (`[dk]`) over keys (segments of `[n_i, dk]`) and values (`[n_i, dv]`), row-major f32,
@@ -193,22 +315,22 @@ fn check_attention_args(q: usize, k: usize, v: usize, head_dim: usize) -> Result
     Ok(())
 }
 
-/// Exact (unquantized) attention of one query against fp16 keys and values:
+/// Exact (unquantized) attention of one query against fp16 or bf16 keys and values:
 /// `softmax(q . k_t / sqrt(D)) x v`, computed in f64, returned as `[D]` f32.
 ///
 /// `q` is `[D]`, `k` and `v` are `[T, D]` row-major, T >= 1.
 ///
 /// # Errors
 /// [`RefError::Shape`] / [`RefError::Invalid`] for inconsistent lengths, T = 0 or D = 0.
-pub fn attention_exact(
-    q: &[f16],
-    k: &[f16],
-    v: &[f16],
+pub fn attention_exact<T: Activation>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
     head_dim: usize,
 ) -> Result<Vec<f32>, RefError> {
     check_attention_args(q.len(), k.len(), v.len(), head_dim)?;
-    let (k, v) = (f16s_to_f32(k), f16s_to_f32(v));
-    Ok(attend(&f16s_to_f32(q), &[&k], &[&v], head_dim, head_dim))
+    let (k, v) = (to_f32s(k), to_f32s(v));
+    Ok(attend(&to_f32s(q), &[&k], &[&v], head_dim, head_dim))
 }
 
 /// [`attention_exact`] on f32 inputs (e.g. dequantized keys and values from [`RefCache::effective_kv`]):
@@ -230,47 +352,18 @@ impl RefCache {
     /// An empty cache for `layout` and `batch` sequences.
     ///
     /// # Errors
-    /// [`RefError::Unsupported`] for anything but keys per-channel / values per-token, fp16 scales, fp16
-    /// activations, bits 1 to 8 (either rounding mode; asymmetric, or symmetric from 2 bits), a key group dividing R and R
-    /// a multiple of [`codes_per_pack`]`(k_bits)`, a value group dividing head_dim (a token's value codes are
-    /// packed in whole words, the last zero-padded);
-    /// [`RefError::Invalid`] for zero sizes or `num_heads` not a multiple of `num_kv_heads`.
+    /// [`RefError::Unsupported`] for bits outside 1 to 8 or symmetric 1-bit; per-channel groups (keys by default)
+    /// that do not divide R, or R not a multiple of [`codes_per_pack`]`(bits)` of a per-channel tensor; per-token
+    /// groups (values by default) that do not divide that tensor's head_dim (a token's codes are packed in whole
+    /// words, the last zero-padded); [`RefError::Invalid`] for zero sizes or `num_heads` not a multiple of
+    /// `num_kv_heads`.
     pub fn new(layout: &Layout, batch: usize) -> Result<Self, RefError> {
-        let (k, v) = (&layout.keys, &layout.values);
-        if k.axis != QuantAxis::PerChannel {
-            return Err(RefError::unsupported(
-                "keys quantized per-token (only per-channel keys)",
-            ));
-        }
-        if v.axis != QuantAxis::PerToken {
-            return Err(RefError::unsupported(
-                "values quantized per-channel (only per-token values)",
-            ));
-        }
-        for (name, t) in [("keys", k), ("values", v)] {
-            if t.scale_dtype != ScaleDtype::F16 {
-                return Err(RefError::unsupported(format!(
-                    "{} scales for {name}",
-                    t.scale_dtype.as_str()
-                )));
-            }
-            check_mode(
-                t.bits,
-                GroupQuant {
-                    rounding: t.rounding,
-                    symmetry: t.symmetry,
-                },
-            )?;
-        }
-        if layout.dtype != Dtype::F16 {
-            return Err(RefError::unsupported(format!(
-                "{} activations",
-                layout.dtype.as_str()
-            )));
-        }
-        let (dk, dv) = (k.head_dim as usize, v.head_dim as usize);
         let r = layout.residual_length as usize;
         let (heads, kv_heads) = (layout.num_heads as usize, layout.num_kv_heads as usize);
+        let (dk, dv) = (
+            layout.keys.head_dim as usize,
+            layout.values.head_dim as usize,
+        );
         if dk == 0 || dv == 0 || r == 0 || heads == 0 || kv_heads == 0 || batch == 0 {
             return Err(RefError::Invalid(format!(
                 "sizes must be positive: head_dim {dk} (keys) and {dv} (values), residual_length {r}, num_heads {heads}, \
@@ -282,40 +375,50 @@ impl RefCache {
                 "num_heads {heads} not a multiple of num_kv_heads {kv_heads}"
             )));
         }
-        let k_group = k.group_elems(layout.residual_length) as usize;
-        let v_group = v.group_elems(layout.residual_length) as usize;
-        let ku = codes_per_pack(k.bits);
-        if k_group == 0 || !r.is_multiple_of(k_group) || !r.is_multiple_of(ku) {
-            return Err(RefError::unsupported(format!(
-                "residual_length {r} not a multiple of the key group {k_group} and of {ku} (the {}-bit codes \
-                 that fill whole words)",
-                k.bits
-            )));
-        }
-        if v_group == 0 || !dv.is_multiple_of(v_group) {
-            return Err(RefError::unsupported(format!(
-                "values' head_dim {dv} not a multiple of the value group {v_group}"
-            )));
-        }
+        let spec = |name: &str, t: &kivi_dsl::TensorQuant| -> Result<TensorSpec, RefError> {
+            let mode = GroupQuant::of(t);
+            check_mode(t.bits, mode)?;
+            let (d, group) = (
+                t.head_dim as usize,
+                t.group_elems(layout.residual_length) as usize,
+            );
+            match t.axis {
+                QuantAxis::PerChannel => {
+                    let unit = codes_per_pack(t.bits);
+                    if group == 0 || !r.is_multiple_of(group) || !r.is_multiple_of(unit) {
+                        return Err(RefError::unsupported(format!(
+                            "residual_length {r} not a multiple of the per-channel {name} group {group} and of \
+                             {unit} (the {}-bit codes that fill whole words)",
+                            t.bits
+                        )));
+                    }
+                }
+                QuantAxis::PerToken => {
+                    if group == 0 || !d.is_multiple_of(group) {
+                        return Err(RefError::unsupported(format!(
+                            "{name}' head_dim {d} not a multiple of the per-token {name} group {group}"
+                        )));
+                    }
+                }
+            }
+            Ok(TensorSpec {
+                bits: t.bits,
+                group,
+                mode,
+                axis: t.axis,
+                d,
+            })
+        };
+        let keys = spec("keys", &layout.keys)?;
+        let values = spec("values", &layout.values)?;
         Ok(RefCache {
             batch,
             heads,
             kv_heads,
-            dk,
-            dv,
             r,
-            k_bits: k.bits,
-            v_bits: v.bits,
-            k_group,
-            v_group,
-            k_mode: GroupQuant {
-                rounding: k.rounding,
-                symmetry: k.symmetry,
-            },
-            v_mode: GroupQuant {
-                rounding: v.rounding,
-                symmetry: v.symmetry,
-            },
+            dtype: layout.dtype,
+            keys,
+            values,
             sinks: layout.sink_tokens as usize,
             len: 0,
             nqk: 0,
@@ -334,7 +437,12 @@ impl RefCache {
         self.len == 0
     }
 
-    /// Quantized keys per (batch, KV head); always a multiple of R.
+    /// The activation dtype the inputs must have.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// Quantized keys per (batch, KV head): a multiple of R for per-channel keys (the paper's).
     pub fn quantized_keys(&self) -> usize {
         self.nqk
     }
@@ -344,67 +452,54 @@ impl RefCache {
         self.nqv
     }
 
-    fn key_quant(&self) -> Quant {
-        (self.k_bits, self.k_group, self.k_mode)
-    }
-
-    fn value_quant(&self) -> Quant {
-        (self.v_bits, self.v_group, self.v_mode)
-    }
-
     /// Sink tokens held per (batch, KV head): `min(len, sink_tokens)`.
     pub fn sink_tokens(&self) -> usize {
         self.len.min(self.sinks)
     }
 
-    /// fp16 (residual) keys per (batch, KV head): `len - sink_tokens - quantized_keys`, in `0..R`.
+    /// Full-precision (residual) keys per (batch, KV head): `len - sink_tokens - quantized_keys` (per-channel: in
+    /// `0..R`; per-token: at most R).
     pub fn residual_keys(&self) -> usize {
         self.len - self.sink_tokens() - self.nqk
     }
 
-    /// fp16 (residual) values per (batch, KV head): `len - sink_tokens - quantized_values`, at most R.
+    /// Full-precision (residual) values per (batch, KV head): `len - sink_tokens - quantized_values` (per-token:
+    /// at most R; per-channel: in `0..R`).
     pub fn residual_values(&self) -> usize {
         self.len - self.sink_tokens() - self.nqv
     }
 
-    fn flush_keys(r: usize, d: usize, (bits, group, mode): Quant, c: &mut HeadCache) {
-        let block: Vec<f16> = c.k_res.drain(..r * d).collect();
-        let q = quantize_keys_per_channel_with(&block, r, d, bits, group, mode)
-            .expect("dims validated in new()");
-        c.k_deq
-            .extend(dequantize_keys_per_channel(&q).expect("consistent"));
-        c.k_blocks.push(q);
+    fn check_dtype<T: Activation>(&self, what: &str) -> Result<(), RefError> {
+        if T::DTYPE != self.dtype {
+            return Err(RefError::Invalid(format!(
+                "{what}: {} inputs for a layout of {} activations",
+                T::DTYPE.as_str(),
+                self.dtype.as_str()
+            )));
+        }
+        Ok(())
     }
 
-    fn flush_values(n: usize, d: usize, (bits, group, mode): Quant, c: &mut HeadCache) {
-        let vals: Vec<f16> = c.v_res.drain(..n * d).collect();
-        let q = quantize_values_per_token_with(&vals, n, d, bits, group, mode)
-            .expect("dims validated in new()");
-        c.v_deq
-            .extend(dequantize_values_per_token(&q).expect("consistent"));
-        c.v_code.extend(q.codes);
-        c.v_scale.extend(q.scale);
-        c.v_mn.extend(q.mn);
-    }
-
-    /// Prefill an empty cache with `len` tokens: `k` is `[B, Hkv, len, Dk]`, `v` `[B, Hkv, len, Dv]`, row-major
-    /// fp16.
+    /// Prefill an empty cache with `len` tokens: `k` is `[B, Hkv, len, Dk]`, `v` `[B, Hkv, len, Dv]`, row-major,
+    /// of the layout's activation dtype (`f16` or `bf16`).
     ///
-    /// The first `min(len, S)` tokens are sinks (fp16). Of the `n = len - sinks` others: keys, the first
-    /// `n - n mod R` are quantized (none if `n < R`), the rest stay fp16; values, all but the newest R are
-    /// quantized (none if `n <= R`). No attention is computed.
+    /// The first `min(len, S)` tokens are sinks (full precision). Of the `n = len - sinks` others, a per-channel
+    /// tensor (the paper's keys) quantizes the first `n - n mod R` (none if `n < R`) and keeps the rest; a
+    /// per-token tensor (the paper's values) quantizes all but the newest R (none if `n <= R`). No attention is
+    /// computed.
     ///
     /// # Errors
     /// [`RefError::Shape`] if `k` is not `B * Hkv * len * Dk` long or `v` not `B * Hkv * len * Dv`;
-    /// [`RefError::Invalid`] if the cache is not empty.
-    pub fn prefill(&mut self, k: &[f16], v: &[f16], len: usize) -> Result<(), RefError> {
+    /// [`RefError::Invalid`] if the cache is not empty or `T` is not the layout's dtype.
+    pub fn prefill<T: Activation>(&mut self, k: &[T], v: &[T], len: usize) -> Result<(), RefError> {
+        self.check_dtype::<T>("prefill")?;
         if self.len != 0 {
             return Err(RefError::Invalid(format!(
                 "prefill on a cache already holding {} tokens",
                 self.len
             )));
         }
-        let (b, hkv, dk, dv) = (self.batch, self.kv_heads, self.dk, self.dv);
+        let (b, hkv, dk, dv) = (self.batch, self.kv_heads, self.keys.d, self.values.d);
         let (nk, nv) = (b * hkv * len * dk, b * hkv * len * dv);
         if k.len() != nk {
             return Err(RefError::shape(
@@ -422,22 +517,32 @@ impl RefCache {
         }
         let sinks = len.min(self.sinks);
         let n = len - sinks;
-        let nqk = n / self.r * self.r;
-        let nqv = n.saturating_sub(self.r);
-        let (r, kq, vq) = (self.r, self.key_quant(), self.value_quant());
+        let r = self.r;
+        let (nqk, nqv) = (self.keys.quantized(n, r), self.values.quantized(n, r));
+        let act = Format::from(self.dtype);
         for (i, c) in self.caches.iter_mut().enumerate() {
-            let ks = &k[i * len * dk..(i + 1) * len * dk];
-            let vs = &v[i * len * dv..(i + 1) * len * dv];
-            c.k_sink.extend_from_slice(&ks[..sinks * dk]);
-            c.v_sink.extend_from_slice(&vs[..sinks * dv]);
-            let (ks, vs) = (&ks[sinks * dk..], &vs[sinks * dv..]);
-            c.k_res.extend_from_slice(ks);
-            for _ in 0..nqk / r {
-                Self::flush_keys(r, dk, kq, c);
-            }
-            c.v_res.extend_from_slice(vs);
-            if nqv > 0 {
-                Self::flush_values(nqv, dv, vq, c);
+            for (x, st, t, nq) in [
+                (
+                    &k[i * len * dk..(i + 1) * len * dk],
+                    &mut c.k,
+                    &self.keys,
+                    nqk,
+                ),
+                (
+                    &v[i * len * dv..(i + 1) * len * dv],
+                    &mut c.v,
+                    &self.values,
+                    nqv,
+                ),
+            ] {
+                let x = to_f32s(x);
+                st.sink.extend_from_slice(&x[..sinks * t.d]);
+                st.res.extend_from_slice(&x[sinks * t.d..]);
+                match t.axis {
+                    QuantAxis::PerChannel => (0..nq / r).for_each(|_| st.flush(t, act, r)),
+                    QuantAxis::PerToken if nq > 0 => st.flush(t, act, nq),
+                    QuantAxis::PerToken => {}
+                }
             }
         }
         self.len = len;
@@ -446,18 +551,32 @@ impl RefCache {
         Ok(())
     }
 
-    /// One decode step: appends `k` (`[B, Hkv, Dk]` fp16) and `v` (`[B, Hkv, Dv]`; as a sink token while the
-    /// cache holds fewer than `sink_tokens`), computes attention of `q` (`[B, H, Dk]` fp16) over all cached tokens
-    /// including the new one, then flushes (the R fp16 keys as one block once there are R; the oldest fp16 value
-    /// once there are R + 1). Returns the attention output `[B, H, Dv]` f32.
+    /// One decode step: appends `k` (`[B, Hkv, Dk]`) and `v` (`[B, Hkv, Dv]`; as a sink token while the cache
+    /// holds fewer than `sink_tokens`), computes attention of `q` (`[B, H, Dk]`) over all cached tokens including
+    /// the new one, then flushes (a per-channel tensor its R full-precision tokens as one block once there are
+    /// R; a per-token tensor its oldest full-precision token once there are R + 1). Inputs are of the layout's
+    /// activation dtype. Returns the attention output `[B, H, Dv]` f32.
     ///
-    /// Scores are `q . k / sqrt(Dk)` over `[dequantized keys, fp16 keys]`, softmax subtracts the max, output is
-    /// the weighted sum of `[dequantized values, fp16 values]`; all in f64. Works on an empty cache too.
+    /// Scores are `q . k / sqrt(Dk)` over `[sinks, dequantized keys, full-precision keys]`, softmax subtracts the
+    /// max, output is the weighted sum of the values in the same order; all in f64. Works on an empty cache too.
     ///
     /// # Errors
-    /// [`RefError::Shape`] for wrong lengths (the cache is left unchanged).
-    pub fn decode_step(&mut self, q: &[f16], k: &[f16], v: &[f16]) -> Result<Vec<f32>, RefError> {
-        let (b, h, hkv, dk, dv) = (self.batch, self.heads, self.kv_heads, self.dk, self.dv);
+    /// [`RefError::Shape`] for wrong lengths, [`RefError::Invalid`] if `T` is not the layout's dtype (the cache
+    /// is left unchanged).
+    pub fn decode_step<T: Activation>(
+        &mut self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+    ) -> Result<Vec<f32>, RefError> {
+        self.check_dtype::<T>("decode step")?;
+        let (b, h, hkv, dk, dv) = (
+            self.batch,
+            self.heads,
+            self.kv_heads,
+            self.keys.d,
+            self.values.d,
+        );
         if q.len() != b * h * dk {
             return Err(RefError::shape(
                 format!("decode query [B={b}, H={h}, D={dk}]"),
@@ -481,13 +600,16 @@ impl RefCache {
         }
         let sink = self.len < self.sinks;
         for (i, c) in self.caches.iter_mut().enumerate() {
-            let (kt, vt) = (&k[i * dk..(i + 1) * dk], &v[i * dv..(i + 1) * dv]);
+            let (kt, vt) = (
+                to_f32s(&k[i * dk..(i + 1) * dk]),
+                to_f32s(&v[i * dv..(i + 1) * dv]),
+            );
             if sink {
-                c.k_sink.extend_from_slice(kt);
-                c.v_sink.extend_from_slice(vt);
+                c.k.sink.extend_from_slice(&kt);
+                c.v.sink.extend_from_slice(&vt);
             } else {
-                c.k_res.extend_from_slice(kt);
-                c.v_res.extend_from_slice(vt);
+                c.k.res.extend_from_slice(&kt);
+                c.v.res.extend_from_slice(&vt);
             }
         }
         self.len += 1;
@@ -496,39 +618,44 @@ impl RefCache {
         for bi in 0..b {
             for kh in 0..hkv {
                 let c = &self.caches[bi * hkv + kh];
-                let kr = f16s_to_f32(&c.k_res);
-                let vr = f16s_to_f32(&c.v_res);
-                let (ks, vs) = (f16s_to_f32(&c.k_sink), f16s_to_f32(&c.v_sink));
                 for qh in kh * ratio..(kh + 1) * ratio {
                     let (qo, o) = ((bi * h + qh) * dk, (bi * h + qh) * dv);
-                    let qf = f16s_to_f32(&q[qo..qo + dk]);
-                    let a = attend(&qf, &[&ks, &c.k_deq, &kr], &[&vs, &c.v_deq, &vr], dk, dv);
+                    let qf = to_f32s(&q[qo..qo + dk]);
+                    let a = attend(
+                        &qf,
+                        &[&c.k.sink, &c.k.deq, &c.k.res],
+                        &[&c.v.sink, &c.v.deq, &c.v.res],
+                        dk,
+                        dv,
+                    );
                     out[o..o + dv].copy_from_slice(&a);
                 }
             }
         }
-        let (r, kq, vq) = (self.r, self.key_quant(), self.value_quant());
-        let flush_k = !sink && self.residual_keys() == r;
-        let flush_v = !sink && self.residual_values() == r + 1;
-        for c in self.caches.iter_mut() {
-            if flush_k {
-                Self::flush_keys(r, dk, kq, c);
+        if !sink {
+            let (r, act) = (self.r, Format::from(self.dtype));
+            let flush_of = |t: &TensorSpec, residual: usize| match t.axis {
+                QuantAxis::PerChannel => (residual == r).then_some(r),
+                QuantAxis::PerToken => (residual == r + 1).then_some(1),
+            };
+            let fk = flush_of(&self.keys, self.residual_keys());
+            let fv = flush_of(&self.values, self.residual_values());
+            for c in self.caches.iter_mut() {
+                if let Some(n) = fk {
+                    c.k.flush(&self.keys, act, n);
+                }
+                if let Some(n) = fv {
+                    c.v.flush(&self.values, act, n);
+                }
             }
-            if flush_v {
-                Self::flush_values(1, dv, vq, c);
-            }
-        }
-        if flush_k {
-            self.nqk += r;
-        }
-        if flush_v {
-            self.nqv += 1;
+            self.nqk += fk.unwrap_or(0);
+            self.nqv += fv.unwrap_or(0);
         }
         Ok(out)
     }
 
-    /// The keys and values attention sees for (`batch`, `kv_head`): `[len, Dk]` and `[len, Dv]` f32, in token order: the
-    /// sink tokens, the dequantized part, then the fp16 residual.
+    /// The keys and values attention sees for (`batch`, `kv_head`): `[len, Dk]` and `[len, Dv]` f32, in token
+    /// order: the sink tokens, the dequantized part, then the full-precision residual.
     ///
     /// # Errors
     /// [`RefError::Invalid`] for an out-of-range batch or KV head index.
@@ -544,27 +671,26 @@ impl RefCache {
             )));
         }
         let c = &self.caches[batch * self.kv_heads + kv_head];
-        let mut k = f16s_to_f32(&c.k_sink);
-        k.extend_from_slice(&c.k_deq);
-        k.extend(f16s_to_f32(&c.k_res));
-        let mut v = f16s_to_f32(&c.v_sink);
-        v.extend_from_slice(&c.v_deq);
-        v.extend(f16s_to_f32(&c.v_res));
-        Ok((k, v))
+        let join = |s: &Stream| [s.sink.as_slice(), &s.deq, &s.res].concat();
+        Ok((join(&c.k), join(&c.v)))
     }
 
     /// The cache in the reference files' layouts (see [`CacheExport`]).
     pub fn export(&self) -> CacheExport {
-        let d = self.dk;
         let mut e = CacheExport {
             batch: self.batch,
             kv_heads: self.kv_heads,
-            head_dim: d,
-            value_head_dim: self.dv,
-            k_bits: self.k_bits,
-            v_bits: self.v_bits,
-            k_group: self.k_group,
-            v_group: self.v_group,
+            head_dim: self.keys.d,
+            value_head_dim: self.values.d,
+            dtype: self.dtype,
+            k_bits: self.keys.bits,
+            v_bits: self.values.bits,
+            k_group: self.keys.group,
+            v_group: self.values.group,
+            k_axis: self.keys.axis,
+            v_axis: self.values.axis,
+            k_scale_dtype: self.keys.mode.scale_dtype,
+            v_scale_dtype: self.values.mode.scale_dtype,
             len: self.len,
             sink_tokens: self.sink_tokens(),
             quantized_keys: self.nqk,
@@ -574,26 +700,12 @@ impl RefCache {
             ..CacheExport::default()
         };
         for c in &self.caches {
-            for ch in 0..d {
-                for blk in &c.k_blocks {
-                    let (wpc, gpc) = (blk.codes.len() / d, blk.scale.len() / d);
-                    e.k_code.extend(
-                        blk.codes[ch * wpc..(ch + 1) * wpc]
-                            .iter()
-                            .map(|&w| w as i32),
-                    );
-                    e.k_scale
-                        .extend_from_slice(&blk.scale[ch * gpc..(ch + 1) * gpc]);
-                    e.k_mn.extend_from_slice(&blk.mn[ch * gpc..(ch + 1) * gpc]);
-                }
-            }
-            e.k_sink.extend_from_slice(&c.k_sink);
-            e.v_sink.extend_from_slice(&c.v_sink);
-            e.k_residual.extend_from_slice(&c.k_res);
-            e.v_code.extend(c.v_code.iter().map(|&w| w as i32));
-            e.v_scale.extend_from_slice(&c.v_scale);
-            e.v_mn.extend_from_slice(&c.v_mn);
-            e.v_residual.extend_from_slice(&c.v_res);
+            c.k.export_quantized(self.keys.d, &mut e.k_code, &mut e.k_scale, &mut e.k_mn);
+            c.v.export_quantized(self.values.d, &mut e.v_code, &mut e.v_scale, &mut e.v_mn);
+            e.k_sink.extend_from_slice(&c.k.sink);
+            e.v_sink.extend_from_slice(&c.v.sink);
+            e.k_residual.extend_from_slice(&c.k.res);
+            e.v_residual.extend_from_slice(&c.v.res);
         }
         e
     }

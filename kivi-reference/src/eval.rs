@@ -2,11 +2,16 @@
 //! [`RefCache`] with any layout and compares each step's attention output with the exact, unquantized attention
 //! the file holds (`step_out_fp32_unquantized`). Also an FP8 (e4m3, per-head scale) cache as a comparison row.
 //! This is what `kivi eval` prints, so a user can pick bits and groups for their model.
+//!
+//! A layout of bf16 activations runs on the captures rounded to bf16 and is compared with exact attention over
+//! those same rounded inputs (computed here, in f64), so that its row measures the cache's error, as the fp16
+//! rows do, and not the rounding of the captures.
 
-use half::f16;
-use kivi_dsl::Layout;
+use half::{bf16, f16};
+use kivi_dsl::{Dtype, Layout};
 
 use crate::cache::{attention_f32, RefCache};
+use crate::dtype::{from_f16s, to_f32s, Activation};
 use crate::error::RefError;
 use crate::files::StreamCase;
 
@@ -103,8 +108,24 @@ pub fn eval_layout(case: &StreamCase, layout: &Layout) -> Result<EvalError, RefE
             case.head_dim
         )));
     }
+    match layout.dtype {
+        Dtype::F16 => replay::<f16>(case, layout, exact),
+        Dtype::Bf16 => replay::<bf16>(case, layout, &exact_attention::<bf16>(case)?),
+    }
+}
+
+/// The stream's prefill and steps through a cache of `layout` with the inputs as `T`, against `exact`.
+fn replay<T: Activation>(
+    case: &StreamCase,
+    layout: &Layout,
+    exact: &[f32],
+) -> Result<EvalError, RefError> {
     let mut cache = RefCache::new(layout, case.batch)?;
-    cache.prefill(&case.prefill_k, &case.prefill_v, case.prefill)?;
+    cache.prefill(
+        &from_f16s::<T>(&case.prefill_k),
+        &from_f16s::<T>(&case.prefill_v),
+        case.prefill,
+    )?;
     let mut acc = EvalError {
         stream: 0.0,
         worst_step: 0.0,
@@ -113,10 +134,65 @@ pub fn eval_layout(case: &StreamCase, layout: &Layout) -> Result<EvalError, RefE
     };
     for step in 0..case.steps {
         let (q, k, v) = case.step_inputs(step)?;
-        let out = cache.decode_step(&q, &k, &v)?;
+        let out = cache.decode_step(
+            &from_f16s::<T>(&q),
+            &from_f16s::<T>(&k),
+            &from_f16s::<T>(&v),
+        )?;
         compare_step(case, exact, step, &out, &mut acc);
     }
     Ok(finish(acc))
+}
+
+/// Row `t` of one (batch, KV head)'s keys or values over the whole stream (prefill, then steps), as f32.
+fn token_row(case: &StreamCase, pre: &[f16], stp: &[f16], bk: usize, t: usize) -> Vec<f32> {
+    let (p, s, d) = (case.prefill, case.steps, case.head_dim);
+    let row = if t < p {
+        &pre[(bk * p + t) * d..(bk * p + t + 1) * d]
+    } else {
+        &stp[(bk * s + t - p) * d..(bk * s + t - p + 1) * d]
+    };
+    to_f32s(row)
+}
+
+/// Exact attention `[B, H, S, D]` (f64, returned as f32) of every step over the stream's q/k/v rounded to `T`: the
+/// file's `step_out_fp32_unquantized` recomputed for inputs of another dtype.
+fn exact_attention<T: Activation>(case: &StreamCase) -> Result<Vec<f32>, RefError> {
+    let (b, h, hkv, d, p, s) = (
+        case.batch,
+        case.heads,
+        case.kv_heads,
+        case.head_dim,
+        case.prefill,
+        case.steps,
+    );
+    let round =
+        |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|v| T::from_f32(v).to_f32()).collect() };
+    let group = h / hkv.max(1);
+    let mut out = vec![0f32; b * h * s * d];
+    for bk in 0..b * hkv {
+        let keys = round(
+            (0..p + s)
+                .flat_map(|t| token_row(case, &case.prefill_k, &case.step_k, bk, t))
+                .collect(),
+        );
+        let values = round(
+            (0..p + s)
+                .flat_map(|t| token_row(case, &case.prefill_v, &case.step_v, bk, t))
+                .collect(),
+        );
+        for step in 0..s {
+            let (q, _, _) = case.step_inputs(step)?;
+            let len = p + step + 1;
+            for hi in (bk % hkv) * group..(bk % hkv + 1) * group {
+                let bh = (bk / hkv) * h + hi;
+                let qf = round(to_f32s(&q[bh * d..(bh + 1) * d]));
+                let o = attention_f32(&qf, &keys[..len * d], &values[..len * d], d)?;
+                out[(bh * s + step) * d..(bh * s + step + 1) * d].copy_from_slice(&o);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Rounds to the nearest FP8 e4m3 number (OCP "E4M3FN": 4 exponent bits, bias 7, 3 mantissa bits, max 448,
@@ -163,19 +239,13 @@ pub fn eval_fp8(case: &StreamCase) -> Result<EvalError, RefError> {
     let mut keys = Vec::with_capacity(b * hkv);
     let mut values = Vec::with_capacity(b * hkv);
     for bk in 0..b * hkv {
-        let token = |pre: &[f16], stp: &[f16], t: usize| -> Vec<f32> {
-            let row = if t < p {
-                &pre[(bk * p + t) * d..(bk * p + t + 1) * d]
-            } else {
-                &stp[(bk * s + t - p) * d..(bk * s + t - p + 1) * d]
-            };
-            row.iter().map(|x| x.to_f32()).collect()
-        };
         for (pre, stp, out) in [
             (&case.prefill_k, &case.step_k, &mut keys),
             (&case.prefill_v, &case.step_v, &mut values),
         ] {
-            let rows: Vec<f32> = (0..p + s).flat_map(|t| token(pre, stp, t)).collect();
+            let rows: Vec<f32> = (0..p + s)
+                .flat_map(|t| token_row(case, pre, stp, bk, t))
+                .collect();
             let amax = rows.iter().fold(0.0f32, |m, x| m.max(x.abs()));
             let scale = if amax > 0.0 { amax / 448.0 } else { 1.0 };
             out.push(
@@ -225,6 +295,35 @@ mod tests {
             assert_eq!(round_e4m3(x), want, "{x}");
         }
         assert!(round_e4m3(f32::NAN).is_nan());
+    }
+
+    /// The exact baseline a bf16 layout is compared with is computed like the file's own: for fp16 inputs the
+    /// recomputation (f64) agrees with the file's `step_out_fp32_unquantized` (fp32 attention on the H200, 1.4e-4
+    /// apart: the file's own GPU arithmetic), and rounding the captures to bf16 moves it by about bf16's
+    /// precision, far more.
+    #[test]
+    fn exact_attention_recomputes_the_files_exact_outputs() {
+        let path = crate::data_dir().join("real_kv_smollm2_135m.safetensors");
+        if !path.exists() {
+            eprintln!("SKIPPED: {} not found", path.display());
+            return;
+        }
+        let file = crate::ReferenceFile::open(&path).unwrap();
+        let case = file
+            .stream_cases
+            .iter()
+            .find(|c| !c.step_out_unquantized.is_empty())
+            .unwrap();
+        let rel = |a: &[f32], b: &[f32]| {
+            let e: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+            let r: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+            (e / r).sqrt()
+        };
+        let ours = exact_attention::<f16>(case).unwrap();
+        let vs_file = rel(&ours, &case.step_out_unquantized);
+        assert!(vs_file < 5e-4, "{vs_file}");
+        let moved = rel(&exact_attention::<bf16>(case).unwrap(), &ours);
+        assert!(moved > 4.0 * vs_file && moved < 2e-2, "{moved}");
     }
 
     #[test]

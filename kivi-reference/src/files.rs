@@ -661,6 +661,19 @@ impl TensorDiff {
         })
     }
 
+    /// Compares tensors of numbers held as f32 (fp16, bf16 or fp32 values, as in [`crate::CacheExport`]) by
+    /// bits (so `-0` differs from `+0`; two NaNs match).
+    pub fn values(name: &str, file: &[f32], ours: &[f32]) -> TensorDiff {
+        TensorDiff::new(name, file, ours, |a, b| {
+            a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+        })
+    }
+
+    /// Compares a file's fp16 tensor with ours held as f32 ([`TensorDiff::values`] after the exact widening).
+    pub fn f16_values(name: &str, file: &[f16], ours: &[f32]) -> TensorDiff {
+        TensorDiff::values(name, &crate::dtype::to_f32s(file), ours)
+    }
+
     /// Compares int32 tensors (packed codes).
     pub fn i32(name: &str, file: &[i32], ours: &[i32]) -> TensorDiff {
         TensorDiff::new(name, file, ours, |a, b| a == b)
@@ -740,8 +753,8 @@ pub fn check_pack(case: &PackCase) -> Result<PackReport, RefError> {
     }
     let mut tensors = vec![
         TensorDiff::i32("k_code", &case.k_code, &kc),
-        TensorDiff::f16("k_scale", &case.k_scale, &kss),
-        TensorDiff::f16("k_mn", &case.k_mn, &kmn),
+        TensorDiff::f16_values("k_scale", &case.k_scale, &kss),
+        TensorDiff::f16_values("k_mn", &case.k_mn, &kmn),
     ];
     if let Some(v) = &case.values {
         if v.v.len() != heads * per {
@@ -765,8 +778,8 @@ pub fn check_pack(case: &PackCase) -> Result<PackReport, RefError> {
             vm.extend(q.mn);
         }
         tensors.push(TensorDiff::i32("v_code", &v.v_code, &vc));
-        tensors.push(TensorDiff::f16("v_scale", &v.v_scale, &vs));
-        tensors.push(TensorDiff::f16("v_mn", &v.v_mn, &vm));
+        tensors.push(TensorDiff::f16_values("v_scale", &v.v_scale, &vs));
+        tensors.push(TensorDiff::f16_values("v_mn", &v.v_mn, &vm));
     }
     Ok(PackReport {
         name: case.name.clone(),
@@ -908,13 +921,13 @@ pub fn check_stream(case: &StreamCase) -> Result<StreamReport, RefError> {
     let e = cache.export();
     let cache_diff = vec![
         TensorDiff::i32("final_k_code", &case.final_k_code, &e.k_code),
-        TensorDiff::f16("final_k_scale", &case.final_k_scale, &e.k_scale),
-        TensorDiff::f16("final_k_mn", &case.final_k_mn, &e.k_mn),
-        TensorDiff::f16("final_k_residual", &case.final_k_residual, &e.k_residual),
+        TensorDiff::f16_values("final_k_scale", &case.final_k_scale, &e.k_scale),
+        TensorDiff::f16_values("final_k_mn", &case.final_k_mn, &e.k_mn),
+        TensorDiff::f16_values("final_k_residual", &case.final_k_residual, &e.k_residual),
         TensorDiff::i32("final_v_code", &case.final_v_code, &e.v_code),
-        TensorDiff::f16("final_v_scale", &case.final_v_scale, &e.v_scale),
-        TensorDiff::f16("final_v_mn", &case.final_v_mn, &e.v_mn),
-        TensorDiff::f16("final_v_residual", &case.final_v_residual, &e.v_residual),
+        TensorDiff::f16_values("final_v_scale", &case.final_v_scale, &e.v_scale),
+        TensorDiff::f16_values("final_v_mn", &case.final_v_mn, &e.v_mn),
+        TensorDiff::f16_values("final_v_residual", &case.final_v_residual, &e.v_residual),
     ];
     Ok(StreamReport {
         name: case.name.clone(),

@@ -3,6 +3,7 @@
 //! A plain, readable re-implementation of KIVI (Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization
 //! for KV Cache", ICML 2024), Algorithm 1, with the exact half-precision rounding of the paper's reference code:
 //!
+//! - [`dtype`]: the activation types (fp16, bf16) and rounding to a layout's formats.
 //! - [`quant`]: quantize one group, pack/unpack codes, per-channel keys and per-token values, dequantize.
 //! - [`cache`]: [`RefCache`], the streaming KV cache (prefill, decode steps with attention, flushes) and
 //!   [`attention_exact`], unquantized attention.
@@ -17,12 +18,14 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod dtype;
 pub mod error;
 pub mod eval;
 pub mod files;
 pub mod quant;
 
 pub use cache::{attention_exact, attention_f32, CacheExport, RefCache};
+pub use dtype::{Activation, Format};
 pub use error::RefError;
 pub use files::{
     check_pack, check_stream, data_dir, FileKind, PackCase, PackReport, PackValues, ReferenceFile,

@@ -23,22 +23,46 @@
 //! the division in f32 (the fp32 path the paper's reference does not take; about 0.05% of 2-bit codes differ
 //! from the half mode by one step). The `_with` functions take the mode; the others use [`Rounding::Half`].
 //!
+//! # Other activation and scale dtypes (not in the paper's code, so defined here)
+//!
+//! The inputs are numbers of the layout's activation dtype A (fp16 or bf16: the functions are generic over
+//! [`Activation`]), and scales and mins are stored in its scale dtype S (fp16, bf16 or fp32). The half mode
+//! rounds each step on activations to A, as the paper's PyTorch code would with tensors of that dtype, and the
+//! scale to S, the format it is computed for (for A = S = fp16 that is the paper's single rounding to fp16; with
+//! fp32 scales the scale keeps fp32's precision). The codes are computed with the scale and min as stored, so
+//! that dequantization inverts exactly what was quantized:
+//!
+//! ```text
+//! m     = S(mn)                        (the stored min; exact unless S is narrower than A)
+//! diff  = A(mx - mn)                   (f32 subtraction, rounded to A)
+//! scale = S(f32(diff) / qmax)          (the stored scale; saturated to S's largest number)
+//! code  = rne(clamp(A(f32(A(x - m)) / scale), 0, qmax))
+//! ```
+//!
+//! Every step is a correctly rounded f32 operation followed by a rounding to A or S, exactly what the kernels
+//! do. For A = S = fp16 these are the formulas above, bit for bit. [`Rounding::F32`] takes every step in f32
+//! (the scale still rounded to S). A group whose min S cannot hold (a bf16 number beyond fp16's 65504 with fp16
+//! scales) is stored as NaN, like a group holding NaN or Inf, so the error reaches the output instead of being
+//! hidden. The wider-than-A fallback below applies when `mx - mn` overflows A (bf16 overflows only near f32's
+//! limit).
+//!
 //! # Symmetric quantization (`quant: symmetric`; not in the paper's code, so defined here)
 //!
 //! With `h = 2^(bits-1)` and `q = h - 1` (bits >= 2; the DSL rejects 1-bit symmetric), a group's zero point is its
 //! middle code:
 //!
 //! ```text
-//! amax  = max |x|                      (an fp16 value)
-//! scale = f16(f32(amax) / q)
-//! mn    = f16(-h * scale)              (exact: a power of two times an fp16 value)
-//! code  = rne(clamp(f16(f32(x) / f32(scale)), -q, q)) + h
+//! amax  = max |x|                      (a number of A)
+//! scale = S(f32(amax) / q)             (fp16 for the default S = fp16)
+//! mn    = S(-h * scale)                (exact: a power of two times a number of S, unless it overflows)
+//! code  = rne(clamp(A(f32(x) / f32(scale)), -q, q)) + h
 //! ```
 //!
 //! so that it is stored and dequantized like an asymmetric group (`code * scale + mn = (code - h) * scale`): the
-//! kernels need nothing new, and a zero dequantizes to exactly zero. [`Rounding::F32`] skips the fp16 rounding of
-//! the quotient. A group whose `h * scale` would overflow fp16 (|x| above about 65504 * q / h) is quantized
-//! asymmetrically instead (below), as is any group in which `scale` rounds to 0 (all zeros: codes `h`, scale 0).
+//! kernels need nothing new, and a zero dequantizes to exactly zero. [`Rounding::F32`] skips the rounding of the
+//! quotient. A group whose `h * scale` would overflow S (|x| above about 65504 * q / h
+//! for fp16 scales) is quantized asymmetrically instead (below), as is any group in which `scale` rounds to 0
+//! (all zeros: codes `h`, scale 0).
 //!
 //! # Cases the reference leaves undefined, and what this crate does
 //!
@@ -50,6 +74,7 @@
 //!   `x - mn` and the division in f32 and no fp16 rounding of intermediates. Codes stay meaningful and the
 //!   dequantization error stays within `scale / 2` (plus the fp16 rounding of scale). Only with `bits = 1` can
 //!   that scale itself overflow fp16; it is then clamped to `f16::MAX` (65504) and the error is within `scale`.
+//!   (With other dtypes: A in place of fp16 for the range test, S's largest number for the clamp.)
 //! - **signed zeros**: for min and max, `-0` orders below `+0` (IEEE 754-2019 `minimum`/`maximum`), so a
 //!   group whose smallest value is zero stores min `-0` if it holds a `-0`.
 //! - **any NaN or +-Inf in the group**: scale = NaN, min = NaN, every code 0. The whole group dequantizes to NaN,
@@ -63,28 +88,63 @@
 //! 4, 8) that is the reference's layout, `32 / bits` codes per word and none crossing; for 3, 5, 6 and 7 bits
 //! nothing is wasted: 32 codes take exactly `bits` words (3-bit: a group of 32 in three words). A run must hold
 //! a multiple of [`codes_per_pack`] codes (32 / gcd(bits, 32)), so that it fills whole words; the one exception
-//! is a token's values ([`QuantizedValues`]), each token its own run of [`value_words_per_token`] words, the last
-//! one zero-padded where head_dim codes do not fill it (1-bit or 3-bit values at head_dim 80, for example).
+//! is a per-token run (a token's codes, [`QuantizedValues`]), each token its own run of [`value_words_per_token`]
+//! words, the last one zero-padded where head_dim codes do not fill it (1-bit or 3-bit values at head_dim 80,
+//! for example).
+//!
+//! # Axes
+//!
+//! [`quantize_keys_per_channel`] and [`quantize_values_per_token`] are named after the paper's choice, but
+//! quantize any tensor of one head along that axis: a layout with `axis: per_token` keys or `axis: per_channel`
+//! values uses the other function for that tensor (see [`crate::RefCache`] for when each axis flushes).
 
-use half::f16;
-pub use kivi_dsl::{Rounding, Symmetry};
+pub use kivi_dsl::{Rounding, ScaleDtype, Symmetry};
 
-/// How a group is quantized: the rounding mode and the symmetry (module docs). A [`Rounding`] alone means
-/// asymmetric, the paper's choice.
+use crate::dtype::{to_f32s, Activation, Format};
+
+/// How a group is quantized: the rounding mode, the symmetry and the scale dtype (module docs). A [`Rounding`]
+/// alone means asymmetric with fp16 scales, the paper's choice. The activation dtype is the input's type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupQuant {
-    /// fp16 steps (the reference's) or fp32.
+    /// Steps rounded to the activation dtype (the reference's) or fp32.
     pub rounding: Rounding,
     /// Asymmetric (scale and min) or symmetric (scale; min = -2^(bits-1) * scale).
     pub symmetry: Symmetry,
+    /// What the scale and min are stored as (and the codes computed with).
+    pub scale_dtype: ScaleDtype,
+}
+
+impl GroupQuant {
+    /// `rounding` and `symmetry` with fp16 scales.
+    pub fn new(rounding: Rounding, symmetry: Symmetry) -> GroupQuant {
+        GroupQuant {
+            rounding,
+            symmetry,
+            scale_dtype: ScaleDtype::F16,
+        }
+    }
+
+    /// The same with scales and mins stored as `scale_dtype`.
+    pub fn with_scale_dtype(self, scale_dtype: ScaleDtype) -> GroupQuant {
+        GroupQuant {
+            scale_dtype,
+            ..self
+        }
+    }
+
+    /// The mode of a layout's tensor: its rounding, symmetry and scale dtype.
+    pub fn of(t: &kivi_dsl::TensorQuant) -> GroupQuant {
+        GroupQuant {
+            rounding: t.rounding,
+            symmetry: t.symmetry,
+            scale_dtype: t.scale_dtype,
+        }
+    }
 }
 
 impl From<Rounding> for GroupQuant {
     fn from(rounding: Rounding) -> Self {
-        GroupQuant {
-            rounding,
-            symmetry: Symmetry::Asymmetric,
-        }
+        GroupQuant::new(rounding, Symmetry::Asymmetric)
     }
 }
 
@@ -133,17 +193,19 @@ pub fn packed_words(codes: usize, bits: u32) -> usize {
 pub struct QuantGroup {
     /// One code per input element, in input order.
     pub codes: Vec<u8>,
-    /// The group's scale (fp16); see the module docs for the special cases (0, NaN).
-    pub scale: f16,
-    /// The group's min (fp16), i.e. the zero point of the asymmetric quantization.
-    pub mn: f16,
+    /// The group's scale, a number of the mode's scale dtype held exactly as f32 (fp16 by default); see the
+    /// module docs for the special cases (0, NaN).
+    pub scale: f32,
+    /// The group's min (the zero point of the asymmetric quantization), a number of the scale dtype as f32.
+    pub mn: f32,
 }
 
-/// Quantizes one group of fp16 values to `bits`-bit codes with the reference's half rounding (module docs).
+/// Quantizes one group of activations (fp16 or bf16) to `bits`-bit codes with the reference's half rounding and
+/// fp16 scales (module docs).
 ///
 /// # Errors
 /// [`RefError::Unsupported`] for bits outside 1..=8; [`RefError::Invalid`] for an empty group.
-pub fn quantize_group(x: &[f16], bits: u32) -> Result<QuantGroup, RefError> {
+pub fn quantize_group<T: Activation>(x: &[T], bits: u32) -> Result<QuantGroup, RefError> {
     let mut codes = vec![0u8; x.len()];
     let (scale, mn) = quantize_group_into(x, bits, &mut codes)?;
     Ok(QuantGroup { codes, scale, mn })
@@ -154,7 +216,11 @@ pub fn quantize_group(x: &[f16], bits: u32) -> Result<QuantGroup, RefError> {
 /// # Errors
 /// [`RefError::Unsupported`] for bad bits, [`RefError::Invalid`] for an empty group, [`RefError::Shape`] if
 /// `codes.len() != x.len()`.
-pub fn quantize_group_into(x: &[f16], bits: u32, codes: &mut [u8]) -> Result<(f16, f16), RefError> {
+pub fn quantize_group_into<T: Activation>(
+    x: &[T],
+    bits: u32,
+    codes: &mut [u8],
+) -> Result<(f32, f32), RefError> {
     check_bits(bits)?;
     if x.is_empty() {
         return Err(RefError::Invalid("cannot quantize an empty group".into()));
@@ -167,19 +233,20 @@ pub fn quantize_group_into(x: &[f16], bits: u32, codes: &mut [u8]) -> Result<(f1
         ));
     }
     Ok(quantize_group_unchecked(
-        x,
+        &to_f32s(x),
+        T::DTYPE.into(),
         bits,
         Rounding::Half.into(),
         codes,
     ))
 }
 
-/// [`quantize_group`] with the rounding mode, and optionally the symmetry, given (module docs).
+/// [`quantize_group`] with the rounding mode, and optionally the symmetry and scale dtype, given (module docs).
 ///
 /// # Errors
 /// As [`quantize_group`]; [`RefError::Unsupported`] for symmetric 1-bit.
-pub fn quantize_group_with(
-    x: &[f16],
+pub fn quantize_group_with<T: Activation>(
+    x: &[T],
     bits: u32,
     mode: impl Into<GroupQuant>,
 ) -> Result<QuantGroup, RefError> {
@@ -189,7 +256,8 @@ pub fn quantize_group_with(
         return Err(RefError::Invalid("cannot quantize an empty group".into()));
     }
     let mut codes = vec![0u8; x.len()];
-    let (scale, mn) = quantize_group_unchecked(x, bits, mode, &mut codes);
+    let (scale, mn) =
+        quantize_group_unchecked(&to_f32s(x), T::DTYPE.into(), bits, mode, &mut codes);
     Ok(QuantGroup { codes, scale, mn })
 }
 
@@ -204,55 +272,74 @@ pub(crate) fn check_mode(bits: u32, mode: GroupQuant) -> Result<(), RefError> {
     Ok(())
 }
 
+/// The format intermediate steps round to: the activations' in the half mode, f32 in the fp32 mode.
+fn step_format(act: Format, rounding: Rounding) -> Format {
+    match rounding {
+        Rounding::Half => act,
+        Rounding::F32 => Format::F32,
+    }
+}
+
+/// `x` rounded to the scale format, saturated to its largest finite number (a scale never becomes infinite).
+fn store_saturated(s: Format, x: f32) -> f32 {
+    let v = s.round(x);
+    if v.is_infinite() {
+        s.max().copysign(v)
+    } else {
+        v
+    }
+}
+
 /// The symmetric arithmetic (module docs), or None where the group falls back to the asymmetric one.
 fn quantize_symmetric(
-    x: &[f16],
+    x: &[f32],
+    act: Format,
     bits: u32,
-    rounding: Rounding,
+    mode: GroupQuant,
     codes: &mut [u8],
-) -> Option<(f16, f16)> {
+) -> Option<(f32, f32)> {
+    let (w, s_fmt) = (
+        step_format(act, mode.rounding),
+        Format::from(mode.scale_dtype),
+    );
     let h = (1u32 << (bits - 1)) as f32;
     let q = h - 1.0;
-    let amax = x.iter().map(|v| v.to_f32().abs()).fold(0.0f32, f32::max);
-    let scale = f16::from_f32(amax / q);
-    let mn = f16::from_f32(-h * scale.to_f32());
-    let s = scale.to_f32();
-    if s == 0.0 || mn.is_infinite() {
+    let amax = x.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+    let scale = s_fmt.round(amax / q);
+    let mn = s_fmt.round(-h * scale);
+    if scale == 0.0 || scale.is_infinite() || mn.is_infinite() {
         return None;
     }
-    for (c, v) in codes.iter_mut().zip(x) {
-        let t = match rounding {
-            Rounding::Half => f16::from_f32(v.to_f32() / s).to_f32(),
-            Rounding::F32 => v.to_f32() / s,
-        };
+    for (c, &v) in codes.iter_mut().zip(x) {
+        let t = w.round(v / scale);
         *c = (t.clamp(-q, q).round_ties_even() + h) as u8;
     }
     Some((scale, mn))
 }
 
-/// The arithmetic of [`quantize_group_into`], without argument checks (`x` non-empty, same length as `codes`,
-/// symmetric only with bits >= 2).
+/// The arithmetic of [`quantize_group_into`], without argument checks (`x` non-empty, numbers of `act`, same
+/// length as `codes`, symmetric only with bits >= 2). Returns the stored `(scale, min)`.
 pub(crate) fn quantize_group_unchecked(
-    x: &[f16],
+    x: &[f32],
+    act: Format,
     bits: u32,
     mode: GroupQuant,
     codes: &mut [u8],
-) -> (f16, f16) {
+) -> (f32, f32) {
     let qmax = ((1u32 << bits) - 1) as f32;
     if x.iter().any(|v| !v.is_finite()) {
         codes.fill(0);
-        return (f16::NAN, f16::NAN);
+        return (f32::NAN, f32::NAN);
     }
     if mode.symmetry == Symmetry::Symmetric {
-        if let Some(params) = quantize_symmetric(x, bits, mode.rounding, codes) {
+        if let Some(params) = quantize_symmetric(x, act, bits, mode, codes) {
             return params;
         }
     }
-    let rounding = mode.rounding;
+    let s_fmt = Format::from(mode.scale_dtype);
     let (mut mn, mut mx) = (f32::INFINITY, f32::NEG_INFINITY);
-    for v in x {
+    for &f in x {
         // -0 orders below +0 (IEEE 754-2019 minimum/maximum), so the stored min is deterministic.
-        let f = v.to_f32();
         if f < mn || (f == mn && f.is_sign_negative()) {
             mn = f;
         }
@@ -260,43 +347,44 @@ pub(crate) fn quantize_group_unchecked(
             mx = f;
         }
     }
-    // mn is an fp16 value, so this conversion is exact.
-    let mn_h = f16::from_f32(mn);
-    let diff = f16::from_f32(mx - mn);
-    if diff.is_infinite() || rounding == Rounding::F32 {
-        // Range wider than fp16: fp32 steps (module docs). x - mn of two fp16 values is exact in f32.
-        let mut scale = f16::from_f32((mx - mn) / qmax);
-        if scale.is_infinite() {
-            scale = f16::MAX;
-        }
-        let s = scale.to_f32();
-        if s == 0.0 {
-            codes.fill(0);
-            return (f16::ZERO, mn_h);
-        }
-        for (c, v) in codes.iter_mut().zip(x) {
-            *c = ((v.to_f32() - mn) / s).clamp(0.0, qmax).round_ties_even() as u8;
-        }
-        return (scale, mn_h);
-    }
-    let scale = f16::from_f32(diff.to_f32() / qmax);
-    let s = scale.to_f32();
-    if s == 0.0 {
+    // The stored min: mn itself unless the scale dtype is narrower than the activations'.
+    let m = s_fmt.round(mn);
+    if m.is_infinite() {
+        // A min the scale dtype cannot hold (module docs): the group is stored as NaN.
         codes.fill(0);
-        return (f16::ZERO, mn_h);
+        return (f32::NAN, f32::NAN);
     }
-    for (c, v) in codes.iter_mut().zip(x) {
-        let d = f16::from_f32(v.to_f32() - mn).to_f32();
-        let q = f16::from_f32(d / s).to_f32();
+    let diff = act.round(mx - mn);
+    if diff.is_infinite() || mode.rounding == Rounding::F32 {
+        // Range wider than the activation dtype, or fp32 rounding: fp32 steps (module docs).
+        let scale = store_saturated(s_fmt, (mx - mn) / qmax);
+        if scale == 0.0 {
+            codes.fill(0);
+            return (0.0, m);
+        }
+        for (c, &v) in codes.iter_mut().zip(x) {
+            *c = ((v - m) / scale).clamp(0.0, qmax).round_ties_even() as u8;
+        }
+        return (scale, m);
+    }
+    let scale = store_saturated(s_fmt, diff / qmax);
+    if scale == 0.0 {
+        codes.fill(0);
+        return (0.0, m);
+    }
+    for (c, &v) in codes.iter_mut().zip(x) {
+        let d = act.round(v - m);
+        let q = act.round(d / scale);
         *c = q.clamp(0.0, qmax).round_ties_even() as u8;
     }
-    (scale, mn_h)
+    (scale, m)
 }
 
-/// Dequantizes one code: `f32(code) * f32(scale) + f32(mn)` as a fused multiply-add (GPU `fmaf`), in f32.
-/// NaN scale/min (a group that held NaN or Inf) gives NaN.
-pub fn dequantize(code: u8, scale: f16, mn: f16) -> f32 {
-    f32::from(code).mul_add(scale.to_f32(), mn.to_f32())
+/// Dequantizes one code: `f32(code) * scale + mn` as a fused multiply-add (GPU `fmaf`), in f32, with the
+/// group's stored scale and min (numbers of its scale dtype). NaN scale/min (a group that held NaN or Inf)
+/// gives NaN.
+pub fn dequantize(code: u8, scale: f32, mn: f32) -> f32 {
+    f32::from(code).mul_add(scale, mn)
 }
 
 /// Packs codes into a little-endian bit stream of 32-bit words (module docs): code `j` in stream bits
@@ -366,7 +454,8 @@ pub fn unpack_codes(words: &[u32], bits: u32) -> Result<Vec<u8>, RefError> {
         .collect())
 }
 
-/// Keys of one head quantized per channel (KIVI's key layout, as in `kivi_pack_vectors.safetensors`).
+/// One head's tensor quantized per channel (KIVI's key layout, as in `kivi_pack_vectors.safetensors`; values
+/// too in a layout with `axis: per_channel` values).
 ///
 /// A group is `group` consecutive tokens of one channel; codes are packed along tokens.
 #[derive(Clone, Debug, PartialEq)]
@@ -381,13 +470,14 @@ pub struct QuantizedKeys {
     pub head_dim: usize,
     /// Packed codes, `[D, T * bits / 32]` row-major (each row one bit stream).
     pub codes: Vec<u32>,
-    /// Scales, `[D, T / G]` row-major, fp16.
-    pub scale: Vec<f16>,
-    /// Mins, `[D, T / G]` row-major, fp16.
-    pub mn: Vec<f16>,
+    /// Scales, `[D, T / G]` row-major: numbers of the scale dtype (fp16 by default), exactly, as f32.
+    pub scale: Vec<f32>,
+    /// Mins, `[D, T / G]` row-major, as `scale`.
+    pub mn: Vec<f32>,
 }
 
-/// Values of one head quantized per token (KIVI's value layout, as in `kivi_pack_vectors.safetensors`).
+/// One head's tensor quantized per token (KIVI's value layout, as in `kivi_pack_vectors.safetensors`; keys too
+/// in a layout with `axis: per_token` keys).
 ///
 /// A group is `group` consecutive head-dim entries of one token; codes are packed along head_dim.
 #[derive(Clone, Debug, PartialEq)]
@@ -403,10 +493,10 @@ pub struct QuantizedValues {
     /// Packed codes, `[T, ceil(D * bits / 32)]` row-major (each row one bit stream, zero-padded to whole words:
     /// [`value_words_per_token`]).
     pub codes: Vec<u32>,
-    /// Scales, `[T, D / G]` row-major, fp16.
-    pub scale: Vec<f16>,
-    /// Mins, `[T, D / G]` row-major, fp16.
-    pub mn: Vec<f16>,
+    /// Scales, `[T, D / G]` row-major: numbers of the scale dtype (fp16 by default), exactly, as f32.
+    pub scale: Vec<f32>,
+    /// Mins, `[T, D / G]` row-major, as `scale`.
+    pub mn: Vec<f32>,
 }
 
 fn check_dims(what: &str, len: usize, tokens: usize, head_dim: usize) -> Result<(), RefError> {
@@ -423,14 +513,15 @@ fn check_dims(what: &str, len: usize, tokens: usize, head_dim: usize) -> Result<
     Ok(())
 }
 
-/// Quantizes the keys of one head per channel: `k` is `[T, D]` row-major fp16; a group is `group` consecutive
-/// tokens of one channel; each channel's T codes are packed along tokens.
+/// Quantizes one head's keys per channel: `k` is `[T, D]` row-major (fp16 or bf16); a group is `group`
+/// consecutive tokens of one channel; each channel's T codes are packed along tokens. Half rounding, fp16
+/// scales.
 ///
 /// # Errors
 /// [`RefError::Shape`] if `k.len() != tokens * head_dim`; [`RefError::Unsupported`] for bad bits;
-/// [`RefError::Invalid`] if `group` is 0 or `tokens` is not a multiple of `group` and of `32 / bits`.
-pub fn quantize_keys_per_channel(
-    k: &[f16],
+/// [`RefError::Invalid`] if `group` is 0 or `tokens` is not a multiple of `group` and of [`codes_per_pack`].
+pub fn quantize_keys_per_channel<T: Activation>(
+    k: &[T],
     tokens: usize,
     head_dim: usize,
     bits: u32,
@@ -439,12 +530,13 @@ pub fn quantize_keys_per_channel(
     quantize_keys_per_channel_with(k, tokens, head_dim, bits, group, Rounding::Half)
 }
 
-/// [`quantize_keys_per_channel`] with the rounding mode, and optionally the symmetry, given (module docs).
+/// [`quantize_keys_per_channel`] with the rounding mode, and optionally the symmetry and scale dtype, given
+/// (module docs).
 ///
 /// # Errors
 /// As [`quantize_keys_per_channel`]; [`RefError::Unsupported`] for symmetric 1-bit.
-pub fn quantize_keys_per_channel_with(
-    k: &[f16],
+pub fn quantize_keys_per_channel_with<T: Activation>(
+    k: &[T],
     tokens: usize,
     head_dim: usize,
     bits: u32,
@@ -454,30 +546,57 @@ pub fn quantize_keys_per_channel_with(
     let mode = mode.into();
     check_mode(bits, mode)?;
     check_dims("keys", k.len(), tokens, head_dim)?;
+    check_channel_dims(tokens, bits, group)?;
+    Ok(quantize_per_channel(
+        &to_f32s(k),
+        T::DTYPE.into(),
+        tokens,
+        head_dim,
+        bits,
+        group,
+        mode,
+    ))
+}
+
+fn check_channel_dims(tokens: usize, bits: u32, group: usize) -> Result<(), RefError> {
     let unit = codes_per_pack(bits);
     if group == 0 || !tokens.is_multiple_of(group) || !tokens.is_multiple_of(unit) {
         return Err(RefError::Invalid(format!(
-            "keys: {tokens} tokens must be a multiple of the group size {group} and of {unit} (the {bits}-bit \
-             codes that fill whole words)"
+            "per-channel groups: {tokens} tokens must be a multiple of the group size {group} and of {unit} (the \
+             {bits}-bit codes that fill whole words)"
         )));
     }
+    Ok(())
+}
+
+/// The arithmetic of [`quantize_keys_per_channel_with`] on activations held as f32 (numbers of `act`), without
+/// argument checks.
+pub(crate) fn quantize_per_channel(
+    k: &[f32],
+    act: Format,
+    tokens: usize,
+    head_dim: usize,
+    bits: u32,
+    group: usize,
+    mode: GroupQuant,
+) -> QuantizedKeys {
     let ng = tokens / group;
     let mut codes = vec![0u8; tokens * head_dim]; // [D, T]
-    let mut scale = vec![f16::ZERO; head_dim * ng];
-    let mut mn = vec![f16::ZERO; head_dim * ng];
-    let mut buf = vec![f16::ZERO; group];
+    let mut scale = vec![0.0f32; head_dim * ng];
+    let mut mn = vec![0.0f32; head_dim * ng];
+    let mut buf = vec![0.0f32; group];
     for d in 0..head_dim {
         for g in 0..ng {
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = k[(g * group + i) * head_dim + d];
             }
             let out = &mut codes[d * tokens + g * group..d * tokens + (g + 1) * group];
-            let (s, m) = quantize_group_unchecked(&buf, bits, mode, out);
+            let (s, m) = quantize_group_unchecked(&buf, act, bits, mode, out);
             scale[d * ng + g] = s;
             mn[d * ng + g] = m;
         }
     }
-    Ok(QuantizedKeys {
+    QuantizedKeys {
         bits,
         group,
         tokens,
@@ -485,7 +604,7 @@ pub fn quantize_keys_per_channel_with(
         codes: pack_unchecked(&codes, bits),
         scale,
         mn,
-    })
+    }
 }
 
 /// Dequantizes per-channel keys back to `[T, D]` row-major f32 ([`dequantize`] per element).
@@ -496,13 +615,7 @@ pub fn quantize_keys_per_channel_with(
 pub fn dequantize_keys_per_channel(q: &QuantizedKeys) -> Result<Vec<f32>, RefError> {
     check_bits(q.bits)?;
     let (t, d) = (q.tokens, q.head_dim);
-    let unit = codes_per_pack(q.bits);
-    if q.group == 0 || !t.is_multiple_of(q.group) || !t.is_multiple_of(unit) {
-        return Err(RefError::Invalid(format!(
-            "keys: {t} tokens not a multiple of group {} and of {unit}",
-            q.group
-        )));
-    }
+    check_channel_dims(t, q.bits, q.group)?;
     let ng = t / q.group;
     check_len(
         "key codes [D, T*bits/32]",
@@ -522,14 +635,15 @@ pub fn dequantize_keys_per_channel(q: &QuantizedKeys) -> Result<Vec<f32>, RefErr
     Ok(out)
 }
 
-/// Quantizes the values of one head per token: `v` is `[T, D]` row-major fp16; a group is `group` consecutive
-/// head-dim entries of one token; each token's D codes are packed along head_dim.
+/// Quantizes one head's values per token: `v` is `[T, D]` row-major (fp16 or bf16); a group is `group`
+/// consecutive head-dim entries of one token; each token's D codes are packed along head_dim. Half rounding,
+/// fp16 scales.
 ///
 /// # Errors
 /// [`RefError::Shape`] if `v.len() != tokens * head_dim`; [`RefError::Unsupported`] for bad bits;
 /// [`RefError::Invalid`] if `group` is 0 or `head_dim` is not a multiple of `group`.
-pub fn quantize_values_per_token(
-    v: &[f16],
+pub fn quantize_values_per_token<T: Activation>(
+    v: &[T],
     tokens: usize,
     head_dim: usize,
     bits: u32,
@@ -538,12 +652,13 @@ pub fn quantize_values_per_token(
     quantize_values_per_token_with(v, tokens, head_dim, bits, group, Rounding::Half)
 }
 
-/// [`quantize_values_per_token`] with the rounding mode, and optionally the symmetry, given (module docs).
+/// [`quantize_values_per_token`] with the rounding mode, and optionally the symmetry and scale dtype, given
+/// (module docs).
 ///
 /// # Errors
 /// As [`quantize_values_per_token`]; [`RefError::Unsupported`] for symmetric 1-bit.
-pub fn quantize_values_per_token_with(
-    v: &[f16],
+pub fn quantize_values_per_token_with<T: Activation>(
+    v: &[T],
     tokens: usize,
     head_dim: usize,
     bits: u32,
@@ -554,16 +669,38 @@ pub fn quantize_values_per_token_with(
     check_mode(bits, mode)?;
     check_dims("values", v.len(), tokens, head_dim)?;
     check_value_dims(head_dim, group)?;
+    Ok(quantize_per_token(
+        &to_f32s(v),
+        T::DTYPE.into(),
+        tokens,
+        head_dim,
+        bits,
+        group,
+        mode,
+    ))
+}
+
+/// The arithmetic of [`quantize_values_per_token_with`] on activations held as f32 (numbers of `act`), without
+/// argument checks.
+pub(crate) fn quantize_per_token(
+    v: &[f32],
+    act: Format,
+    tokens: usize,
+    head_dim: usize,
+    bits: u32,
+    group: usize,
+    mode: GroupQuant,
+) -> QuantizedValues {
     let ng = head_dim / group;
     let mut codes = vec![0u8; tokens * head_dim];
-    let mut scale = vec![f16::ZERO; tokens * ng];
-    let mut mn = vec![f16::ZERO; tokens * ng];
+    let mut scale = vec![0.0f32; tokens * ng];
+    let mut mn = vec![0.0f32; tokens * ng];
     for (i, (x, c)) in v.chunks(group).zip(codes.chunks_mut(group)).enumerate() {
-        let (s, m) = quantize_group_unchecked(x, bits, mode, c);
+        let (s, m) = quantize_group_unchecked(x, act, bits, mode, c);
         scale[i] = s;
         mn[i] = m;
     }
-    Ok(QuantizedValues {
+    QuantizedValues {
         bits,
         group,
         tokens,
@@ -575,13 +712,13 @@ pub fn quantize_values_per_token_with(
             .collect(),
         scale,
         mn,
-    })
+    }
 }
 
 fn check_value_dims(head_dim: usize, group: usize) -> Result<(), RefError> {
     if group == 0 || !head_dim.is_multiple_of(group) {
         return Err(RefError::Invalid(format!(
-            "values: head_dim {head_dim} must be a multiple of the group size {group}"
+            "per-token groups: head_dim {head_dim} must be a multiple of the group size {group}"
         )));
     }
     Ok(())
@@ -622,6 +759,7 @@ pub fn dequantize_values_per_token(q: &QuantizedValues) -> Result<Vec<f32>, RefE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     fn h(v: &[f32]) -> Vec<f16> {
         v.iter().map(|&x| f16::from_f32(x)).collect()
@@ -631,16 +769,16 @@ mod tests {
     fn simple_group() {
         let q = quantize_group(&h(&[0.0, 1.0, 2.0, 3.0]), 2).unwrap();
         assert_eq!(q.codes, vec![0, 1, 2, 3]);
-        assert_eq!(q.scale.to_f32(), 1.0);
-        assert_eq!(q.mn.to_f32(), 0.0);
+        assert_eq!(q.scale, 1.0);
+        assert_eq!(q.mn, 0.0);
     }
 
     #[test]
     fn signed_zero_min() {
         let q = quantize_group(&[f16::ZERO, f16::NEG_ZERO, f16::ONE], 2).unwrap();
-        assert_eq!(q.mn.to_bits(), f16::NEG_ZERO.to_bits());
+        assert_eq!(q.mn.to_bits(), (-0.0f32).to_bits());
         let q = quantize_group(&[f16::NEG_ZERO, f16::ZERO, f16::ONE], 2).unwrap();
-        assert_eq!(q.mn.to_bits(), f16::NEG_ZERO.to_bits());
+        assert_eq!(q.mn.to_bits(), (-0.0f32).to_bits());
         assert_eq!(q.codes, vec![0, 0, 3]);
     }
 

@@ -5,6 +5,7 @@ mod common;
 use common::{h, layout, max_abs_diff, rand_f16, rng};
 use half::f16;
 use kivi_dsl::{Dtype, QuantAxis, Symmetry};
+use kivi_reference::dtype::to_f32s;
 use kivi_reference::{
     attention_exact, attention_f32, dequantize_keys_per_channel, dequantize_values_per_token,
     QuantizedKeys, QuantizedValues, RefCache, RefError,
@@ -94,7 +95,7 @@ fn from_export(
     keys.extend(
         e.k_residual[kv_head * nrk * d..(kv_head + 1) * nrk * d]
             .iter()
-            .map(|x| x.to_f32()),
+            .copied(),
     );
     let vw = nqv * d / cpw;
     let vs = nqv * d / g;
@@ -114,7 +115,7 @@ fn from_export(
     values.extend(
         e.v_residual[kv_head * nrv * d..(kv_head + 1) * nrv * d]
             .iter()
-            .map(|x| x.to_f32()),
+            .copied(),
     );
     (keys, values)
 }
@@ -394,16 +395,29 @@ fn unsupported_layouts_are_typed() {
     );
     let mut l = base;
     l.dtype = Dtype::Bf16;
-    assert!(unsupported(l));
+    assert!(
+        RefCache::new(&l, 1).is_ok(),
+        "bf16 activations are supported"
+    );
     let mut l = base;
     l.keys.axis = QuantAxis::PerToken;
+    assert!(RefCache::new(&l, 1).is_ok(), "per-token keys are supported");
+    l.keys.group_size = kivi_dsl::GroupSize::Elements(48); // does not divide D = 64
+    assert!(unsupported(l));
+    let mut l = base;
+    l.values.axis = QuantAxis::PerChannel;
+    assert!(
+        RefCache::new(&l, 1).is_ok(),
+        "per-channel values are supported"
+    );
+    l.residual_length = 48; // not a multiple of G = 32
     assert!(unsupported(l));
     let mut l = base;
     l.keys.rounding = kivi_dsl::Rounding::F32;
     assert!(RefCache::new(&l, 1).is_ok(), "fp32 rounding is supported");
     let mut l = base;
     l.values.scale_dtype = kivi_dsl::ScaleDtype::F32;
-    assert!(unsupported(l));
+    assert!(RefCache::new(&l, 1).is_ok(), "fp32 scales are supported");
     let mut l = base;
     l.sink_tokens = 4;
     assert!(RefCache::new(&l, 1).is_ok(), "sink tokens are supported");
@@ -470,8 +484,8 @@ fn sink_tokens_stay_exact_and_shift_algorithm_1() {
         let (ea, eb) = (a.export(), b.export());
         assert_eq!(ea.len, total);
         assert_eq!(ea.sink_tokens, skip, "prefill {prefill}");
-        assert_eq!(ea.k_sink, k[..skip * d].to_vec());
-        assert_eq!(ea.v_sink, v[..skip * d].to_vec());
+        assert_eq!(ea.k_sink, to_f32s(&k[..skip * d]));
+        assert_eq!(ea.v_sink, to_f32s(&v[..skip * d]));
         assert_eq!(
             (
                 ea.quantized_keys,
@@ -580,7 +594,7 @@ fn symmetric_layouts_run_the_cache() {
             .zip(&e.k_mn)
             .chain(e.v_scale.iter().zip(&e.v_mn))
         {
-            assert_eq!(m.to_f32(), -half * s.to_f32(), "{bits} bits");
+            assert_eq!(*m, -half * s, "{bits} bits");
         }
         assert_ne!(
             e.k_code,

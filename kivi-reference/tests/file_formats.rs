@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use common::{layout, rand_f16, rng};
+use common::{h, layout, rand_f16, rng};
 use half::f16;
 use kivi_reference::{check_pack, check_stream, FileKind, RefCache, RefError, ReferenceFile};
 use safetensors::tensor::TensorView;
@@ -108,13 +108,13 @@ fn stream_tensors() -> (Vec<T>, String) {
         f("step_v", vec![b, hkv, s, d], &sv),
         f("step_out", vec![b, hq, s, d], &out),
         i("final_k_code", vec![b, hkv, d, nqk / 16], &e.k_code),
-        f("final_k_scale", vec![b, hkv, d, nqk / g], &e.k_scale),
-        f("final_k_mn", vec![b, hkv, d, nqk / g], &e.k_mn),
-        f("final_k_residual", vec![b, hkv, nrk, d], &e.k_residual),
+        f("final_k_scale", vec![b, hkv, d, nqk / g], &h(&e.k_scale)),
+        f("final_k_mn", vec![b, hkv, d, nqk / g], &h(&e.k_mn)),
+        f("final_k_residual", vec![b, hkv, nrk, d], &h(&e.k_residual)),
         i("final_v_code", vec![b, hkv, nqv, d / 8], &e.v_code),
-        f("final_v_scale", vec![b, hkv, nqv, d / g], &e.v_scale),
-        f("final_v_mn", vec![b, hkv, nqv, d / g], &e.v_mn),
-        f("final_v_residual", vec![b, hkv, nrv, d], &e.v_residual),
+        f("final_v_scale", vec![b, hkv, nqv, d / g], &h(&e.v_scale)),
+        f("final_v_mn", vec![b, hkv, nqv, d / g], &h(&e.v_mn)),
+        f("final_v_residual", vec![b, hkv, nrv, d], &h(&e.v_residual)),
     ];
     let cfg = format!(
         r#"{{"{n}": {{"B": {b}, "H": {hq}, "Hkv": {hkv}, "D": {d}, "prefill": {p}, "steps": {s}, "group": {g}, "residual": {r}, "k_bits": 2, "v_bits": 4}}}}"#
@@ -242,9 +242,9 @@ fn user_pack_file_loads_and_wrong_dtype_is_named() {
             "k_scale",
             Dtype::F16,
             vec![b, hh, d, 2],
-            bytes_f16(&q.scale),
+            bytes_f16(&h(&q.scale)),
         ),
-        mk("k_mn", Dtype::F16, vec![b, hh, d, 2], bytes_f16(&q.mn)),
+        mk("k_mn", Dtype::F16, vec![b, hh, d, 2], bytes_f16(&h(&q.mn))),
     ];
     let path = write("pack.safetensors", &tensors, None);
     let f = ReferenceFile::open(&path).unwrap();

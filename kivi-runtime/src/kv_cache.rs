@@ -1109,6 +1109,11 @@ impl KiviCache {
             kv_heads: self.layout.num_kv_heads as usize,
             head_dim: dk,
             value_head_dim: dv,
+            dtype: self.layout.dtype,
+            k_axis: self.layout.keys.axis,
+            v_axis: self.layout.values.axis,
+            k_scale_dtype: self.layout.keys.scale_dtype,
+            v_scale_dtype: self.layout.values.scale_dtype,
             k_bits: self.layout.keys.bits,
             v_bits: self.layout.values.bits,
             k_group: st.key_group_size as usize,
@@ -1182,21 +1187,24 @@ impl KiviCache {
                     let t = g * kg;
                     let (scale, min) = st.key_param_index((t % r) as u32, c as u32);
                     let base = block_of(seq, t / r) * kbp;
-                    e.k_scale.push(k_params[base + scale]);
-                    e.k_mn.push(k_params[base + min]);
+                    e.k_scale.push(k_params[base + scale].to_f32());
+                    e.k_mn.push(k_params[base + min].to_f32());
                 }
             }
             for p in qk..n {
                 let row = (seq * key_rows + p % r) * dk;
-                e.k_residual.extend_from_slice(&k_res[row..row + dk]);
+                e.k_residual
+                    .extend(k_res[row..row + dk].iter().map(|x| x.to_f32()));
             }
             for i in 0..sinks {
                 let (kr, vr) = (
                     (seq * key_rows + r + i) * dk,
                     (seq * value_rows + vring + i) * dv,
                 );
-                e.k_sink.extend_from_slice(&k_res[kr..kr + dk]);
-                e.v_sink.extend_from_slice(&v_res[vr..vr + dv]);
+                e.k_sink
+                    .extend(k_res[kr..kr + dk].iter().map(|x| x.to_f32()));
+                e.v_sink
+                    .extend(v_res[vr..vr + dv].iter().map(|x| x.to_f32()));
             }
             // Values: codes [qv][ceil(Dv * bits / 32)] packed along head_dim, params [qv][Dv / G].
             for p in 0..qv {
@@ -1209,13 +1217,14 @@ impl KiviCache {
                     .extend(pack(&codes, vb)?.into_iter().map(|w| w as i32));
                 for g in 0..dv / vg {
                     let i = block_of(seq, p / r) * vbp + st.value_param_index(tb, (g * vg) as u32);
-                    e.v_scale.push(v_scale[i]);
-                    e.v_mn.push(v_mn[i]);
+                    e.v_scale.push(v_scale[i].to_f32());
+                    e.v_mn.push(v_mn[i].to_f32());
                 }
             }
             for p in qv..n {
                 let row = (seq * value_rows + p % vring) * dv;
-                e.v_residual.extend_from_slice(&v_res[row..row + dv]);
+                e.v_residual
+                    .extend(v_res[row..row + dv].iter().map(|x| x.to_f32()));
             }
         }
         Ok(e)
