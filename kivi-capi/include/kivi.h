@@ -10,12 +10,19 @@
 #include <stdint.h>
 #include <stddef.h>
 
+// [`KiviShape::dtype`] of fp16 activations.
+#define KIVI_DTYPE_F16 0
+
+// [`KiviShape::dtype`] of bf16 activations.
+#define KIVI_DTYPE_BF16 1
+
 // The version of this C ABI: the layout of its structs and the meaning of their fields. 1: the first release; 2:
 // `KiviDecodeArgs` gained `q_lens` and `q_index`; 3: `KiviShape` gained `sink_tokens` (and the rings their sink
-// rows) and `value_head_dim` (values, outputs and the split-K scratch use it). A program built against one
+// rows) and `value_head_dim` (values, outputs and the split-K scratch use it); 4: `KiviShape` gained `dtype` (bf16
+// activations; scales of bf16 or fp32 change only the sizes `kivi_buffer_bytes` gives). A program built against one
 // header must not call a library of another version: compare [`kivi_abi_version`] with this constant before the
 // first call.
-#define KIVI_ABI_VERSION 3
+#define KIVI_ABI_VERSION 4
 
 // What a call returned.
 typedef enum KiviStatus {
@@ -61,6 +68,9 @@ typedef struct KiviShape {
   uint32_t sink_tokens;
   // head_dim of values (and of the attention output); equal to `head_dim` unless the layout differs.
   uint32_t value_head_dim;
+  // The activations' dtype (queries, keys, values, rings, outputs): [`KIVI_DTYPE_F16`] or [`KIVI_DTYPE_BF16`],
+  // 2 bytes each either way.
+  uint32_t dtype;
 } KiviShape;
 
 // Where a cache's quantized blocks live: `block_table` 0 for contiguous storage (`per_seq` blocks per

@@ -131,7 +131,15 @@ pub struct KiviShape {
     pub sink_tokens: u32,
     /// head_dim of values (and of the attention output); equal to `head_dim` unless the layout differs.
     pub value_head_dim: u32,
+    /// The activations' dtype (queries, keys, values, rings, outputs): [`KIVI_DTYPE_F16`] or [`KIVI_DTYPE_BF16`],
+    /// 2 bytes each either way.
+    pub dtype: u32,
 }
+
+/// [`KiviShape::dtype`] of fp16 activations.
+pub const KIVI_DTYPE_F16: u32 = 0;
+/// [`KiviShape::dtype`] of bf16 activations.
+pub const KIVI_DTYPE_BF16: u32 = 1;
 
 /// Where a cache's quantized blocks live: `block_table` 0 for contiguous storage (`per_seq` blocks per
 /// sequence), else an i32 `[batch][per_seq]` device table of page indices in `[0, pages)` (a page holds one block
@@ -398,6 +406,10 @@ pub unsafe extern "C" fn kivi_module_shape(
             residual_length: st.residual_length,
             value_ring: st.value_ring,
             sink_tokens: st.sink_tokens,
+            dtype: match layout.dtype {
+                kivi_dsl::Dtype::F16 => KIVI_DTYPE_F16,
+                kivi_dsl::Dtype::Bf16 => KIVI_DTYPE_BF16,
+            },
             paged: u32::from(
                 m.module
                     .kernels()
@@ -566,10 +578,11 @@ pub unsafe extern "C" fn kivi_decode(
 
 /// The version of this C ABI: the layout of its structs and the meaning of their fields. 1: the first release; 2:
 /// `KiviDecodeArgs` gained `q_lens` and `q_index`; 3: `KiviShape` gained `sink_tokens` (and the rings their sink
-/// rows) and `value_head_dim` (values, outputs and the split-K scratch use it). A program built against one
+/// rows) and `value_head_dim` (values, outputs and the split-K scratch use it); 4: `KiviShape` gained `dtype` (bf16
+/// activations; scales of bf16 or fp32 change only the sizes `kivi_buffer_bytes` gives). A program built against one
 /// header must not call a library of another version: compare [`kivi_abi_version`] with this constant before the
 /// first call.
-pub const KIVI_ABI_VERSION: u32 = 3;
+pub const KIVI_ABI_VERSION: u32 = 4;
 
 /// The [`KIVI_ABI_VERSION`] this library was built with.
 #[no_mangle]

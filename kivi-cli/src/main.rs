@@ -334,8 +334,10 @@ fn memory(spec: &str, context: u32, batch: u32, layers: u32) -> Result<ExitCode,
     let st = kivi_codegen::StorageLayout::new(l);
     if l.sink_tokens > context {
         eprintln!(
-            "note: sink_tokens {} exceeds the context {context}: a cache still keeps {} fp16 sink rows per sequence",
-            l.sink_tokens, l.sink_tokens
+            "note: sink_tokens {} exceeds the context {context}: a cache still keeps {} {} sink rows per sequence",
+            l.sink_tokens,
+            l.sink_tokens,
+            l.dtype.as_str()
         );
     }
     let m = st.memory(context);
@@ -344,6 +346,8 @@ fn memory(spec: &str, context: u32, batch: u32, layers: u32) -> Result<ExitCode,
     let fp16 = seqs
         * kivi_codegen::MemoryBreakdown::fp16_bytes(context, l.keys.head_dim, l.values.head_dim);
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let dt = l.dtype.as_str();
+    let residual = format!("{dt} residual rings and sinks");
     println!(
         "{}\ncontext {context} tokens, batch {batch}, {} KV heads, {layers} layer{}",
         l.to_spec(),
@@ -357,7 +361,7 @@ fn memory(spec: &str, context: u32, batch: u32, layers: u32) -> Result<ExitCode,
         ("key scales + mins", m.key_scales_mins),
         ("value codes", m.value_codes),
         ("value scales + mins", m.value_scales_mins),
-        ("fp16 residual rings and sinks", m.residual),
+        (residual.as_str(), m.residual),
         ("total", m.total()),
     ] {
         println!(
@@ -367,17 +371,17 @@ fn memory(spec: &str, context: u32, batch: u32, layers: u32) -> Result<ExitCode,
         );
     }
     println!(
-        "| fp16 cache, same capacity | {} | {:.2} | {:.2} |",
+        "| {dt} cache, same capacity | {} | {:.2} | {:.2} |",
         fp16 / seqs,
         mib(fp16),
         mib(fp16 * u64::from(layers))
     );
     let ratio = fp16 as f64 / per_layer as f64;
     let comparison = if ratio >= 1.0 {
-        format!("{ratio:.2}x smaller than fp16")
+        format!("{ratio:.2}x smaller than {dt}")
     } else {
         // Tiny contexts: the fp16 rings and whole blocks outweigh what the codes save.
-        format!("{:.2}x larger than fp16", 1.0 / ratio)
+        format!("{:.2}x larger than {dt}", 1.0 / ratio)
     };
     // The automatic split's most splits over any length up to the context (tokens after the sinks).
     let splits = kivi_codegen::DecodePlan::new(l).max_splits(0, context);

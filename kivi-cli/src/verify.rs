@@ -5,18 +5,29 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-use half::f16;
+use half::{bf16, f16};
 use kivi_codegen::KernelTiles;
 use kivi_dsl::Layout;
 use kivi_reference::{
-    check_pack, check_stream, PackCase, RefCache, ReferenceFile, StreamCase, TensorDiff,
+    check_pack, check_stream, Activation, PackCase, RefCache, ReferenceFile, StreamCase, TensorDiff,
 };
-use kivi_runtime::{CacheExport, Gpu, KiviCache};
+use kivi_runtime::{ActivationElem, CacheExport, Gpu, KiviCache};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// GPU output vs CPU reference: max relative L2 error per (batch, head, step) (fp16 output vs f32 oracle).
 pub const GPU_VS_CPU_STEP_TOL: f64 = 3e-3;
+/// [`GPU_VS_CPU_STEP_TOL`] for bf16 activations: the kernels' error plus the rounding of the bf16 output (up to
+/// 2^-9 = 1.95e-3 relative per element, about 1.1e-3 relative L2 over a row), against the CPU reference's f32.
+pub const GPU_VS_CPU_STEP_TOL_BF16: f64 = 5e-3;
+
+/// The per-(batch, head, step) tolerance of GPU outputs against the CPU reference for `layout`'s dtype.
+pub fn gpu_vs_cpu_step_tol(layout: &Layout) -> f64 {
+    match layout.dtype {
+        kivi_dsl::Dtype::F16 => GPU_VS_CPU_STEP_TOL,
+        kivi_dsl::Dtype::Bf16 => GPU_VS_CPU_STEP_TOL_BF16,
+    }
+}
 /// Ours vs a reference file's outputs: relative L2 error over a whole stream.
 pub const FILE_STREAM_TOL: f64 = 5e-3;
 /// Ours vs a reference file's outputs: max relative L2 error per (batch, head, step).
@@ -204,12 +215,31 @@ struct RunInputs {
 }
 
 fn cpu_run(inp: &RunInputs) -> Result<CpuRun, String> {
+    match inp.layout.dtype {
+        kivi_dsl::Dtype::F16 => cpu_run_as::<f16>(inp),
+        kivi_dsl::Dtype::Bf16 => cpu_run_as::<bf16>(inp),
+    }
+}
+
+/// The inputs (generated as fp16) as activations of type `T`: rounded to bf16 for a bf16 layout.
+fn as_act<T: Activation>(x: &[f16]) -> Vec<T> {
+    kivi_reference::dtype::from_f16s(x)
+}
+
+fn cpu_run_as<T: Activation>(inp: &RunInputs) -> Result<CpuRun, String> {
     let mut c = RefCache::new(&inp.layout, inp.batch as usize).map_err(|e| e.to_string())?;
-    c.prefill(&inp.prefill_k, &inp.prefill_v, inp.prefill as usize)
-        .map_err(|e| e.to_string())?;
+    c.prefill(
+        &as_act::<T>(&inp.prefill_k),
+        &as_act::<T>(&inp.prefill_v),
+        inp.prefill as usize,
+    )
+    .map_err(|e| e.to_string())?;
     let mut outputs = Vec::with_capacity(inp.steps.len());
     for (q, k, v) in &inp.steps {
-        outputs.push(c.decode_step(q, k, v).map_err(|e| e.to_string())?);
+        outputs.push(
+            c.decode_step(&as_act::<T>(q), &as_act::<T>(k), &as_act::<T>(v))
+                .map_err(|e| e.to_string())?,
+        );
     }
     Ok(CpuRun {
         outputs,
@@ -224,6 +254,17 @@ struct GpuRun {
 }
 
 fn gpu_run(gpu: &Gpu, inp: &RunInputs, tiles: &KernelTiles) -> Result<GpuRun, String> {
+    match inp.layout.dtype {
+        kivi_dsl::Dtype::F16 => gpu_run_as::<f16>(gpu, inp, tiles),
+        kivi_dsl::Dtype::Bf16 => gpu_run_as::<bf16>(gpu, inp, tiles),
+    }
+}
+
+fn gpu_run_as<T: ActivationElem>(
+    gpu: &Gpu,
+    inp: &RunInputs,
+    tiles: &KernelTiles,
+) -> Result<GpuRun, String> {
     let module = gpu
         .load_layout(&inp.layout, tiles)
         .map_err(|e| e.to_string())?;
@@ -231,12 +272,18 @@ fn gpu_run(gpu: &Gpu, inp: &RunInputs, tiles: &KernelTiles) -> Result<GpuRun, St
     let mut cache = KiviCache::new(gpu, Arc::clone(&module), inp.batch, capacity.max(1))
         .map_err(|e| e.to_string())?;
     cache
-        .prefill_host(&inp.prefill_k, &inp.prefill_v, inp.prefill)
+        .prefill_host(
+            &as_act::<T>(&inp.prefill_k),
+            &as_act::<T>(&inp.prefill_v),
+            inp.prefill,
+        )
         .map_err(|e| e.to_string())?;
     let mut outputs = Vec::with_capacity(inp.steps.len());
     for (q, k, v) in &inp.steps {
-        let out = cache.decode_step_host(q, k, v).map_err(|e| e.to_string())?;
-        outputs.push(to_f32(&out));
+        let out = cache
+            .decode_step_host(&as_act::<T>(q), &as_act::<T>(k), &as_act::<T>(v))
+            .map_err(|e| e.to_string())?;
+        outputs.push(kivi_reference::dtype::to_f32s(&out));
     }
     Ok(GpuRun {
         outputs,
@@ -336,7 +383,7 @@ fn compare_runs(name: String, inp: &RunInputs, gpu: &GpuRun, cpu: &CpuRun) -> Ch
         e.add(s, g, c, h, d);
     }
     let (mismatches, which) = compare_with_reference(&gpu.export, &cpu.export);
-    let passed = mismatches == 0 && e.max_step <= GPU_VS_CPU_STEP_TOL;
+    let passed = mismatches == 0 && e.max_step <= gpu_vs_cpu_step_tol(&inp.layout);
     let detail = format!(
         "{} steps, max per-(b,h,step) rel-L2 {:.2e} at {:?}, stream {:.2e}; final cache ({} quantized keys, {} \
          quantized values) {}",
@@ -715,7 +762,8 @@ pub const MATRIX_HEAD_DIMS: [u32; 8] = [32, 64, 80, 96, 112, 128, 192, 256];
 /// [`MATRIX_HEAD_DIMS`], key bits of 1, 2, 3, 4, 8) appears twice, with value bits, query/KV head arrangements
 /// (MHA, GQA 3, 4 and 8, MQA, two head tiles), key groups (16 to 128 tokens and per_block), value groups (16 to 64
 /// channels and per_block), residual lengths (64, 128, 192), symmetric quantization, fp32 rounding, sink tokens
-/// (4, 33, 200) and value head_dims other than the keys' rotating through the samples.
+/// (4, 33, 200), value head_dims other than the keys', bf16 activations (a third of the samples) and bf16 and
+/// fp32 scales rotating through the samples.
 pub fn sampled_matrix() -> Vec<String> {
     const BITS: [u32; 5] = [1, 2, 3, 4, 8];
     const HEADS: [(u32, u32); 6] = [(8, 8), (8, 2), (6, 1), (12, 4), (16, 2), (32, 1)];
@@ -772,10 +820,22 @@ pub fn sampled_matrix() -> Vec<String> {
                     9 => ", sink_tokens: 200",
                     _ => "",
                 };
+                // bf16 activations on every third; bf16 and fp32 scales rotate through keys and values.
+                let dtype = if n % 3 == 1 { ", dtype: bf16" } else { "" };
+                let ks = match n % 8 {
+                    1 | 6 => ", scale_dtype: bf16",
+                    3 => ", scale_dtype: fp32",
+                    _ => "",
+                };
+                let vs = match n % 10 {
+                    2 | 7 => ", scale_dtype: fp32",
+                    4 => ", scale_dtype: bf16",
+                    _ => "",
+                };
                 out.push(format!(
-                    "num_heads: {h}, num_kv_heads: {hkv}, head_dim: {d}, residual_length: {r}{sinks}, \
-                     keys: {{ bits: {kb}, group_size: {kg}{kq}{kr} }}, \
-                     values: {{ bits: {vb}, group_size: {vg}, head_dim: {dv}{vq}{vr} }}"
+                    "num_heads: {h}, num_kv_heads: {hkv}, head_dim: {d}, residual_length: {r}{sinks}{dtype}, \
+                     keys: {{ bits: {kb}, group_size: {kg}{kq}{kr}{ks} }}, \
+                     values: {{ bits: {vb}, group_size: {vg}, head_dim: {dv}{vq}{vr}{vs} }}"
                 ));
             }
         }
@@ -821,6 +881,30 @@ mod tests {
             "GQA"
         );
         assert!(layouts.iter().any(|l| l.gqa_ratio() > 16), "two head tiles");
+        assert!(
+            layouts
+                .iter()
+                .filter(|l| l.dtype == kivi_dsl::Dtype::Bf16)
+                .count()
+                >= 20,
+            "bf16 activations"
+        );
+        for sd in [kivi_dsl::ScaleDtype::Bf16, kivi_dsl::ScaleDtype::F32] {
+            assert!(
+                layouts.iter().any(|l| l.keys.scale_dtype == sd),
+                "key scales {sd:?}"
+            );
+            assert!(
+                layouts.iter().any(|l| l.values.scale_dtype == sd),
+                "value scales {sd:?}"
+            );
+            assert!(
+                layouts
+                    .iter()
+                    .any(|l| l.dtype == kivi_dsl::Dtype::Bf16 && l.keys.scale_dtype == sd),
+                "bf16 activations with {sd:?} key scales"
+            );
+        }
         for t in [
             |l: &kivi_dsl::Layout| l.keys,
             |l: &kivi_dsl::Layout| l.values,

@@ -190,6 +190,50 @@ fn gpu_one_sequence_and_one_kv_head() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
+fn gpu_bf16_activations_and_bf16_or_fp32_scales_match_the_cpu_reference() {
+    // bf16 activations (inputs rounded to bf16, steps rounded to bf16, the output bf16: tolerance 5e-3) and scales
+    // stored as bf16 or fp32, alone and together: codes, scales, mins, residuals and sinks identical to the CPU
+    // reference; 3-bit packs, sinks, symmetric and fp32 rounding, MQA and different head_dims among them.
+    verify_specs_at_awkward_lengths(&[
+        "kivi-2, llama-3-8b, dtype: bf16",
+        "kivi-4, llama-2-7b, scale_dtype: fp32, rounding: fp32",
+        "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 64, scale_dtype: bf16",
+        "kivi-2, num_heads: 8, num_kv_heads: 1, head_dim: 80, dtype: bf16, keys: { bits: 3, group_size: 16, \
+         scale_dtype: fp32 }, values: { bits: 1, group_size: 16, scale_dtype: bf16 }, sink_tokens: 4",
+        "kivi-4, num_heads: 4, num_kv_heads: 4, dtype: bf16, quant: symmetric, keys: { head_dim: 192, \
+         scale_dtype: fp32 }, values: { head_dim: 128 }",
+    ]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_inputs_of_another_dtype_are_errors() {
+    use half::{bf16, f16};
+    use kivi_runtime::{KiviCache, RuntimeError};
+    let gpu = gpu();
+    let layout = kivi_dsl::parse_spec("kivi-2, smollm2-135m, dtype: bf16").unwrap();
+    let module = gpu
+        .load_layout(&layout, &kivi_codegen::KernelTiles::heuristic(&layout))
+        .unwrap();
+    let mut cache = KiviCache::new(&gpu, module, 2, 64).unwrap();
+    let k = vec![f16::ONE; 2 * 3 * 10 * 64];
+    let e = cache.prefill_host(&k, &k, 10).unwrap_err();
+    assert!(matches!(e, RuntimeError::State(_)), "{e}");
+    assert!(
+        e.to_string().contains("fp16 tensors for a layout of bf16"),
+        "{e}"
+    );
+    let kb = vec![bf16::ONE; 2 * 3 * 10 * 64];
+    cache.prefill_host(&kb, &kb, 10).unwrap();
+    let q = vec![bf16::ONE; 2 * 9 * 64];
+    let kv = vec![bf16::ONE; 2 * 3 * 64];
+    let out = cache.decode_step_host(&q, &kv, &kv).unwrap();
+    // Every key and value is 1: every output is 1, in bf16.
+    assert!(out.iter().all(|&x| x == bf16::ONE), "{:?}", &out[..4]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
 fn gpu_inputs_that_do_not_match_the_layout_are_errors() {
     use half::f16;
     use kivi_runtime::{KiviCache, RuntimeError};

@@ -255,9 +255,9 @@ impl DecodePlan {
         let (dk, dv) = (st.key_head_dim, st.value_head_dim);
         let value_tiles = iter_tokens / 16;
         let stage_bytes = iter_tokens * dk * st.key_bits / 8
-            + 2 * key_groups_per_iter * dk * 2
+            + 2 * key_groups_per_iter * dk * st.key_param_bytes
             + value_tiles * 32 * st.value_words_per_lane() * 4
-            + 2 * value_tiles * 16 * st.value_groups_per_token() * 2;
+            + 2 * value_tiles * 16 * st.value_groups_per_token() * st.value_param_bytes;
         DecodePlan {
             iter_tokens,
             key_groups_per_iter,
@@ -357,8 +357,9 @@ impl DecodePlan {
 }
 
 /// The layout part of kernel and module names: key bits/axis/group, value bits/axis/group, residual, head_dim,
-/// dtype, GQA ratio, e.g. `k2c32_v2t32_r128_d128_f16_gqa4` (`c` per-channel, `t` per-token). Options away from
-/// the defaults follow a tensor's group: `s` symmetric quantization, `f` fp32 rounding (`k4c32sf_...`); sink
+/// dtype, GQA ratio, e.g. `k2c32_v2t32_r128_d128_fp16_gqa4` (`c` per-channel, `t` per-token). Options away from
+/// the defaults follow a tensor's group: `s` symmetric quantization, `f` fp32 rounding, `pb16` and `p32` scales and
+/// mins stored as bf16 and fp32 (`k4c32sfp32_...`); the dtype is `fp16` or `bf16`; sink
 /// tokens follow the residual (`r128_s4`), and different key and value head_dims are spelled `d192x128`.
 pub fn layout_tag(layout: &Layout) -> String {
     let axis = |a: kivi_dsl::QuantAxis| match a {
@@ -372,6 +373,11 @@ pub fn layout_tag(layout: &Layout) -> String {
         }
         if t.rounding == kivi_dsl::Rounding::F32 {
             o.push('f');
+        }
+        match t.scale_dtype {
+            kivi_dsl::ScaleDtype::F16 => {}
+            kivi_dsl::ScaleDtype::Bf16 => o.push_str("pb16"),
+            kivi_dsl::ScaleDtype::F32 => o.push_str("p32"),
         }
         o
     };
@@ -472,6 +478,8 @@ pub fn generate_module(specs: &[KernelSpec]) -> Result<ModuleSource, CodegenErro
     ctx.insert("version", env!("CARGO_PKG_VERSION"));
     ctx.insert("layout_spec", &layout.to_spec().replace('\n', " "));
     ctx.insert("module_name", &module_name);
+    ctx.insert("dtype", layout.dtype.as_str());
+    ctx.insert("act_fmt", act_fmt(layout.dtype));
     let mut source = tera
         .render("prelude", &ctx)
         .map_err(|e| template_error("prelude", &e))?;
@@ -537,6 +545,23 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// The templates' name of an activation format (`KIVI_FMT_F16`, `KIVI_FMT_BF16`).
+fn act_fmt(d: kivi_dsl::Dtype) -> &'static str {
+    match d {
+        kivi_dsl::Dtype::F16 => "KIVI_FMT_F16",
+        kivi_dsl::Dtype::Bf16 => "KIVI_FMT_BF16",
+    }
+}
+
+/// The templates' name of a scale format (`KIVI_FMT_F16`, `KIVI_FMT_BF16`, `KIVI_FMT_F32`).
+fn scale_fmt(d: kivi_dsl::ScaleDtype) -> &'static str {
+    match d {
+        kivi_dsl::ScaleDtype::F16 => "KIVI_FMT_F16",
+        kivi_dsl::ScaleDtype::Bf16 => "KIVI_FMT_BF16",
+        kivi_dsl::ScaleDtype::F32 => "KIVI_FMT_F32",
+    }
+}
+
 /// The template values of one kernel: every derived number computed here.
 fn kernel_context(
     spec: &KernelSpec,
@@ -589,7 +614,10 @@ fn kernel_context(
     ctx.insert("value_words_per_pair", &st.value_words_per_pair());
     ctx.insert("value_block_words", &st.value_block_words());
     ctx.insert("value_block_params", &st.value_block_params());
+    ctx.insert("act_fmt", act_fmt(l.dtype));
+    ctx.insert("dtype", l.dtype.as_str());
     for (prefix, t) in [("key", &l.keys), ("value", &l.values)] {
+        ctx.insert(format!("{prefix}_fmt"), scale_fmt(t.scale_dtype));
         ctx.insert(
             format!("{prefix}_symmetric"),
             &(t.symmetry == kivi_dsl::Symmetry::Symmetric),

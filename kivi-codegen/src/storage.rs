@@ -29,10 +29,11 @@ use kivi_dsl::Layout;
 /// 0..8, slot `2j + s`) and is `[lane 32][head_dim / 16][3]` words. Values: code `n` of a token pair (below)
 /// sits in pack `n / 16`, slot `n % 16`; a last pack of fewer than 16 codes uses only the words its slots need.
 ///
-/// **Key mins and scales** (fp16, one each per channel and group of `key_group_size` tokens), one buffer: per
-/// group of a block, `[q 4][head_dim / 16][min s=0, scale s=0, min s=1, scale s=1][e 2]`: the four fp16 pairs a
-/// lane needs per 16-channel step are one aligned 16-byte quad, and the mins of both channel sets sit where an
-/// mma's A operand wants them ([`StorageLayout::key_param_index`]).
+/// **Key mins and scales** (the keys' scale dtype: fp16 by default, bf16 or fp32; one each per channel and group
+/// of `key_group_size` tokens), one buffer: per group of a block, `[q 4][head_dim / 16][min s=0, scale s=0, min
+/// s=1, scale s=1][e 2]`: the four pairs a lane needs per 16-channel step are one aligned 16-byte quad (32
+/// bytes for fp32), and the mins of both channel sets sit where an mma's A operand wants them
+/// ([`StorageLayout::key_param_index`]).
 ///
 /// **Value codes** (per-token groups along head_dim): a block is cut into *value tiles* of 16 tokens; a tile is
 /// `[lane 32][value_words_per_lane]` u32. Lane `4g + q` holds the token pairs `(2q + 8p, 2q + 8p + 1)` (p in
@@ -41,17 +42,18 @@ use kivi_dsl::Layout;
 /// `16 / b` codes per half-word, so every 16-bit half-word belongs to one token (padding where `head_dim / 8`
 /// is not a multiple of `16 / b`). See [`StorageLayout::value_code_position`].
 ///
-/// **Value scales and mins** (fp16, one per token and group of `value_group_size` channels): per value tile,
+/// **Value scales and mins** (the values' scale dtype, one per token and group of `value_group_size` channels):
+/// per value tile,
 /// `[q 4][p 2][head_dim / value_group_size][e 2]` ([`StorageLayout::value_param_index`]).
 ///
 /// Keys and values may have different head_dims: "head_dim" above means the keys' for key storage and the
 /// values' for value storage.
 ///
-/// **Residual rings** (fp16, row-major): keys `[R][head_dim]` per sequence, token at position p in row `p % R`;
+/// **Residual rings** (the activation dtype, fp16 or bf16, row-major): keys `[R][head_dim]` per sequence, token at position p in row `p % R`;
 /// values `[R + 1][head_dim]`, token p in row `p % (R + 1)` (the reference holds R + 1 full-precision values
 /// between an append and the flush of the oldest one).
 ///
-/// **Sink tokens** (S = `sink_tokens`, fp16, never quantized): the first S tokens of a sequence sit in S more rows
+/// **Sink tokens** (S = `sink_tokens`, the activation dtype, never quantized): the first S tokens of a sequence sit in S more rows
 /// after each ring, so a sequence's key rows are `[R + S][head_dim]` and its value rows `[R + 1 + S][head_dim]`,
 /// sink i in row `R + i` (keys) and `R + 1 + i` (values). Positions p above count the tokens after the sinks:
 /// Algorithm 1 runs on them as if the sinks were not there (the reference's semantics).
@@ -73,8 +75,22 @@ pub struct StorageLayout {
     pub value_group_size: u32,
     /// Rows of the value residual ring (R + 1).
     pub value_ring: u32,
-    /// S: sink tokens per sequence (fp16 rows after each ring).
+    /// S: sink tokens per sequence (rows after each ring, of the activation dtype).
     pub sink_tokens: u32,
+    /// Bytes of one key scale or min: 2 (fp16, bf16) or 4 (fp32).
+    pub key_param_bytes: u32,
+    /// Bytes of one value scale or min: 2 (fp16, bf16) or 4 (fp32).
+    pub value_param_bytes: u32,
+    /// Bytes of one activation (query, key, value, residual row entry, output): 2 (fp16 and bf16).
+    pub act_bytes: u32,
+}
+
+/// Bytes of one number of a scale dtype.
+fn param_bytes(d: kivi_dsl::ScaleDtype) -> u32 {
+    match d {
+        kivi_dsl::ScaleDtype::F16 | kivi_dsl::ScaleDtype::Bf16 => 2,
+        kivi_dsl::ScaleDtype::F32 => 4,
+    }
 }
 
 /// Where one code lives: the u32 word (counted from the start of its block) and the bit of its lowest bit; or,
@@ -143,6 +159,9 @@ impl StorageLayout {
             value_group_size: layout.values.group_elems(r),
             value_ring: r + 1,
             sink_tokens: layout.sink_tokens,
+            key_param_bytes: param_bytes(layout.keys.scale_dtype),
+            value_param_bytes: param_bytes(layout.values.scale_dtype),
+            act_bytes: 2,
         }
     }
 
@@ -221,7 +240,8 @@ impl StorageLayout {
             * self.key_words_per_step()
     }
 
-    /// fp16 numbers of the key parameter buffer per block: a min and a scale per channel and group.
+    /// Numbers (of the keys' scale dtype) of the key parameter buffer per block: a min and a scale per channel
+    /// and group.
     pub fn key_block_params(&self) -> u32 {
         2 * self.key_head_dim * self.key_groups_per_block()
     }
@@ -231,7 +251,7 @@ impl StorageLayout {
         self.residual_length / 16 * 32 * self.value_words_per_lane()
     }
 
-    /// Value scales (and, separately, mins) per block.
+    /// Value scales (and, separately, mins) per block, numbers of the values' scale dtype.
     pub fn value_block_params(&self) -> u32 {
         self.residual_length * self.value_groups_per_token()
     }
@@ -320,8 +340,8 @@ impl StorageLayout {
     }
 
     /// Device bytes of one sequence (one batch entry x one KV head) with `capacity` tokens: codes, scales and
-    /// mins of keys and values, plus both residual rings (fp16 is 2 bytes). Split-K scratch is per cache, not
-    /// per sequence: see the runtime.
+    /// mins of keys and values, plus both residual rings. Split-K scratch is per cache, not per sequence: see the
+    /// runtime.
     pub fn bytes_per_sequence(&self, capacity: u32) -> u64 {
         let blocks = u64::from(self.blocks_for(capacity));
         blocks * self.bytes_per_block() + self.ring_bytes()
@@ -334,9 +354,11 @@ impl StorageLayout {
         MemoryBreakdown {
             capacity,
             key_codes: blocks * 4 * u64::from(self.key_block_words()),
-            key_scales_mins: blocks * 2 * u64::from(self.key_block_params()),
+            key_scales_mins: blocks * u64::from(self.key_param_bytes * self.key_block_params()),
             value_codes: blocks * 4 * u64::from(self.value_block_words()),
-            value_scales_mins: blocks * 2 * 2 * u64::from(self.value_block_params()),
+            value_scales_mins: blocks
+                * 2
+                * u64::from(self.value_param_bytes * self.value_block_params()),
             residual: self.ring_bytes(),
         }
     }
@@ -344,7 +366,8 @@ impl StorageLayout {
     /// Bytes of one quantized block: codes, scales and mins of keys and values.
     pub fn bytes_per_block(&self) -> u64 {
         4 * u64::from(self.key_block_words() + self.value_block_words())
-            + 2 * u64::from(self.key_block_params() + 2 * self.value_block_params())
+            + u64::from(self.key_param_bytes * self.key_block_params())
+            + 2 * u64::from(self.value_param_bytes * self.value_block_params())
     }
 
     /// Bytes a decode step must read for one sequence (one KV head) holding `len` tokens of which
@@ -353,21 +376,29 @@ impl StorageLayout {
     /// full-precision key and value (the residual, including the new token, and the sink tokens). The query heads
     /// (2 bytes x key head_dim each) come on top. This is the byte count `kivi bench` divides by the time. (With
     /// more than 16 query heads per KV head the kernel reads the cache once per tile of 16 heads; this counts it
-    /// once.)
+    /// once.) Scales and mins count their dtype's bytes, full-precision tokens the activations'.
     pub fn decode_read_bytes(&self, len: u64, quantized_keys: u64, quantized_values: u64) -> u64 {
         let (dk, dv) = (u64::from(self.key_head_dim), u64::from(self.value_head_dim));
         let key_codes = quantized_keys * dk * u64::from(self.key_bits) / 8;
-        let key_params = quantized_keys / u64::from(self.key_group_size) * dk * 4;
+        let key_params = quantized_keys / u64::from(self.key_group_size)
+            * dk
+            * 2
+            * u64::from(self.key_param_bytes);
         let value_codes = quantized_values * 32 * u64::from(self.value_words_per_lane()) * 4 / 16;
-        let value_params = quantized_values * u64::from(self.value_groups_per_token()) * 4;
-        let residual = ((len - quantized_keys) * dk + (len - quantized_values) * dv) * 2;
+        let value_params = quantized_values
+            * u64::from(self.value_groups_per_token())
+            * 2
+            * u64::from(self.value_param_bytes);
+        let residual = ((len - quantized_keys) * dk + (len - quantized_values) * dv)
+            * u64::from(self.act_bytes);
         key_codes + key_params + value_codes + value_params + residual
     }
 
     /// Bytes of the two residual rings of one sequence, with their sink rows.
     pub fn ring_bytes(&self) -> u64 {
-        2 * (u64::from(self.key_head_dim) * u64::from(self.key_res_rows())
-            + u64::from(self.value_head_dim) * u64::from(self.value_res_rows()))
+        u64::from(self.act_bytes)
+            * (u64::from(self.key_head_dim) * u64::from(self.key_res_rows())
+                + u64::from(self.value_head_dim) * u64::from(self.value_res_rows()))
     }
 }
 
@@ -382,13 +413,14 @@ pub struct MemoryBreakdown {
     pub capacity: u32,
     /// Packed key codes (u32 words), bytes.
     pub key_codes: u64,
-    /// Key scales and mins (fp16), bytes.
+    /// Key scales and mins (the keys' scale dtype), bytes.
     pub key_scales_mins: u64,
     /// Packed value codes (u32 words, with the padding of their fragment layout), bytes.
     pub value_codes: u64,
-    /// Value scales and mins (fp16), bytes.
+    /// Value scales and mins (the values' scale dtype), bytes.
     pub value_scales_mins: u64,
-    /// The fp16 residual rings of keys (R tokens) and values (R + 1 tokens), and the sink tokens of both, bytes.
+    /// The full-precision residual rings of keys (R tokens) and values (R + 1 tokens), and the sink tokens of both,
+    /// bytes.
     pub residual: u64,
 }
 

@@ -207,6 +207,62 @@ fn decode_bytes_count_codes_params_and_residual() {
     assert_eq!(b, codes + params + 2 * 128 * 128 * 2);
 }
 
+/// Scales and mins of fp32 take 4 bytes each, of bf16 2, and activations 2 whatever their dtype: the memory
+/// breakdown, the decode byte count and the decode stage follow.
+#[test]
+fn scale_dtypes_size_the_parameters() {
+    let base = StorageLayout::new(&layout("kivi-2, llama-2-7b"));
+    let f32s = StorageLayout::new(&layout(
+        "kivi-2, llama-2-7b, keys: { scale_dtype: fp32 }, dtype: bf16",
+    ));
+    let bf16s = StorageLayout::new(&layout("kivi-2, llama-2-7b, scale_dtype: bf16"));
+    assert_eq!(
+        (f32s.key_param_bytes, f32s.value_param_bytes, f32s.act_bytes),
+        (4, 2, 2)
+    );
+    let (m0, m1) = (base.memory(4096), f32s.memory(4096));
+    assert_eq!(m1.key_scales_mins, 2 * m0.key_scales_mins);
+    assert_eq!(
+        (
+            m1.key_codes,
+            m1.value_codes,
+            m1.value_scales_mins,
+            m1.residual
+        ),
+        (
+            m0.key_codes,
+            m0.value_codes,
+            m0.value_scales_mins,
+            m0.residual
+        )
+    );
+    assert_eq!(bf16s.memory(4096), m0);
+    assert_eq!(
+        f32s.decode_read_bytes(4096, 3968, 3968),
+        base.decode_read_bytes(4096, 3968, 3968) + 3968 / 32 * 128 * 4
+    );
+    let (p0, p1) = (
+        DecodePlan::new(&layout("kivi-2, llama-2-7b")),
+        DecodePlan::new(&layout("kivi-2, llama-2-7b, scale_dtype: fp32")),
+    );
+    // One 32-token iteration: key params 2 x 128 numbers, value params 2 x 32 x 4 numbers, 2 bytes more each.
+    assert_eq!(
+        p1.stage_bytes,
+        p0.stage_bytes + 2 * 128 * 2 + 2 * 32 * 4 * 2
+    );
+    // The names spell the dtype; the scale dtype changes the code, so it is in the module's source.
+    let l = layout("kivi-2, llama-3-8b, dtype: bf16, scale_dtype: fp32");
+    let k = LayoutKernels::new(&l, &KernelTiles::heuristic(&l)).unwrap();
+    let name = k.spec(KernelKind::DecodePartial).name();
+    assert!(
+        name.contains("k2c32p32_v2t32p32_r128_d128_bf16_gqa4"),
+        "{name}"
+    );
+    let m = generate_module(&k.specs).unwrap();
+    assert!(m.source.contains("constexpr int KFMT = KIVI_FMT_F32;"));
+    assert!(m.source.contains("#define KIVI_ACT KIVI_FMT_BF16"));
+}
+
 #[test]
 fn templates_receive_derived_constants() {
     let l = layout("kivi-2, smollm2-135m");

@@ -661,10 +661,15 @@ fn parse_spec_does_not_check_support_but_parse_spec_supported_does() {
     assert_eq!(e.layout_error().unwrap().field(), "keys.bits");
     parse_spec_supported("kivi-4, mistral-7b").unwrap();
 
-    let e = parse_spec_supported("kivi-2, llama-3-8b, dtype: bf16").unwrap_err();
+    parse_spec_supported("kivi-2, llama-3-8b, dtype: bf16, scale_dtype: fp32").unwrap();
+    let e = parse_spec_supported("kivi-2, llama-3-8b, keys: { axis: per_token }").unwrap_err();
     assert_eq!(
         (e.line(), e.column(), e.message()),
-        (1, 21, "not yet supported: dtype bf16 (only fp16)")
+        (
+            1,
+            29,
+            "not yet supported: keys.axis per_token (keys are quantized per_channel only)"
+        )
     );
 }
 
@@ -900,17 +905,6 @@ fn check_supported_rules() {
             "not yet supported: values.group_size 8 (the decode kernel needs groups of at least 16 elements: one \
              16-row tile of its tensor-core fragments shares a group)",
         ),
-        (
-            with(|l| l.values.scale_dtype = ScaleDtype::F32),
-            "values.scale_dtype",
-            "not yet supported: values.scale_dtype fp32 (only fp16)",
-        ),
-        (
-            with(|l| l.keys.scale_dtype = ScaleDtype::Bf16),
-            "keys.scale_dtype",
-            "not yet supported: keys.scale_dtype bf16 (only fp16)",
-        ),
-        (with(|l| l.dtype = Dtype::Bf16), "dtype", "not yet supported: dtype bf16 (only fp16)"),
     ];
     for (layout, field, message) in cases {
         layout.validate().unwrap();
@@ -919,6 +913,14 @@ fn check_supported_rules() {
             (field.to_string(), message.to_string())
         );
     }
+    // bf16 activations, and bf16 and fp32 scales, are generated.
+    with(|l| {
+        l.dtype = Dtype::Bf16;
+        l.keys.scale_dtype = ScaleDtype::F32;
+        l.values.scale_dtype = ScaleDtype::Bf16;
+    })
+    .check_supported()
+    .unwrap();
     // Supported edges: 1-bit keys, 8-bit values in groups of 16.
     with(|l| {
         l.keys.bits = 1;

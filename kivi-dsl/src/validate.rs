@@ -2,7 +2,7 @@
 //! [`Layout::check_supported`] (does the code generator emit it yet).
 
 use crate::error::LayoutError;
-use crate::layout::{Dtype, GroupSize, Layout, QuantAxis, ScaleDtype, Symmetry, TensorQuant};
+use crate::layout::{GroupSize, Layout, QuantAxis, Symmetry, TensorQuant};
 
 /// Largest accepted `residual_length`, tokens.
 pub const MAX_RESIDUAL_LENGTH: u32 = 4096;
@@ -155,9 +155,9 @@ impl Layout {
     /// keys per-channel and values per-token; numeric group sizes of at least 16 (a 16-row tile of the decode
     /// kernel's tensor-core fragments shares a group), or `per_block` where the block (residual_length for keys,
     /// head_dim for values) is a power of two; `residual_length` a multiple of `max(key chunk, 16)` (whole key
-    /// chunks and value tiles per flush block; [`key_chunk_tokens`]: 64 / key bits, 64 for 3 bits); fp16 scales;
-    /// fp16 activations. Symmetric or asymmetric quantization, either rounding, any number of sink tokens and
-    /// different key and value head_dims are generated. One rule is left to the generator, which knows the
+    /// chunks and value tiles per flush block; [`key_chunk_tokens`]: 64 / key bits, 64 for 3 bits). Symmetric
+    /// or asymmetric quantization, either rounding, fp16 or bf16 activations, fp16, bf16 or fp32 scales, any
+    /// number of sink tokens and different key and value head_dims are generated. One rule is left to the generator, which knows the
     /// storage: the decode iteration of one warp must fit 48 KiB of shared memory (kivi-codegen's
     /// `LayoutKernels::new` refuses it as [`LayoutError::NotYetSupported`] too; e.g. head_dim 256 with 3-bit keys
     /// and 8-bit values).
@@ -213,17 +213,6 @@ impl Layout {
                 }
                 GroupSize::Elements(_) => {}
             }
-        }
-        for (name, t) in tensors {
-            if t.scale_dtype != ScaleDtype::F16 {
-                return unsupported(format!(
-                    "{name}.scale_dtype {} (only fp16)",
-                    t.scale_dtype.as_str()
-                ));
-            }
-        }
-        if self.dtype != Dtype::F16 {
-            return unsupported(format!("dtype {} (only fp16)", self.dtype.as_str()));
         }
         let unit = key_chunk_tokens(self.keys.bits).max(16);
         if !self.residual_length.is_multiple_of(unit) {

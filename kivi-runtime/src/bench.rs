@@ -5,28 +5,30 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
-use half::f16;
+use half::{bf16, f16};
 
 use crate::error::{Result, RuntimeError};
 use crate::gpu::{Gpu, LayoutModule};
-use crate::kv_cache::KiviCache;
+use crate::kv_cache::{ActivationElem, KiviCache};
 
 const FILL_SOURCE: &str = r#"
-extern "C" __global__ void kivi_fill_random(unsigned short* out, long long n, unsigned int seed, float amplitude) {
+extern "C" __global__ void kivi_fill_random(unsigned short* out, long long n, unsigned int seed, float amplitude,
+                                            int bf16) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         unsigned int h = (unsigned int)i * 2654435761u ^ (unsigned int)(i >> 32) * 40503u ^ seed;
         h ^= h >> 16; h *= 0x7feb352du; h ^= h >> 15; h *= 0x846ca68bu; h ^= h >> 16;
         // Sum of two uniforms: a triangular distribution on (-amplitude, amplitude), never constant.
         const float u = ((h & 0xffffu) + (h >> 16)) * (1.0f / 65536.0f) - 1.0f;
         unsigned short bits;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(u * amplitude));
+        if (bf16) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(u * amplitude));
+        else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(u * amplitude));
         out[i] = bits;
     }
 }
 "#;
 
-/// Fills device buffers with pseudo-random fp16 numbers in (-amplitude, amplitude), on the device (a hash of
-/// the index and a seed: no host data, so multi-gigabyte inputs cost milliseconds).
+/// Fills device buffers with pseudo-random fp16 or bf16 numbers in (-amplitude, amplitude), on the device (a hash
+/// of the index and a seed: no host data, so multi-gigabyte inputs cost milliseconds).
 pub struct RandomFill {
     gpu_stream: Arc<cudarc::driver::CudaStream>,
     kernel: CudaFunction,
@@ -39,7 +41,7 @@ impl RandomFill {
     /// # Errors
     /// NVRTC or driver errors.
     pub fn new(gpu: &Gpu) -> Result<Self> {
-        let mut k = gpu.load_program("kivi_fill_random_v1", FILL_SOURCE, &["kivi_fill_random"])?;
+        let mut k = gpu.load_program("kivi_fill_random_v2", FILL_SOURCE, &["kivi_fill_random"])?;
         Ok(RandomFill {
             gpu_stream: gpu.stream().clone(),
             kernel: k.remove(0),
@@ -51,27 +53,38 @@ impl RandomFill {
     ///
     /// # Errors
     /// Driver errors.
-    pub fn fill(&self, buf: &mut CudaSlice<f16>, seed: u32, amplitude: f32) -> Result<()> {
+    pub fn fill<T: ActivationElem>(
+        &self,
+        buf: &mut CudaSlice<T>,
+        seed: u32,
+        amplitude: f32,
+    ) -> Result<()> {
         let n = buf.len() as i64;
+        let bf16 = i32::from(T::DTYPE == kivi_dsl::Dtype::Bf16);
         let cfg = LaunchConfig {
             grid_dim: (self.sm_count * 8, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.gpu_stream.launch_builder(&self.kernel);
-        b.arg(buf).arg(&n).arg(&seed).arg(&amplitude);
-        // SAFETY: the kernel writes n = buf.len() fp16 elements of buf.
+        b.arg(buf).arg(&n).arg(&seed).arg(&amplitude).arg(&bf16);
+        // SAFETY: the kernel writes n = buf.len() 16-bit elements of buf.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
 
-    /// A new device buffer of `n` random fp16 numbers.
+    /// A new device buffer of `n` random numbers of type `T` (fp16 or bf16).
     ///
     /// # Errors
     /// Driver errors (e.g. out of memory).
-    pub fn random(&self, n: usize, seed: u32, amplitude: f32) -> Result<CudaSlice<f16>> {
+    pub fn random<T: ActivationElem>(
+        &self,
+        n: usize,
+        seed: u32,
+        amplitude: f32,
+    ) -> Result<CudaSlice<T>> {
         // SAFETY: every element is written by `fill` before anything reads it (same stream).
-        let mut buf = unsafe { self.gpu_stream.alloc::<f16>(n) }?;
+        let mut buf = unsafe { self.gpu_stream.alloc::<T>(n) }?;
         self.fill(&mut buf, seed, amplitude)?;
         Ok(buf)
     }
@@ -126,14 +139,87 @@ pub fn l2_bytes(gpu: &Gpu) -> Result<u64> {
 /// random tokens, so that a step attends over `context` tokens; step i runs on copy i % copies.
 pub struct DecodeBench {
     caches: Vec<KiviCache>,
-    src_k: CudaSlice<f16>,
-    src_v: CudaSlice<f16>,
+    io: BenchIo,
     prefill: u32,
-    q: Vec<CudaSlice<f16>>,
-    k: Vec<CudaSlice<f16>>,
-    v: Vec<CudaSlice<f16>>,
-    out: Vec<CudaSlice<f16>>,
     next: usize,
+}
+
+/// The inputs and outputs of a [`DecodeBench`], in the layout's activation type.
+enum BenchIo {
+    F16(IoBuffers<f16>),
+    Bf16(IoBuffers<bf16>),
+}
+
+/// The prefill source (shared by every copy) and each copy's step buffers.
+struct IoBuffers<T> {
+    src_k: CudaSlice<T>,
+    src_v: CudaSlice<T>,
+    q: Vec<CudaSlice<T>>,
+    k: Vec<CudaSlice<T>>,
+    v: Vec<CudaSlice<T>>,
+    out: Vec<CudaSlice<T>>,
+}
+
+impl<T: ActivationElem> IoBuffers<T> {
+    /// Random buffers for `copies` copies of `batch` sequences of `layout`, `prefill` tokens of source.
+    fn new(
+        fill: &RandomFill,
+        layout: &kivi_dsl::Layout,
+        batch: u32,
+        prefill: usize,
+        copies: usize,
+    ) -> Result<Self> {
+        let (d, dv) = (
+            layout.keys.head_dim as usize,
+            layout.values.head_dim as usize,
+        );
+        let kv = batch as usize * layout.num_kv_heads as usize;
+        let heads = batch as usize * layout.num_heads as usize;
+        let mut io = IoBuffers {
+            src_k: fill.random((kv * prefill).max(1) * d, 11, 2.0)?,
+            src_v: fill.random((kv * prefill).max(1) * dv, 12, 2.0)?,
+            q: Vec::new(),
+            k: Vec::new(),
+            v: Vec::new(),
+            out: Vec::new(),
+        };
+        for c in 0..copies {
+            let seed = 100 + 4 * c as u32;
+            io.q.push(fill.random(heads * d, seed, 1.0)?);
+            io.k.push(fill.random(kv * d, seed + 1, 2.0)?);
+            io.v.push(fill.random(kv * dv, seed + 2, 2.0)?);
+            io.out.push(fill.random(heads * dv, seed + 3, 1.0)?);
+        }
+        Ok(io)
+    }
+
+    fn prefill(&self, cache: &mut KiviCache, len: u32) -> Result<()> {
+        cache.prefill(&self.src_k, &self.src_v, len)
+    }
+
+    fn step(&mut self, cache: &mut KiviCache, i: usize) -> Result<()> {
+        cache.decode_step(&self.q[i], &self.k[i], &self.v[i], &mut self.out[i])
+    }
+
+    fn output_host(&self, cache: &KiviCache, copy: usize) -> Result<Vec<f32>> {
+        let out = self.out.get(copy).ok_or(RuntimeError::Limit {
+            what: "cache copy",
+            value: copy as u64,
+            limit: format!("there are {}", self.out.len()),
+        })?;
+        let stream = cache.module().context().default_stream();
+        Ok(stream.clone_dtoh(out)?.iter().map(|x| x.to_f32()).collect())
+    }
+}
+
+/// `$body` with `$io` bound to the [`IoBuffers`] of whichever activation type `$bench_io` holds.
+macro_rules! with_io {
+    ($bench_io:expr, $io:ident => $body:expr) => {
+        match $bench_io {
+            BenchIo::F16($io) => $body,
+            BenchIo::Bf16($io) => $body,
+        }
+    };
 }
 
 impl DecodeBench {
@@ -160,59 +246,42 @@ impl DecodeBench {
         }
         let fill = RandomFill::new(gpu)?;
         let layout = module.kernels().layout;
-        let (d, dv) = (
-            layout.keys.head_dim as usize,
-            layout.values.head_dim as usize,
-        );
-        let kv = batch as usize * layout.num_kv_heads as usize;
-        let heads = batch as usize * layout.num_heads as usize;
         let prefill = (context - 1) as usize;
-        let mut caches = Vec::with_capacity(copies);
-        let (mut q, mut k, mut v, mut out) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         // One random prefill source, reused by every copy (each copy still has its own memory) and by
         // [`DecodeBench::restart`].
-        let src_k = fill.random((kv * prefill).max(1) * d, 11, 2.0)?;
-        let src_v = fill.random((kv * prefill).max(1) * dv, 12, 2.0)?;
-        for c in 0..copies {
+        let io = match layout.dtype {
+            kivi_dsl::Dtype::F16 => {
+                BenchIo::F16(IoBuffers::new(&fill, &layout, batch, prefill, copies)?)
+            }
+            kivi_dsl::Dtype::Bf16 => {
+                BenchIo::Bf16(IoBuffers::new(&fill, &layout, batch, prefill, copies)?)
+            }
+        };
+        let mut caches = Vec::with_capacity(copies);
+        for _ in 0..copies {
             let mut cache =
                 KiviCache::new(gpu, module.clone(), batch, context + extra_steps.max(1))?;
             if prefill > 0 {
-                cache.prefill(&src_k, &src_v, prefill as u32)?;
+                with_io!(&io, b => b.prefill(&mut cache, prefill as u32))?;
             }
             caches.push(cache);
-            let seed = 100 + 4 * c as u32;
-            q.push(fill.random(heads * d, seed, 1.0)?);
-            k.push(fill.random(kv * d, seed + 1, 2.0)?);
-            v.push(fill.random(kv * dv, seed + 2, 2.0)?);
-            out.push(fill.random(heads * dv, seed + 3, 1.0)?);
         }
         gpu.stream().synchronize()?;
         Ok(DecodeBench {
             caches,
-            src_k,
-            src_v,
+            io,
             prefill: prefill as u32,
-            q,
-            k,
-            v,
-            out,
             next: 0,
         })
     }
 
-    /// The output buffer of cache copy `copy` (`[batch, num_heads, value head_dim]` fp16) after its last step, copied
-    /// to the host (synchronizes).
+    /// The output buffer of cache copy `copy` (`[batch, num_heads, value head_dim]`, the layout's activations)
+    /// after its last step, copied to the host and widened to f32 (synchronizes).
     ///
     /// # Errors
     /// Driver errors; [`RuntimeError::Limit`] for a copy index out of range.
-    pub fn output_host(&self, copy: usize) -> Result<Vec<f16>> {
-        let out = self.out.get(copy).ok_or(RuntimeError::Limit {
-            what: "cache copy",
-            value: copy as u64,
-            limit: format!("there are {}", self.out.len()),
-        })?;
-        let stream = self.caches[0].module().context().default_stream();
-        Ok(stream.clone_dtoh(out)?)
+    pub fn output_host(&self, copy: usize) -> Result<Vec<f32>> {
+        with_io!(&self.io, b => b.output_host(&self.caches[0], copy))
     }
 
     /// Empties every copy and prefills it again with the same `context - 1` tokens, so the next step (on copy 0)
@@ -225,7 +294,7 @@ impl DecodeBench {
         for cache in &mut self.caches {
             cache.reset()?;
             if self.prefill > 0 {
-                cache.prefill(&self.src_k, &self.src_v, self.prefill)?;
+                with_io!(&self.io, b => b.prefill(cache, self.prefill))?;
             }
         }
         self.next = 0;
@@ -255,7 +324,7 @@ impl DecodeBench {
     /// As [`KiviCache::decode_step`] (e.g. a full cache).
     pub fn step(&mut self) -> Result<()> {
         let i = self.next;
-        self.caches[i].decode_step(&self.q[i], &self.k[i], &self.v[i], &mut self.out[i])?;
+        with_io!(&mut self.io, b => b.step(&mut self.caches[i], i))?;
         self.next = (i + 1) % self.caches.len();
         Ok(())
     }
@@ -302,11 +371,27 @@ pub fn time_prefill(
     warmup: usize,
     iters: usize,
 ) -> Result<(Vec<f64>, KiviCache)> {
+    match module.kernels().layout.dtype {
+        kivi_dsl::Dtype::F16 => time_prefill_as::<f16>(gpu, module, batch, context, warmup, iters),
+        kivi_dsl::Dtype::Bf16 => {
+            time_prefill_as::<bf16>(gpu, module, batch, context, warmup, iters)
+        }
+    }
+}
+
+fn time_prefill_as<T: ActivationElem>(
+    gpu: &Gpu,
+    module: Arc<LayoutModule>,
+    batch: u32,
+    context: u32,
+    warmup: usize,
+    iters: usize,
+) -> Result<(Vec<f64>, KiviCache)> {
     let fill = RandomFill::new(gpu)?;
     let layout = module.kernels().layout;
     let n = batch as usize * layout.num_kv_heads as usize * context as usize;
-    let k = fill.random(n * layout.keys.head_dim as usize, 21, 2.0)?;
-    let v = fill.random(n * layout.values.head_dim as usize, 22, 2.0)?;
+    let k = fill.random::<T>(n * layout.keys.head_dim as usize, 21, 2.0)?;
+    let v = fill.random::<T>(n * layout.values.head_dim as usize, 22, 2.0)?;
     let mut cache = KiviCache::new(gpu, module, batch, context)?;
     let stream = gpu.stream().clone();
     for _ in 0..warmup {

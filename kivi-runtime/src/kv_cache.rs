@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
-use half::f16;
+use half::{bf16, f16};
 use kivi_codegen::{DecodePlan, KernelKind, StorageLayout, MAX_SPLITS};
-use kivi_dsl::Layout;
-pub use kivi_reference::CacheExport;
+use kivi_dsl::{Dtype, Layout, ScaleDtype};
+pub use kivi_reference::{Activation, CacheExport};
 
 use crate::error::{Result, RuntimeError};
 use crate::gpu::{Gpu, LayoutModule};
@@ -44,13 +44,42 @@ pub struct DecodeOptions<'a> {
     pub softmax_scale: Option<f32>,
 }
 
+/// An activation type a [`KiviCache`] takes and returns: [`f16`] or [`bf16`], which must be the layout's `dtype`
+/// (a mismatch is a [`RuntimeError::State`] naming both).
+pub trait ActivationElem:
+    Activation + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Unpin
+{
+}
+
+impl ActivationElem for f16 {}
+impl ActivationElem for bf16 {}
+
 /// The inputs and outputs of one decode step.
-struct DecodeIo<'a> {
-    q: &'a CudaSlice<f16>,
-    k: &'a CudaSlice<f16>,
-    v: &'a CudaSlice<f16>,
-    out: &'a mut CudaSlice<f16>,
+struct DecodeIo<'a, T> {
+    q: &'a CudaSlice<T>,
+    k: &'a CudaSlice<T>,
+    v: &'a CudaSlice<T>,
+    out: &'a mut CudaSlice<T>,
     lse: Option<&'a mut CudaSlice<f32>>,
+}
+
+/// Number `i` of a buffer of `fmt` numbers held as raw 16-bit words (fp32 numbers take two, low first), as f32.
+fn param_at(raw: &[u16], fmt: ScaleDtype, i: usize) -> f32 {
+    match fmt {
+        ScaleDtype::F16 => f16::from_bits(raw[i]).to_f32(),
+        ScaleDtype::Bf16 => bf16::from_bits(raw[i]).to_f32(),
+        ScaleDtype::F32 => {
+            f32::from_bits(u32::from(raw[2 * i]) | (u32::from(raw[2 * i + 1]) << 16))
+        }
+    }
+}
+
+/// Activations `[i, i + n)` of a raw 16-bit buffer of `dtype`, as f32.
+fn acts_at(raw: &[u16], dtype: Dtype, i: usize, n: usize) -> impl Iterator<Item = f32> + '_ {
+    raw[i..i + n].iter().map(move |&b| match dtype {
+        Dtype::F16 => f16::from_bits(b).to_f32(),
+        Dtype::Bf16 => bf16::from_bits(b).to_f32(),
+    })
 }
 
 /// The scalar options of a step.
@@ -118,12 +147,14 @@ pub struct KiviCache {
     blocks_per_seq: u32,
     paging: Option<Paging>,
     k_codes: CudaSlice<u32>,
-    k_params: CudaSlice<f16>,
-    k_res: CudaSlice<f16>,
+    /// Raw 16-bit words: the keys' scale dtype (an fp32 number takes two).
+    k_params: CudaSlice<u16>,
+    /// Raw 16-bit words: activations of the layout's dtype.
+    k_res: CudaSlice<u16>,
     v_codes: CudaSlice<u32>,
-    v_scale: CudaSlice<f16>,
-    v_mn: CudaSlice<f16>,
-    v_res: CudaSlice<f16>,
+    v_scale: CudaSlice<u16>,
+    v_mn: CudaSlice<u16>,
+    v_res: CudaSlice<u16>,
     part_acc: CudaSlice<f32>,
     part_ml: CudaSlice<f32>,
     counters: CudaSlice<u32>,
@@ -488,6 +519,18 @@ impl KiviCache {
         Ok(())
     }
 
+    /// Checks that `T` is the layout's activation dtype.
+    fn check_dtype<T: ActivationElem>(&self, what: &str) -> Result<()> {
+        if T::DTYPE != self.layout.dtype {
+            return Err(RuntimeError::State(format!(
+                "{what}: {} tensors for a layout of {} activations",
+                T::DTYPE.as_str(),
+                self.layout.dtype.as_str()
+            )));
+        }
+        Ok(())
+    }
+
     fn check_empty(&self) -> Result<()> {
         if self.is_empty() {
             return Ok(());
@@ -529,34 +572,41 @@ impl KiviCache {
         ptr
     }
 
-    /// Prefill (KIVI Algorithm 1): `k`, `v` are `[batch, num_kv_heads, len, head_dim]` fp16 on the GPU (the keys'
-    /// head_dim for `k`, the values' for `v`). The first `min(len, sink_tokens)` tokens are sinks, kept in fp16;
+    /// Prefill (KIVI Algorithm 1): `k`, `v` are `[batch, num_kv_heads, len, head_dim]` on the GPU, of the layout's
+    /// activation dtype (`T`: [`f16`] or [`bf16`]; the keys' head_dim for `k`, the values' for `v`). The first
+    /// `min(len, sink_tokens)` tokens are sinks, kept in full precision;
     /// of the `n` after them, keys: if `n < R` all stay full precision, else the first `n - n % R` are quantized
     /// per-channel; values: if `n <= R` all stay full precision, else all but the newest R are quantized
     /// per-token.
     ///
     /// # Errors
-    /// [`RuntimeError::State`] if the cache is not empty; [`RuntimeError::Shape`] if a length does not match;
-    /// [`RuntimeError::Limit`] if `len` exceeds the capacity; driver errors.
-    pub fn prefill(&mut self, k: &CudaSlice<f16>, v: &CudaSlice<f16>, len: u32) -> Result<()> {
+    /// [`RuntimeError::State`] if the cache is not empty or `T` is not the layout's dtype; [`RuntimeError::Shape`]
+    /// if a length does not match; [`RuntimeError::Limit`] if `len` exceeds the capacity; driver errors.
+    pub fn prefill<T: ActivationElem>(
+        &mut self,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        len: u32,
+    ) -> Result<()> {
         let lens = vec![len; self.batch as usize];
         self.prefill_ragged(k, v, len, &lens)
     }
 
-    /// Prefill of a ragged batch: `k`, `v` are `[batch, num_kv_heads, max_len, head_dim]` fp16 on the GPU
+    /// Prefill of a ragged batch: `k`, `v` are `[batch, num_kv_heads, max_len, head_dim]` (the layout's dtype) on the GPU
     /// (padded), and batch entry `b` holds `lens[b] <= max_len` tokens (the rest of its rows is never read).
     /// Each sequence is prefilled as [`KiviCache::prefill`] would prefill it alone.
     ///
     /// # Errors
     /// As [`KiviCache::prefill`]; [`RuntimeError::Shape`] if `lens` is not `batch` long; [`RuntimeError::Limit`]
     /// if a length exceeds `max_len`.
-    pub fn prefill_ragged(
+    pub fn prefill_ragged<T: ActivationElem>(
         &mut self,
-        k: &CudaSlice<f16>,
-        v: &CudaSlice<f16>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
         max_len: u32,
         lens: &[u32],
     ) -> Result<()> {
+        self.check_dtype::<T>("prefill")?;
         self.check_empty()?;
         let kv_heads = self.layout.num_kv_heads;
         let (dk, dv) = (self.storage.key_head_dim, self.storage.value_head_dim);
@@ -623,7 +673,8 @@ impl KiviCache {
     ///
     /// # Errors
     /// As [`KiviCache::prefill`].
-    pub fn prefill_host(&mut self, k: &[f16], v: &[f16], len: u32) -> Result<()> {
+    pub fn prefill_host<T: ActivationElem>(&mut self, k: &[T], v: &[T], len: u32) -> Result<()> {
+        self.check_dtype::<T>("prefill")?;
         let kv_heads = self.layout.num_kv_heads;
         let (dk, dv) = (self.storage.key_head_dim, self.storage.value_head_dim);
         self.check_len("prefill k", k.len(), len as usize, kv_heads, dk)?;
@@ -637,23 +688,25 @@ impl KiviCache {
         self.prefill(&dk, &dv, len)
     }
 
-    /// One decode step (KIVI Algorithm 1): appends `k`, `v` (`[batch, num_kv_heads, head_dim]` fp16; the keys'
+    /// One decode step (KIVI Algorithm 1): appends `k`, `v` (`[batch, num_kv_heads, head_dim]`; the keys'
     /// head_dim for `k`, the values' for `v`) to every sequence, writes the attention of `q` (`[batch, num_heads,
-    /// key head_dim]` fp16; query head h reads KV head `h / (H / Hkv)`) over every cached token of its sequence,
-    /// the new one included (sink tokens too), into `out` (`[batch, num_heads, value head_dim]` fp16; scores scaled
+    /// key head_dim]`; query head h reads KV head `h / (H / Hkv)`) over every cached token of its sequence,
+    /// the new one included (sink tokens too), into `out` (`[batch, num_heads, value head_dim]`; scores scaled
     /// by 1/sqrt(key head_dim), softmax in fp32), then flushes
     /// as the reference does: the full-precision keys once they number R (one block), the oldest full-precision
-    /// value once they number R + 1. One kernel launch; the sequences may have different lengths.
+    /// value once they number R + 1. One kernel launch; the sequences may have different lengths. Every tensor is
+    /// of the layout's activation dtype (`T`: [`f16`] or [`bf16`]); the tensor cores compute in fp16 either way, so
+    /// bf16 activations must lie within fp16's range (|x| <= 65504) or the output becomes infinite or NaN.
     ///
     /// # Errors
     /// [`RuntimeError::Shape`] if a length does not match; [`RuntimeError::Limit`] when a sequence is full;
-    /// driver errors.
-    pub fn decode_step(
+    /// [`RuntimeError::State`] if `T` is not the layout's dtype; driver errors.
+    pub fn decode_step<T: ActivationElem>(
         &mut self,
-        q: &CudaSlice<f16>,
-        k: &CudaSlice<f16>,
-        v: &CudaSlice<f16>,
-        out: &mut CudaSlice<f16>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        out: &mut CudaSlice<T>,
     ) -> Result<()> {
         self.decode_step_with(q, k, v, out, DecodeOptions::default())
     }
@@ -664,12 +717,12 @@ impl KiviCache {
     /// # Errors
     /// As [`KiviCache::decode_step`]; [`RuntimeError::Shape`] if `lse` is not `[batch, num_heads]`;
     /// [`RuntimeError::State`] for a softmax scale that is not finite and positive.
-    pub fn decode_step_with(
+    pub fn decode_step_with<T: ActivationElem>(
         &mut self,
-        q: &CudaSlice<f16>,
-        k: &CudaSlice<f16>,
-        v: &CudaSlice<f16>,
-        out: &mut CudaSlice<f16>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        out: &mut CudaSlice<T>,
         options: DecodeOptions<'_>,
     ) -> Result<()> {
         // One step is one token of each sequence.
@@ -683,7 +736,7 @@ impl KiviCache {
     /// decode kernel that leave a sequence alone once its tokens are done. No device synchronization; `q_lens`
     /// is copied from host memory first (pageable: the copy may wait for the host side of the transfer).
     ///
-    /// Shapes (fp16, token-major so that token `j`'s rows are one step's): `q` and `out`
+    /// Shapes (the layout's dtype, token-major so that token `j`'s rows are one step's): `q` and `out`
     /// `[q_len, batch, num_heads, head_dim]`, `k` and `v` `[q_len, batch, num_kv_heads, head_dim]` (`q` and `k` with
     /// the keys' head_dim, `v` and `out` with the values'), `lse` (in
     /// `options`) f32 `[q_len, batch, num_heads]`. Rows of tokens past a sequence's `q_lens[b]` are neither read
@@ -695,16 +748,17 @@ impl KiviCache {
     /// tokens; [`RuntimeError::Shape`] if a buffer or `q_lens` does not match; as
     /// [`KiviCache::decode_step_with`] otherwise.
     #[allow(clippy::too_many_arguments)]
-    pub fn decode_tokens(
+    pub fn decode_tokens<T: ActivationElem>(
         &mut self,
-        q: &CudaSlice<f16>,
-        k: &CudaSlice<f16>,
-        v: &CudaSlice<f16>,
-        out: &mut CudaSlice<f16>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        out: &mut CudaSlice<T>,
         q_len: u32,
         q_lens: Option<&[u32]>,
         options: DecodeOptions<'_>,
     ) -> Result<()> {
+        self.check_dtype::<T>("decode")?;
         if q_len == 0 {
             return Err(RuntimeError::Limit {
                 what: "q_len",
@@ -814,19 +868,20 @@ impl KiviCache {
         Ok(())
     }
 
-    /// [`KiviCache::decode_tokens`] from host slices; returns `out` `[q_len, batch, num_heads, value head_dim]` fp16
+    /// [`KiviCache::decode_tokens`] from host slices; returns `out` `[q_len, batch, num_heads, value head_dim]`
     /// (NaN in the rows of tokens past a sequence's `q_lens[b]`).
     ///
     /// # Errors
     /// As [`KiviCache::decode_tokens`].
-    pub fn decode_tokens_host(
+    pub fn decode_tokens_host<T: ActivationElem>(
         &mut self,
-        q: &[f16],
-        k: &[f16],
-        v: &[f16],
+        q: &[T],
+        k: &[T],
+        v: &[T],
         q_len: u32,
         q_lens: Option<&[u32]>,
-    ) -> Result<Vec<f16>> {
+    ) -> Result<Vec<T>> {
+        self.check_dtype::<T>("decode")?;
         if q_len == 0 {
             return Err(RuntimeError::Limit {
                 what: "q_len",
@@ -846,7 +901,9 @@ impl KiviCache {
         // Poisoned (NaN) so that an element the kernels fail to write cannot pass a check.
         let out_len =
             t * self.batch as usize * heads as usize * self.storage.value_head_dim as usize;
-        let mut out = self.stream.clone_htod(&vec![f16::NAN; out_len])?;
+        let mut out = self
+            .stream
+            .clone_htod(&vec![T::from_f32(f32::NAN); out_len])?;
         self.decode_tokens(
             &dq,
             &dk,
@@ -860,12 +917,12 @@ impl KiviCache {
     }
 
     /// Checks the q, k, v, out and lse of `tokens` new tokens per sequence against the layout and batch.
-    fn check_step_io(
+    fn check_step_io<T>(
         &self,
-        q: &CudaSlice<f16>,
-        k: &CudaSlice<f16>,
-        v: &CudaSlice<f16>,
-        out: &CudaSlice<f16>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        out: &CudaSlice<T>,
         lse: Option<&CudaSlice<f32>>,
         tokens: u32,
     ) -> Result<()> {
@@ -902,10 +959,10 @@ impl KiviCache {
     }
 
     /// The raw arguments of a step that reads lengths buffer `cur` and writes the next lengths into the other.
-    fn decode_args<'a>(
+    fn decode_args<'a, T>(
         &'a mut self,
         stream: &'a CudaStream,
-        io: DecodeIo<'a>,
+        io: DecodeIo<'a, T>,
         cur: usize,
         grid_splits: u32,
         options: &StepOptions,
@@ -971,15 +1028,16 @@ impl KiviCache {
     /// # Errors
     /// As [`KiviCache::decode_step_with`]; [`RuntimeError::State`] if `capture_stream` is this cache's stream
     /// or of another context; driver errors (a capture that fails is ended).
-    pub fn capture_decode(
+    pub fn capture_decode<T: ActivationElem>(
         &mut self,
         capture_stream: &Arc<CudaStream>,
-        q: &CudaSlice<f16>,
-        k: &CudaSlice<f16>,
-        v: &CudaSlice<f16>,
-        out: &mut CudaSlice<f16>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        out: &mut CudaSlice<T>,
         options: DecodeOptions<'_>,
     ) -> Result<DecodeGraph> {
+        self.check_dtype::<T>("capture_decode")?;
         if Arc::ptr_eq(capture_stream, &self.stream)
             || !Arc::ptr_eq(capture_stream.context(), self.stream.context())
         {
@@ -1059,11 +1117,16 @@ impl KiviCache {
         Ok(())
     }
 
-    /// [`KiviCache::decode_step`] from host slices; returns the output `[batch, num_heads, value head_dim]` fp16.
+    /// [`KiviCache::decode_step`] from host slices; returns the output `[batch, num_heads, value head_dim]`.
     ///
     /// # Errors
     /// As [`KiviCache::decode_step`].
-    pub fn decode_step_host(&mut self, q: &[f16], k: &[f16], v: &[f16]) -> Result<Vec<f16>> {
+    pub fn decode_step_host<T: ActivationElem>(
+        &mut self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+    ) -> Result<Vec<T>> {
         self.decode_tokens_host(q, k, v, 1, None)
     }
 
@@ -1135,6 +1198,11 @@ impl KiviCache {
             st.value_block_params() as usize,
         );
         let (kb, vb) = (st.key_bits, st.value_bits);
+        let (dtype, kfmt, vfmt) = (
+            self.layout.dtype,
+            self.layout.keys.scale_dtype,
+            self.layout.values.scale_dtype,
+        );
         // The reference layouts are bit streams (kivi_reference::pack_codes_padded): per channel along tokens for
         // keys (a whole number of words: R is a multiple of 64), per token along head_dim for values (zero-padded to
         // whole words, kivi_reference::value_words_per_token).
@@ -1187,24 +1255,21 @@ impl KiviCache {
                     let t = g * kg;
                     let (scale, min) = st.key_param_index((t % r) as u32, c as u32);
                     let base = block_of(seq, t / r) * kbp;
-                    e.k_scale.push(k_params[base + scale].to_f32());
-                    e.k_mn.push(k_params[base + min].to_f32());
+                    e.k_scale.push(param_at(&k_params, kfmt, base + scale));
+                    e.k_mn.push(param_at(&k_params, kfmt, base + min));
                 }
             }
             for p in qk..n {
                 let row = (seq * key_rows + p % r) * dk;
-                e.k_residual
-                    .extend(k_res[row..row + dk].iter().map(|x| x.to_f32()));
+                e.k_residual.extend(acts_at(&k_res, dtype, row, dk));
             }
             for i in 0..sinks {
                 let (kr, vr) = (
                     (seq * key_rows + r + i) * dk,
                     (seq * value_rows + vring + i) * dv,
                 );
-                e.k_sink
-                    .extend(k_res[kr..kr + dk].iter().map(|x| x.to_f32()));
-                e.v_sink
-                    .extend(v_res[vr..vr + dv].iter().map(|x| x.to_f32()));
+                e.k_sink.extend(acts_at(&k_res, dtype, kr, dk));
+                e.v_sink.extend(acts_at(&v_res, dtype, vr, dv));
             }
             // Values: codes [qv][ceil(Dv * bits / 32)] packed along head_dim, params [qv][Dv / G].
             for p in 0..qv {
@@ -1217,14 +1282,13 @@ impl KiviCache {
                     .extend(pack(&codes, vb)?.into_iter().map(|w| w as i32));
                 for g in 0..dv / vg {
                     let i = block_of(seq, p / r) * vbp + st.value_param_index(tb, (g * vg) as u32);
-                    e.v_scale.push(v_scale[i].to_f32());
-                    e.v_mn.push(v_mn[i].to_f32());
+                    e.v_scale.push(param_at(&v_scale, vfmt, i));
+                    e.v_mn.push(param_at(&v_mn, vfmt, i));
                 }
             }
             for p in qv..n {
                 let row = (seq * value_rows + p % vring) * dv;
-                e.v_residual
-                    .extend(v_res[row..row + dv].iter().map(|x| x.to_f32()));
+                e.v_residual.extend(acts_at(&v_res, dtype, row, dv));
             }
         }
         Ok(e)

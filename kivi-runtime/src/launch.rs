@@ -3,7 +3,7 @@
 //! or synchronizes: every call checks its arguments on the host, then queues kernels on `stream` and returns.
 //!
 //! The state of a sequence is its length alone (KIVI Algorithm 1's invariants: after a prefill or a decode step
-//! of a sequence of `len` tokens, its first `min(len, sink_tokens)` are sink tokens in fp16; of the `n` after
+//! of a sequence of `len` tokens, its first `min(len, sink_tokens)` are sink tokens in full precision; of the `n` after
 //! them, the first `n - n % R` keys and the first `max(n - R, 0)` values are quantized, and the rest sit in its
 //! full-precision rings). Lengths are `i32` in device memory, one per batch
 //! entry, so the batch may be ragged, a decode step needs no host synchronization, and it can be captured in a
@@ -13,13 +13,15 @@
 //! range.
 //!
 //! Storage (all device memory, sizes in elements of the named dtype, from [`StorageLayout`] of the layout;
-//! `seqs = batch * num_kv_heads`, `blocks` = `seqs * blocks_per_seq` contiguous or `pages * num_kv_heads` paged):
-//! `k_codes` u32 `[blocks][key_block_words]`, `k_params` fp16 `[blocks][key_block_params]`, `v_codes` u32
-//! `[blocks][value_block_words]`, `v_scale` and `v_mn` fp16 `[blocks][value_block_params]`, `k_res` fp16
-//! `[seqs][residual_length + sink_tokens][key head_dim]`, `v_res` fp16 `[seqs][value_ring + sink_tokens][value
-//! head_dim]`
+//! `seqs = batch * num_kv_heads`, `blocks` = `seqs * blocks_per_seq` contiguous or `pages * num_kv_heads` paged;
+//! "act" is the layout's activation dtype, fp16 or bf16, and "kscale"/"vscale" its key and value scale dtypes,
+//! fp16, bf16 or fp32): `k_codes` u32 `[blocks][key_block_words]`, `k_params` kscale `[blocks][key_block_params]`,
+//! `v_codes` u32 `[blocks][value_block_words]`, `v_scale` and `v_mn` vscale `[blocks][value_block_params]`,
+//! `k_res` act `[seqs][residual_length + sink_tokens][key head_dim]`, `v_res` act `[seqs][value_ring +
+//! sink_tokens][value head_dim]`
 //! (the ring's rows, then the sink tokens'); every block buffer 16-byte aligned. With sink tokens, a sequence of
-//! `len` tokens keeps its first `min(len, sink_tokens)` in fp16 and runs Algorithm 1 on the rest. [`StorageLayout::memory`](kivi_codegen::StorageLayout::memory) gives the bytes per sequence.
+//! `len` tokens keeps its first `min(len, sink_tokens)` in full precision and runs Algorithm 1 on the rest. Queries,
+//! new keys and values, prefill inputs and outputs are act too. [`BufferBytes`] sizes every buffer in bytes. [`StorageLayout::memory`](kivi_codegen::StorageLayout::memory) gives the bytes per sequence.
 
 use std::ffi::c_void;
 
@@ -77,17 +79,17 @@ pub fn describe_device_error(bits: u32) -> String {
 pub struct CacheBuffers {
     /// Key codes, u32.
     pub k_codes: CUdeviceptr,
-    /// Key mins and scales, fp16.
+    /// Key mins and scales, of the keys' scale dtype.
     pub k_params: CUdeviceptr,
-    /// Full-precision key ring and sink tokens, fp16 `[seqs][residual_length + sink_tokens][key head_dim]`.
+    /// Full-precision key ring and sink tokens, activations `[seqs][residual_length + sink_tokens][key head_dim]`.
     pub k_res: CUdeviceptr,
     /// Value codes, u32.
     pub v_codes: CUdeviceptr,
-    /// Value scales, fp16.
+    /// Value scales, of the values' scale dtype.
     pub v_scale: CUdeviceptr,
-    /// Value mins, fp16.
+    /// Value mins, of the values' scale dtype.
     pub v_mn: CUdeviceptr,
-    /// Full-precision value ring and sink tokens, fp16 `[seqs][value_ring + sink_tokens][value head_dim]`.
+    /// Full-precision value ring and sink tokens, activations `[seqs][value_ring + sink_tokens][value head_dim]`.
     pub v_res: CUdeviceptr,
 }
 
@@ -187,7 +189,7 @@ impl BlockAddressing {
     }
 }
 
-/// fp16 tokens of `head_dim` contiguous channels in device memory: token `t` of batch entry `b`, KV head `h` is
+/// Tokens (activations: fp16 or bf16) of `head_dim` contiguous channels in device memory: token `t` of batch entry `b`, KV head `h` is
 /// at `ptr + (b * stride_batch + h * stride_head + t * stride_token) * 2` bytes. Strides are in elements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenRows {
@@ -258,17 +260,17 @@ impl TokenRows {
 pub struct BufferBytes {
     /// `k_codes` (u32).
     pub k_codes: u64,
-    /// `k_params` (fp16).
+    /// `k_params` (the keys' scale dtype).
     pub k_params: u64,
-    /// `k_res` (fp16).
+    /// `k_res` (activations).
     pub k_res: u64,
     /// `v_codes` (u32).
     pub v_codes: u64,
-    /// `v_scale` (fp16).
+    /// `v_scale` (the values' scale dtype).
     pub v_scale: u64,
-    /// `v_mn` (fp16).
+    /// `v_mn` (the values' scale dtype).
     pub v_mn: u64,
-    /// `v_res` (fp16).
+    /// `v_res` (activations).
     pub v_res: u64,
     /// Split-K scratch `part_acc` (f32).
     pub part_acc: u64,
@@ -297,12 +299,12 @@ impl BufferBytes {
         let (acc, ml, counters) = DecodeScratch::elements(layout, batch, splits);
         BufferBytes {
             k_codes: n * u64::from(st.key_block_words()) * 4,
-            k_params: n * u64::from(st.key_block_params()) * 2,
-            k_res: seqs * u64::from(st.key_res_rows()) * dk * 2,
+            k_params: n * u64::from(st.key_block_params() * st.key_param_bytes),
+            k_res: seqs * u64::from(st.key_res_rows()) * dk * u64::from(st.act_bytes),
             v_codes: n * u64::from(st.value_block_words()) * 4,
-            v_scale: n * u64::from(st.value_block_params()) * 2,
-            v_mn: n * u64::from(st.value_block_params()) * 2,
-            v_res: seqs * u64::from(st.value_res_rows()) * dv * 2,
+            v_scale: n * u64::from(st.value_block_params() * st.value_param_bytes),
+            v_mn: n * u64::from(st.value_block_params() * st.value_param_bytes),
+            v_res: seqs * u64::from(st.value_res_rows()) * dv * u64::from(st.act_bytes),
             part_acc: acc as u64 * 4,
             part_ml: ml as u64 * 4,
             counters: counters as u64 * 4,
@@ -329,9 +331,9 @@ impl BufferBytes {
 pub struct PrefillArgs {
     /// Batch entries (sequences = batch x num_kv_heads).
     pub batch: u32,
-    /// Keys, fp16.
+    /// Keys (activations).
     pub keys: TokenRows,
-    /// Values, fp16.
+    /// Values (activations).
     pub values: TokenRows,
     /// i32 `[batch]` in device memory: tokens of each batch entry (0 leaves it empty).
     pub seq_lens: CUdeviceptr,
@@ -381,13 +383,13 @@ impl DecodeScratch {
 pub struct DecodeArgs {
     /// Batch entries.
     pub batch: u32,
-    /// fp16 `[batch][num_heads][key head_dim]`, 4-byte aligned.
+    /// Activations `[batch][num_heads][key head_dim]`, 4-byte aligned.
     pub q: CUdeviceptr,
-    /// fp16 `[batch][num_kv_heads][key head_dim]`: the new keys.
+    /// Activations `[batch][num_kv_heads][key head_dim]`: the new keys.
     pub k_new: CUdeviceptr,
-    /// fp16 `[batch][num_kv_heads][value head_dim]`: the new values.
+    /// Activations `[batch][num_kv_heads][value head_dim]`: the new values.
     pub v_new: CUdeviceptr,
-    /// fp16 `[batch][num_heads][value head_dim]`: the attention output.
+    /// Activations `[batch][num_heads][value head_dim]`: the attention output.
     pub out: CUdeviceptr,
     /// f32 `[batch][num_heads]`, or 0: the natural-log log-sum-exp of each row's scaled scores, to merge partial
     /// attention results (out = sum_i exp(lse_i - lse) out_i over parts with lse = log sum_i exp(lse_i)).

@@ -34,5 +34,5 @@ pub use compile::{Arch, Compiler, Cubin, CubinOrigin, NVRTC_OPTIONS};
 pub use error::{DriverError, Result, RuntimeError};
 pub use gpu::{Gpu, KernelResources, LayoutModule};
 #[cfg(feature = "cudarc-api")]
-pub use kv_cache::{CacheExport, DecodeGraph, DecodeOptions, KiviCache};
+pub use kv_cache::{ActivationElem, CacheExport, DecodeGraph, DecodeOptions, KiviCache};
 pub use launch::MAX_CAPACITY;

@@ -950,7 +950,7 @@ fn several_new_tokens_per_sequence_are_bit_identical_to_repeated_single_steps() 
             .unwrap_err();
         assert!(matches!(e, RuntimeError::Limit { .. }), "{e}");
         let e = multi
-            .decode_tokens_host(&[], &[], &[], 0, None)
+            .decode_tokens_host::<f16>(&[], &[], &[], 0, None)
             .unwrap_err();
         assert!(
             matches!(e, RuntimeError::Limit { what: "q_len", .. }),

@@ -105,6 +105,28 @@ fn symmetric_fp32_rounding_and_per_block_layouts_compile_without_warnings() {
     }
 }
 
+/// bf16 activations and bf16 or fp32 scales, with every quantization option they meet (symmetric, fp32
+/// rounding, 3-bit packs, sinks, paged): warning-free for sm_80 and sm_90 (with NVRTC 12.9 too in CI).
+#[test]
+fn bf16_activations_and_bf16_or_fp32_scales_compile_without_warnings() {
+    let Some(compiler) = compiler(None) else {
+        return;
+    };
+    for spec in [
+        "kivi-2, llama-3-8b, dtype: bf16",
+        "kivi-4, llama-2-7b, scale_dtype: fp32, rounding: fp32",
+        "kivi-2, llama-3-8b, dtype: bf16, scale_dtype: bf16, quant: symmetric",
+        "kivi-2, num_heads: 8, num_kv_heads: 1, head_dim: 80, dtype: bf16, keys: { bits: 3, group_size: 16, \
+         scale_dtype: fp32 }, values: { bits: 1, group_size: 16, scale_dtype: bf16 }, sink_tokens: 4",
+        "kivi-2, num_heads: 4, num_kv_heads: 4, keys: { head_dim: 192, bits: 8 }, values: { head_dim: 128, \
+         bits: 4, scale_dtype: fp32 }, scale_dtype: bf16",
+    ] {
+        let layout = parse_spec(spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        compiles_cleanly(&compiler, spec, &layout, &KernelTiles::heuristic(&layout));
+        compiles_cleanly(&compiler, spec, &layout, &KernelTiles::heuristic(&layout).paged());
+    }
+}
+
 /// Layouts whose decode plan lands at or near the 48 KiB static shared-memory limit: the heuristic tile must
 /// compile (the codegen's byte count matches what NVRTC allocates), or the layout must be refused up front.
 #[test]

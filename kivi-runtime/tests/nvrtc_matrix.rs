@@ -1,4 +1,5 @@
-//! Compile-only matrix: every kernel of a few hundred layouts (bits x head_dim x group sizes x GQA ratio) through
+//! Compile-only matrix: every kernel of a few hundred layouts (bits x head_dim x group sizes x dtype (fp16, or bf16
+//! with fp16, bf16 or fp32 scales) x GQA ratio) through
 //! NVRTC for sm_80 and sm_90, one program per layout, in parallel. Layouts the generator refuses must say
 //! "not yet supported"; at least 300 must compile, without errors or warnings. Without libnvrtc the test skips
 //! with a message, unless KIVI_REQUIRE_NVRTC=1 (CI), where it fails.
@@ -33,11 +34,24 @@ fn matrix() -> Vec<String> {
                 let vg = if d % vg == 0 { vg } else { 16 };
                 // Every head arrangement would give 8 x 8 x 3 x 4 = 768 layouts: take two per (d, bits, groups),
                 // 384 in all (about 11 minutes of NVRTC on 2 cores).
-                for &(h, hkv) in [heads[(i + j + k) % 4], heads[(i + 2 * j + k + 1) % 4]].iter() {
+                // The first of the two is fp16 with fp16 scales; the second bf16, with key and value scales of
+                // fp16, bf16 or fp32 in turn (the dtype axis of the matrix).
+                let scales = ["fp16", "bf16", "fp32"];
+                let pair = [heads[(i + j + k) % 4], heads[(i + 2 * j + k + 1) % 4]];
+                for (n, &(h, hkv)) in pair.iter().enumerate() {
+                    let (dtype, ks, vs) = if n == 0 {
+                        ("fp16", "fp16", "fp16")
+                    } else {
+                        (
+                            "bf16",
+                            scales[(i + j + k) % 3],
+                            scales[(i + 2 * j + k + 1) % 3],
+                        )
+                    };
                     out.push(format!(
-                        "num_heads: {h}, num_kv_heads: {hkv}, head_dim: {d}, residual_length: 128, \
-                         keys: {{ bits: {kb}, axis: per_channel, group_size: {kg} }}, \
-                         values: {{ bits: {vb}, axis: per_token, group_size: {vg} }}"
+                        "num_heads: {h}, num_kv_heads: {hkv}, head_dim: {d}, residual_length: 128, dtype: {dtype}, \
+                         keys: {{ bits: {kb}, axis: per_channel, group_size: {kg}, scale_dtype: {ks} }}, \
+                         values: {{ bits: {vb}, axis: per_token, group_size: {vg}, scale_dtype: {vs} }}"
                     ));
                 }
             }
@@ -72,6 +86,11 @@ fn a_few_hundred_layouts_compile_for_sm80_and_sm90() {
             }
         }
     }
+    let bf16 = modules
+        .iter()
+        .filter(|(s, _)| s.contains("dtype: bf16"))
+        .count();
+    assert!(bf16 >= 150, "only {bf16} bf16 layouts are generated");
     assert!(
         modules.len() >= 300,
         "only {} of {} layouts are generated; refused: {refused:#?}",

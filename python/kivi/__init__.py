@@ -7,7 +7,7 @@ allocated as torch tensors, so torch's caching allocator owns it.
 
     import torch, kivi
     cache = kivi.KiviCache("kivi-2, llama-3-8b", batch=4, capacity=8192)
-    cache.prefill(k, v)                 # [batch, num_kv_heads, tokens, head_dim] fp16 (any strides, unit last)
+    cache.prefill(k, v)                 # [batch, num_kv_heads, tokens, head_dim] fp16 (bf16 with `dtype: bf16`)
     out = cache.decode(q, k_new, v_new) # q [batch, num_heads, head_dim]; k_new, v_new [batch, num_kv_heads, head_dim]
                                         # (v_new and out: value_head_dim where the spec gives values their own)
     out = cache.decode_tokens(q, k, v)  # q_len > 1 (causal): q [q_len, batch, num_heads, head_dim], ...
@@ -69,7 +69,8 @@ class KiviCache:
     """One layer's KIVI KV cache for ``batch`` sequences of up to ``capacity`` tokens each, on one CUDA device.
 
     Keys are quantized per-channel and values per-token in blocks of R = ``residual_length`` tokens; the newest
-    tokens stay fp16 (KIVI Algorithm 1). Sequences may have different lengths (``prefill(..., lens=...)``). With
+    tokens stay in full precision (KIVI Algorithm 1). Tensors are ``self.dtype``: torch.float16, or torch.bfloat16
+    for a spec with ``dtype: bf16``. Sequences may have different lengths (``prefill(..., lens=...)``). With
     ``paged=True`` the quantized blocks live in ``pages`` pages of R tokens addressed through ``block_table`` (an
     int32 ``[batch, entries_per_seq]`` CUDA tensor of page indices; entries are checked on the device).
     """
@@ -92,6 +93,8 @@ class KiviCache:
         self.head_dim = shape["head_dim"]              # keys and queries
         self.value_head_dim = shape["value_head_dim"]  # values and outputs (head_dim unless the spec differs)
         self.residual_length = r = shape["residual_length"]
+        # The activations' dtype (the spec's `dtype`): every q, k, v and output tensor has it.
+        self.dtype = torch.bfloat16 if shape["dtype"] == "bf16" else torch.float16
         self.batch = batch
         if paged:
             if block_table is None:
@@ -161,7 +164,7 @@ class KiviCache:
         if any(self.lens):
             raise ValueError(f"prefill needs empty sequences, these hold {self.lens} tokens: reset() first")
         for name, t, d in (("k", k, self.head_dim), ("v", v, self.value_head_dim)):
-            self._check(t, name, torch.float16, None)
+            self._check(t, name, self.dtype, None)
             if t.dim() != 4 or t.shape[0] != self.batch or t.shape[1] != self.num_kv_heads or t.shape[3] != d:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}, but it must be [batch {self.batch}, "
                                  f"num_kv_heads {self.num_kv_heads}, tokens, head_dim {d}]")
@@ -197,12 +200,12 @@ class KiviCache:
         ``softmax_scale`` defaults to 1 / sqrt(head_dim). All inputs must be contiguous."""
         torch = _torch()
         b, h, hkv, d, dv = self.batch, self.num_heads, self.num_kv_heads, self.head_dim, self.value_head_dim
-        self._check(q, "q", torch.float16, (b, h, d))
-        self._check(k_new, "k_new", torch.float16, (b, hkv, d))
-        self._check(v_new, "v_new", torch.float16, (b, hkv, dv))
+        self._check(q, "q", self.dtype, (b, h, d))
+        self._check(k_new, "k_new", self.dtype, (b, hkv, d))
+        self._check(v_new, "v_new", self.dtype, (b, hkv, dv))
         if out is None:
-            out = torch.empty((b, h, dv), dtype=torch.float16, device=self.device)
-        self._check(out, "out", torch.float16, (b, h, dv))
+            out = torch.empty((b, h, dv), dtype=self.dtype, device=self.device)
+        self._check(out, "out", self.dtype, (b, h, dv))
         for name, t in (("q", q), ("k_new", k_new), ("v_new", v_new), ("out", out)):
             if not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous")
@@ -235,17 +238,17 @@ class KiviCache:
         ``lse=True``)."""
         torch = _torch()
         b, h, hkv, d, dv = self.batch, self.num_heads, self.num_kv_heads, self.head_dim, self.value_head_dim
-        self._check(q, "q", torch.float16, None)
+        self._check(q, "q", self.dtype, None)
         if q.dim() != 4 or q.shape[0] < 1:
             raise ValueError(f"q has shape {tuple(q.shape)}, but it must be [q_len >= 1, batch {b}, num_heads {h}, "
                              f"head_dim {d}]")
         t = q.shape[0]
-        self._check(q, "q", torch.float16, (t, b, h, d))
-        self._check(k_new, "k_new", torch.float16, (t, b, hkv, d))
-        self._check(v_new, "v_new", torch.float16, (t, b, hkv, dv))
+        self._check(q, "q", self.dtype, (t, b, h, d))
+        self._check(k_new, "k_new", self.dtype, (t, b, hkv, d))
+        self._check(v_new, "v_new", self.dtype, (t, b, hkv, dv))
         if out is None:
-            out = torch.empty((t, b, h, dv), dtype=torch.float16, device=self.device)
-        self._check(out, "out", torch.float16, (t, b, h, dv))
+            out = torch.empty((t, b, h, dv), dtype=self.dtype, device=self.device)
+        self._check(out, "out", self.dtype, (t, b, h, dv))
         for name, x in (("q", q), ("k_new", k_new), ("v_new", v_new), ("out", out)):
             if not x.is_contiguous():
                 raise ValueError(f"{name} must be contiguous")

@@ -66,7 +66,7 @@ impl Module {
     }
 
     /// The layout: num_heads, num_kv_heads, head_dim (keys and queries), value_head_dim (values and outputs),
-    /// residual_length, value_ring, sink_tokens, paged, spec, gpu.
+    /// residual_length, value_ring, sink_tokens, dtype (`fp16` or `bf16`: the activations'), paged, spec, gpu.
     fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let layout = &self.module.kernels().layout;
         let st = StorageLayout::new(layout);
@@ -78,6 +78,7 @@ impl Module {
         d.set_item("residual_length", st.residual_length)?;
         d.set_item("value_ring", st.value_ring)?;
         d.set_item("sink_tokens", st.sink_tokens)?;
+        d.set_item("dtype", layout.dtype.as_str())?;
         d.set_item(
             "paged",
             self.module

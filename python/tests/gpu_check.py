@@ -37,18 +37,20 @@ def run(spec, tol, steps=4):
     cache = kivi.KiviCache(spec, batch=b, capacity=512, device=dev)
     h, hkv, d, dv = cache.num_heads, cache.num_kv_heads, cache.head_dim, cache.value_head_dim
     t = max(lens)
-    k = (torch.rand((b, t, hkv, d), device=dev) * 4 - 2).half().transpose(1, 2)  # a strided [B,Hkv,T,D] view
-    v = (torch.rand((b, t, hkv, dv), device=dev) * 2 - 1).half().transpose(1, 2)
+    dt = cache.dtype
+    k = (torch.rand((b, t, hkv, d), device=dev) * 4 - 2).to(dt).transpose(1, 2)  # a strided [B,Hkv,T,D] view
+    v = (torch.rand((b, t, hkv, dv), device=dev) * 2 - 1).to(dt).transpose(1, 2)
     cache.prefill(k, v, lens)
     keys = [k[i].double().cpu() for i in range(b)]
     vals = [v[i].double().cpu() for i in range(b)]
     cur = list(lens)
     worst = worst_lse = 0.0
     for step in range(steps):
-        q = torch.randn((b, h, d), device=dev).half()
-        kn = (torch.rand((b, hkv, d), device=dev) * 4 - 2).half()
-        vn = (torch.rand((b, hkv, dv), device=dev) * 2 - 1).half()
+        q = torch.randn((b, h, d), device=dev).to(dt)
+        kn = (torch.rand((b, hkv, d), device=dev) * 4 - 2).to(dt)
+        vn = (torch.rand((b, hkv, dv), device=dev) * 2 - 1).to(dt)
         out, lse = cache.decode(q, kn, vn, lse=True)
+        assert out.dtype == dt, out.dtype
         for i in range(b):
             keys[i] = torch.cat([keys[i][:, : cur[i]], kn[i].double().cpu()[:, None]], 1)
             vals[i] = torch.cat([vals[i][:, : cur[i]], vn[i].double().cpu()[:, None]], 1)
@@ -68,6 +70,9 @@ cache = run(SPEC8, 2e-2)
 # Keys of 192 channels, values of 128 (queries 192, outputs 128), with 4 sink tokens.
 run("keys: { bits: 8, group_size: 32, head_dim: 192 }, values: { bits: 8, group_size: 32, head_dim: 128 }, "
     "residual_length: 128, num_heads: 8, num_kv_heads: 2, sink_tokens: 4", 2e-2)
+# bf16 activations with fp32 key scales and bf16 value scales (the output is bf16: its rounding, 2^-9, is in the
+# tolerance too).
+run(SPEC8 + ", dtype: bf16, keys: { scale_dtype: fp32 }, values: { scale_dtype: bf16 }", 2.5e-2)
 
 
 def tokens_match_steps(spec):
@@ -115,6 +120,7 @@ kn = torch.randn((b, hkv, d), device=dev).half()
 cases = {
     "CPU tensor": lambda: cache.decode(q.cpu(), kn, kn),
     "fp32": lambda: cache.decode(q.float(), kn, kn),
+    "bf16 into an fp16 cache": lambda: cache.decode(q.bfloat16(), kn.bfloat16(), kn.bfloat16()),
     "wrong shape": lambda: cache.decode(q[:, :4], kn, kn),
     "non-contiguous": lambda: cache.decode(q.transpose(1, 2).contiguous().transpose(1, 2), kn, kn),
     "not a tensor": lambda: cache.decode([1, 2], kn, kn),
