@@ -95,6 +95,12 @@ int main(void) {
     g_module = module;
     KiviShape shape;
     if (!check(kivi_module_shape(module, &shape), "kivi_module_shape")) return 1;
+    if (shape.dtype != KIVI_DTYPE_F16) {
+        /* This program fills its tensors with fp16 numbers; a bf16 layout needs bf16 ones. */
+        fprintf(stderr, "the layout's activations are not fp16 (dtype %" PRIu32 "); this example writes fp16\n",
+                shape.dtype);
+        return 1;
+    }
     const uint32_t H = shape.num_heads, HKV = shape.num_kv_heads, D = shape.head_dim, R = shape.residual_length;
 
     /* A ragged batch: every sequence has its own length, read by the kernels from device memory. */

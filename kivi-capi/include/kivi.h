@@ -63,7 +63,7 @@ typedef struct KiviShape {
   uint32_t value_ring;
   // 1 if the module's decode kernel is the paged one.
   uint32_t paged;
-  // Sink tokens (the first of a sequence, kept in fp16): a sequence's key rows are `residual_length +
+  // Sink tokens (the first of a sequence, kept in full precision): a sequence's key rows are `residual_length +
   // sink_tokens`, its value rows `value_ring + sink_tokens`.
   uint32_t sink_tokens;
   // head_dim of values (and of the attention output); equal to `head_dim` unless the layout differs.
@@ -111,7 +111,7 @@ typedef struct KiviBufferBytes {
   uint64_t total;
 } KiviBufferBytes;
 
-// fp16 tokens of head_dim contiguous channels (the keys' head_dim for key rows, `value_head_dim` for value rows):
+// Activation tokens (the shape's `dtype`) of head_dim contiguous channels (the keys' head_dim for key rows, `value_head_dim` for value rows):
 // token t of batch entry b, KV head h at element `b * stride_batch + h * stride_head + t * stride_token` from `ptr`.
 typedef struct KiviTokenRows {
   // Device address, 4-byte aligned.
@@ -128,17 +128,17 @@ typedef struct KiviTokenRows {
 typedef struct KiviCacheBuffers {
   // Key codes (u32).
   uint64_t k_codes;
-  // Key mins and scales (fp16).
+  // Key mins and scales (the key `scale_dtype`: fp16, bf16 or fp32).
   uint64_t k_params;
-  // Key ring and sink rows (fp16, `[seqs][residual_length + sink_tokens][head_dim]`).
+  // Key ring and sink rows (activations, `[seqs][residual_length + sink_tokens][head_dim]`).
   uint64_t k_res;
   // Value codes (u32).
   uint64_t v_codes;
-  // Value scales (fp16).
+  // Value scales (the value `scale_dtype`).
   uint64_t v_scale;
-  // Value mins (fp16).
+  // Value mins (the value `scale_dtype`).
   uint64_t v_mn;
-  // Value ring and sink rows (fp16, `[seqs][value_ring + sink_tokens][value_head_dim]`).
+  // Value ring and sink rows (activations, `[seqs][value_ring + sink_tokens][value_head_dim]`).
   uint64_t v_res;
 } KiviCacheBuffers;
 
@@ -166,13 +166,13 @@ typedef struct KiviPrefillArgs {
 typedef struct KiviDecodeArgs {
   // Batch entries.
   uint32_t batch;
-  // fp16 `[batch][num_heads][head_dim]`.
+  // Activations (the shape's `dtype`) `[batch][num_heads][head_dim]`.
   uint64_t q;
-  // fp16 `[batch][num_kv_heads][head_dim]`.
+  // Activations `[batch][num_kv_heads][head_dim]`.
   uint64_t k_new;
-  // fp16 `[batch][num_kv_heads][value_head_dim]`.
+  // Activations `[batch][num_kv_heads][value_head_dim]`.
   uint64_t v_new;
-  // fp16 `[batch][num_heads][value_head_dim]`.
+  // Activations `[batch][num_heads][value_head_dim]`.
   uint64_t out;
   // f32 `[batch][num_heads]` log-sum-exp, or 0.
   uint64_t lse;

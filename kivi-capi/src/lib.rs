@@ -126,7 +126,7 @@ pub struct KiviShape {
     pub value_ring: u32,
     /// 1 if the module's decode kernel is the paged one.
     pub paged: u32,
-    /// Sink tokens (the first of a sequence, kept in fp16): a sequence's key rows are `residual_length +
+    /// Sink tokens (the first of a sequence, kept in full precision): a sequence's key rows are `residual_length +
     /// sink_tokens`, its value rows `value_ring + sink_tokens`.
     pub sink_tokens: u32,
     /// head_dim of values (and of the attention output); equal to `head_dim` unless the layout differs.
@@ -167,17 +167,17 @@ impl KiviBlocks {
 pub struct KiviCacheBuffers {
     /// Key codes (u32).
     pub k_codes: u64,
-    /// Key mins and scales (fp16).
+    /// Key mins and scales (the key `scale_dtype`: fp16, bf16 or fp32).
     pub k_params: u64,
-    /// Key ring and sink rows (fp16, `[seqs][residual_length + sink_tokens][head_dim]`).
+    /// Key ring and sink rows (activations, `[seqs][residual_length + sink_tokens][head_dim]`).
     pub k_res: u64,
     /// Value codes (u32).
     pub v_codes: u64,
-    /// Value scales (fp16).
+    /// Value scales (the value `scale_dtype`).
     pub v_scale: u64,
-    /// Value mins (fp16).
+    /// Value mins (the value `scale_dtype`).
     pub v_mn: u64,
-    /// Value ring and sink rows (fp16, `[seqs][value_ring + sink_tokens][value_head_dim]`).
+    /// Value ring and sink rows (activations, `[seqs][value_ring + sink_tokens][value_head_dim]`).
     pub v_res: u64,
 }
 
@@ -223,7 +223,7 @@ pub struct KiviBufferBytes {
     pub total: u64,
 }
 
-/// fp16 tokens of head_dim contiguous channels (the keys' head_dim for key rows, `value_head_dim` for value rows):
+/// Activation tokens (the shape's `dtype`) of head_dim contiguous channels (the keys' head_dim for key rows, `value_head_dim` for value rows):
 /// token t of batch entry b, KV head h at element `b * stride_batch + h * stride_head + t * stride_token` from `ptr`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -277,13 +277,13 @@ pub struct KiviPrefillArgs {
 pub struct KiviDecodeArgs {
     /// Batch entries.
     pub batch: u32,
-    /// fp16 `[batch][num_heads][head_dim]`.
+    /// Activations (the shape's `dtype`) `[batch][num_heads][head_dim]`.
     pub q: u64,
-    /// fp16 `[batch][num_kv_heads][head_dim]`.
+    /// Activations `[batch][num_kv_heads][head_dim]`.
     pub k_new: u64,
-    /// fp16 `[batch][num_kv_heads][value_head_dim]`.
+    /// Activations `[batch][num_kv_heads][value_head_dim]`.
     pub v_new: u64,
-    /// fp16 `[batch][num_heads][value_head_dim]`.
+    /// Activations `[batch][num_heads][value_head_dim]`.
     pub out: u64,
     /// f32 `[batch][num_heads]` log-sum-exp, or 0.
     pub lse: u64,

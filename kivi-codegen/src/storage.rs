@@ -165,12 +165,12 @@ impl StorageLayout {
         }
     }
 
-    /// fp16 key rows per sequence: the ring's R, then the S sink tokens.
+    /// Full-precision key rows per sequence: the ring's R, then the S sink tokens.
     pub fn key_res_rows(&self) -> u32 {
         self.residual_length + self.sink_tokens
     }
 
-    /// fp16 value rows per sequence: the ring's R + 1, then the S sink tokens.
+    /// Full-precision value rows per sequence: the ring's R + 1, then the S sink tokens.
     pub fn value_res_rows(&self) -> u32 {
         self.value_ring + self.sink_tokens
     }

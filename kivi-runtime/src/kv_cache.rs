@@ -45,10 +45,18 @@ pub struct DecodeOptions<'a> {
 }
 
 /// An activation type a [`KiviCache`] takes and returns: [`f16`] or [`bf16`], which must be the layout's `dtype`
-/// (a mismatch is a [`RuntimeError::State`] naming both).
+/// (a mismatch is a [`RuntimeError::State`] naming both). Sealed: the kernels read 2-byte elements of exactly
+/// these two formats, so no other type can implement it.
 pub trait ActivationElem:
-    Activation + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Unpin
+    Activation + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Unpin + sealed::Sealed
 {
+}
+
+mod sealed {
+    /// The types [`super::ActivationElem`] is implemented for, and no others.
+    pub trait Sealed {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
 }
 
 impl ActivationElem for f16 {}

@@ -94,7 +94,10 @@ class KiviCache:
         self.value_head_dim = shape["value_head_dim"]  # values and outputs (head_dim unless the spec differs)
         self.residual_length = r = shape["residual_length"]
         # The activations' dtype (the spec's `dtype`): every q, k, v and output tensor has it.
-        self.dtype = torch.bfloat16 if shape["dtype"] == "bf16" else torch.float16
+        dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
+        if shape["dtype"] not in dtypes:
+            raise ValueError(f"the module's activation dtype {shape['dtype']!r} is not one of {sorted(dtypes)}")
+        self.dtype = dtypes[shape["dtype"]]
         self.batch = batch
         if paged:
             if block_table is None:
@@ -156,7 +159,7 @@ class KiviCache:
         self.lens = [0] * self.batch
 
     def prefill(self, k, v, lens: Optional[Sequence[int]] = None):
-        """Prefills empty sequences from ``k``, ``v``: fp16 ``[batch, num_kv_heads, tokens, head_dim]`` CUDA
+        """Prefills empty sequences from ``k``, ``v``: ``self.dtype`` ``[batch, num_kv_heads, tokens, head_dim]`` CUDA
         tensors (``value_head_dim`` for ``v``; any strides with a unit last one, e.g. a transposed
         ``[batch, tokens, heads, dim]`` view).
         ``lens`` (default: all ``tokens``) gives each batch entry's length; rows past it are not read."""
@@ -191,9 +194,9 @@ class KiviCache:
 
     def decode(self, q, k_new, v_new, out=None, *, lse: bool = False, window: int = 0,
                softmax_scale: Optional[float] = None):
-        """One decode step: appends ``k_new``, ``v_new`` (fp16 ``[batch, num_kv_heads, head_dim]``, with
-        ``value_head_dim`` for ``v_new``) to every sequence and returns the attention of ``q`` (fp16
-        ``[batch, num_heads, head_dim]``) over its tokens (the new one included) as fp16
+        """One decode step: appends ``k_new``, ``v_new`` (``self.dtype`` ``[batch, num_kv_heads, head_dim]``, with
+        ``value_head_dim`` for ``v_new``) to every sequence and returns the attention of ``q`` (the same
+        dtype, ``[batch, num_heads, head_dim]``) over its tokens (the new one included) in that dtype,
         ``[batch, num_heads, value_head_dim]`` (into ``out`` when given), then runs the flushes of Algorithm 1.
         With ``lse=True`` also returns the fp32 ``[batch, num_heads]`` log-sum-exp of the scaled scores.
         ``window`` > 0 attends the newest ``window`` tokens (after the sink tokens) and the sinks only;
@@ -227,7 +230,7 @@ class KiviCache:
     def decode_tokens(self, q, k_new, v_new, out=None, *, q_lens: Optional[Sequence[int]] = None,
                       lse: bool = False, window: int = 0, softmax_scale: Optional[float] = None):
         """Several new tokens per sequence (q_len > 1: draft-token verification, chunked prefill), causal:
-        ``q`` fp16 ``[q_len, batch, num_heads, head_dim]``, ``k_new``, ``v_new`` fp16
+        ``q`` ``[q_len, batch, num_heads, head_dim]``, ``k_new``, ``v_new``
         ``[q_len, batch, num_kv_heads, head_dim]`` (``value_head_dim`` for ``v_new`` and ``out``; token-major:
         token ``j``'s rows are one step's). Sequence ``b``
         takes its first ``q_lens[b]`` tokens (all ``q_len`` by default); token ``j`` attends to every earlier token

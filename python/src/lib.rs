@@ -136,7 +136,7 @@ impl Module {
     }
 
     /// Queues a prefill on `stream` (a CUstream handle as an int). `keys`, `values`: (address, stride_batch,
-    /// stride_head, stride_token) of fp16 rows; `cache`: the 7 buffer addresses (k_codes, k_params, k_res,
+    /// stride_head, stride_token) of rows of the layout's dtype (fp16 or bf16); `cache`: the 7 buffer addresses (k_codes, k_params, k_res,
     /// v_codes, v_scale, v_mn, v_res).
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (stream, batch, keys, values, seq_lens, max_len, cache, block_table, per_seq, pages, error_flag))]
