@@ -1137,3 +1137,92 @@ fn symmetric_and_fp32_edge_groups_quantize_exactly_as_the_cpu_reference() {
         );
     }
 }
+
+/// A value of a tensor whose 16 x 32 tiles alternate between wide groups (values near 58000, positive on even
+/// channels and negative on odd ones: a range wider than fp16's largest number, so a 1-bit scale above 65504) and
+/// ordinary ones. A channel keeps its sign across tokens, so the attention output does not cancel (a sign that
+/// alternated per token would leave outputs far smaller than the values, and the fp16 rounding of each
+/// probability times a scale, the reference's precision, would dominate their relative error).
+fn wide_value(t: usize, d: usize, head: usize, rng: &mut StdRng) -> f16 {
+    let u: f32 = rng.gen_range(0.0..1.0);
+    let x = if (t / 16 + d / 32 + head).is_multiple_of(2) {
+        let m = 56000.0 + 4000.0 * u;
+        if d.is_multiple_of(2) {
+            m
+        } else {
+            -m
+        }
+    } else {
+        2.0 * u - 1.0
+    };
+    f16::from_f32(x)
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn value_groups_wider_than_fp16_decode_as_the_cpu_reference_with_every_scale_dtype() {
+    // 1-bit value groups whose range passes 65504 keep scales above fp16's range in bf16 and fp32 (fp16 scales
+    // saturate, as the reference's do); the decode kernel must not overflow when it folds them into the
+    // probabilities (fast path) or dequantizes them (direct path).
+    let gpu = gpu();
+    for spec in [
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, values: { bits: 1, scale_dtype: fp32 }",
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, values: { bits: 1, scale_dtype: bf16 }",
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, values: { bits: 1, group_size: 16, rounding: fp32, \
+         scale_dtype: fp32 }",
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, values: { bits: 1 }",
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, values: { bits: 2, scale_dtype: fp32 }",
+    ] {
+        let l = layout(spec);
+        let (h, hkv, d) = (
+            l.num_heads as usize,
+            l.num_kv_heads as usize,
+            l.keys.head_dim as usize,
+        );
+        let (batch, len, steps) = (2usize, 300usize, 40usize);
+        let mut rng = StdRng::seed_from_u64(23);
+        // [B][Hkv][tokens][D]
+        let mut values = |tokens: std::ops::Range<usize>| -> Vec<f16> {
+            let mut x = Vec::new();
+            for b in 0..batch {
+                for head in 0..hkv {
+                    for t in tokens.clone() {
+                        for c in 0..d {
+                            x.push(wide_value(t, c, b * hkv + head, &mut rng));
+                        }
+                    }
+                }
+            }
+            x
+        };
+        let pv = values(0..len);
+        let mut rng_k = StdRng::seed_from_u64(24);
+        let pk = random(&mut rng_k, batch * hkv * len * d, 2.0);
+        let m = module(&gpu, &l, 0);
+        let mut cache = KiviCache::new(&gpu, m, batch as u32, (len + steps) as u32).unwrap();
+        cache.prefill_host(&pk, &pv, len as u32).unwrap();
+        let mut cpu = RefCache::new(&l, batch).unwrap();
+        cpu.prefill(&pk, &pv, len).unwrap();
+        let mut wide = 0usize;
+        for s in 0..steps {
+            let v = values(len + s..len + s + 1);
+            let k = random(&mut rng_k, batch * hkv * d, 2.0);
+            let q = random(&mut rng_k, batch * h * d, 1.0);
+            let ours = cache.decode_step_host(&q, &k, &v).unwrap();
+            let expected = cpu.decode_step(&q, &k, &v).unwrap();
+            assert!(ours.iter().all(|x| x.is_finite()), "{spec}: step {s}: a non-finite output");
+            assert_heads_within_tol(&ours, &expected, d, &|head, e| {
+                format!("{spec}: step {s} head {head}: {e:.2e}")
+            });
+        }
+        let (g, c) = (cache.export().unwrap(), cpu.export());
+        assert_eq!(g.v_code, c.v_code, "{spec}: value codes");
+        assert_eq!(bits32(&g.v_scale), bits32(&c.v_scale), "{spec}: value scales");
+        assert_eq!(bits32(&g.v_mn), bits32(&c.v_mn), "{spec}: value mins");
+        wide += g.v_scale.iter().filter(|&&x| x > 65504.0).count();
+        // The wide groups reached the case they are for: 1-bit scales beyond fp16 where the format holds them.
+        let beyond = l.values.bits == 1 && !spec.contains("values: { bits: 1 }");
+        assert_eq!(wide > 0, beyond, "{spec}: {wide} scales above 65504");
+        cache.check_device_errors().unwrap();
+    }
+}
