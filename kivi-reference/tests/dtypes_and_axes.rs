@@ -434,3 +434,104 @@ fn the_midpoint_test_catches_every_quotient_the_product_rounds_wrongly() {
         );
     }
 }
+
+/// The kernels' threshold T_k (templates/prelude.cuh.tera, `kivi_code_threshold`), modelled with the same steps:
+/// the smallest fp16 difference d whose code (the quotient d / scale rounded to fp16, then to an integer with
+/// ties to even) reaches k, found by a walk from fp16((k - 1/2) * scale); 0x7c00 (+Inf) when no finite d does.
+fn threshold(scale: f32, k: u32) -> u16 {
+    let reaches = |b: u16| {
+        Format::F16
+            .round(f16::from_bits(b).to_f32() / scale)
+            .round_ties_even()
+            >= k as f32
+    };
+    let mut b = f16::from_f32((k as f32 - 0.5) * scale)
+        .to_bits()
+        .min(0x7bff);
+    if reaches(b) {
+        while b > 0 && reaches(b - 1) {
+            b -= 1;
+        }
+    } else {
+        loop {
+            b += 1;
+            if b >= 0x7c00 || reaches(b) {
+                break;
+            }
+        }
+    }
+    b
+}
+
+/// The kernels' code from thresholds (`kivi_pack_put_pair`): bit i is the XOR of [d >= T_(j 2^i)] over j >= 1.
+fn threshold_code(d: f16, t: &[u16], bits: u32) -> u8 {
+    let reached = |k: usize| d >= f16::from_bits(t[k - 1]);
+    (0..bits).fold(0u8, |c, i| {
+        let step = 1usize << i;
+        let bit = (1..=t.len() / step).fold(false, |b, j| b ^ reached(j * step));
+        c | (u8::from(bit) << i)
+    })
+}
+
+/// The codes by thresholds of the prefill kernels (fp16 activations, asymmetric, fp16 steps, 1 to 3 bits; fp16
+/// and fp32 scales) are the reference's codes: on random groups through `quantize_group_with`, with the
+/// difference x - min rounded once to fp16 (what HSUB2 gives: the f32 difference rounded to fp16 is that,
+/// checked here against the exact f64 difference), and over every fp16 difference for 200 scales.
+#[test]
+fn the_kernels_threshold_codes_are_the_reference_codes() {
+    use rand::Rng;
+    let mut rn = rng(41);
+    let mut checked = 0usize;
+    for round in 0..6000 {
+        let bits = [1u32, 2, 3][round % 3];
+        let amp = [0.001f32, 1.0, 37.0, 3000.0, 20000.0][round % 5];
+        let scale_dtype = [ScaleDtype::F16, ScaleDtype::F32][(round / 3) % 2];
+        let x = rand_f16(&mut rn, 32, amp);
+        let mode =
+            GroupQuant::new(Rounding::Half, Symmetry::Asymmetric).with_scale_dtype(scale_dtype);
+        let q = quantize_group_with(&x, bits, mode).unwrap();
+        let mx = x.iter().fold(f32::NEG_INFINITY, |a, v| a.max(v.to_f32()));
+        let diff = f16::from_f32(mx - q.mn);
+        if q.scale == 0.0 || !q.scale.is_finite() || !diff.is_finite() {
+            continue; // ZERO, NAN and WIDE groups: thresholds +Inf or the fp32 steps
+        }
+        let t: Vec<u16> = (1..(1u32 << bits)).map(|k| threshold(q.scale, k)).collect();
+        let mn = f16::from_f32(q.mn);
+        assert_eq!(mn.to_f32(), q.mn, "the min is an fp16 number");
+        for (&c, &xi) in q.codes.iter().zip(&x) {
+            let d = f16::from_f32(xi.to_f32() - mn.to_f32());
+            assert_eq!(
+                d,
+                f16::from_f64(xi.to_f64() - mn.to_f64()),
+                "x {xi} min {mn}"
+            );
+            assert_eq!(
+                threshold_code(d, &t, bits),
+                c,
+                "{bits} bits: x {xi} min {mn} scale {}",
+                q.scale
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 150_000, "{checked}");
+    for i in 0..200 {
+        let bits = [1u32, 2, 3][i % 3];
+        let qmax = ((1u32 << bits) - 1) as f32;
+        let s = rn.gen_range(1e-6f32..3000.0);
+        let s = if i % 2 == 0 { s } else { Format::F16.round(s) };
+        let t: Vec<u16> = (1..(1u32 << bits)).map(|k| threshold(s, k)).collect();
+        for b in 0u16..0x7c00 {
+            let d = f16::from_bits(b);
+            let code = Format::F16
+                .round(d.to_f32() / s)
+                .clamp(0.0, qmax)
+                .round_ties_even() as u8;
+            assert_eq!(
+                threshold_code(d, &t, bits),
+                code,
+                "{bits} bits: d {d} scale {s}"
+            );
+        }
+    }
+}
