@@ -215,6 +215,13 @@ impl KernelSpec {
 /// memory).
 pub const MAX_SPLITS: u32 = 1024;
 
+/// Value tokens one block of the prefill value-quantize kernel ([`KernelKind::QuantizeValues`]) quantizes with
+/// `threads` threads: eight lanes take a token pair (the even and odd token of a stored code word), so
+/// `threads / 4`. The launch's grid is ceil(tokens to quantize / this) blocks per sequence.
+pub fn value_tokens_per_block(threads: u32) -> u32 {
+    threads / 4
+}
+
 /// Tokens per split the automatic split never goes below (per-block overheads would dominate).
 pub const AUTO_SPLIT_MIN_TOKENS: u32 = 2048;
 
@@ -572,7 +579,9 @@ fn kernel_context(
     let l = &spec.layout;
     let threads = spec.tile.threads;
     let value = match spec.kind {
-        KernelKind::QuantizeValues => json!({ "tokens_per_block": threads / 8 }),
+        KernelKind::QuantizeValues => {
+            json!({ "tokens_per_block": value_tokens_per_block(threads) })
+        }
         KernelKind::DecodePartial => {
             let plan = DecodePlan::new(l);
             json!({

@@ -661,7 +661,9 @@ impl LayoutModule {
         }
         let values = a.max_len.saturating_sub(r);
         if values > 0 {
-            let per_block = self.kernels().spec(KernelKind::QuantizeValues).tile.threads / 8;
+            let per_block = kivi_codegen::value_tokens_per_block(
+                self.kernels().spec(KernelKind::QuantizeValues).tile.threads,
+            );
             let mut p = quantize_params(&a.values);
             p.push(&a.cache.v_codes)
                 .push(&a.cache.v_scale)

@@ -1064,9 +1064,16 @@ fn crafted(t: usize, d: usize, head: usize) -> f16 {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn symmetric_and_fp32_edge_groups_quantize_exactly_as_the_cpu_reference() {
+fn edge_groups_quantize_exactly_as_the_cpu_reference_with_every_quantizer() {
+    // Symmetric, fp32 rounding, and the codes by thresholds of asymmetric 1- to 3-bit fp16 layouts (fp16 and fp32
+    // scales) at prefill, whose min/max runs in fp16 pairs (the -0 min of zero groups) and whose WIDE groups
+    // fall back to the fp32 steps. 301 tokens: an odd count of prefill values (a half token pair at the end).
     let gpu = gpu();
     for spec in [
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64",
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, keys: { bits: 3 }, values: { bits: 1 }, \
+         scale_dtype: fp32",
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, keys: { bits: 1 }, values: { bits: 3, group_size: 16 }",
         "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, keys: { bits: 8, quant: symmetric }, \
          values: { bits: 8, quant: symmetric }",
         "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 64, quant: symmetric",
@@ -1080,7 +1087,7 @@ fn symmetric_and_fp32_edge_groups_quantize_exactly_as_the_cpu_reference() {
             l.num_kv_heads as usize,
             l.keys.head_dim as usize,
         );
-        let (batch, len, steps) = (2usize, 300usize, 100usize);
+        let (batch, len, steps) = (2usize, 301usize, 100usize);
         // [B][Hkv][T][D], the same crafted tensor for keys and values (value tiles are shifted by a token tile).
         let tensor = |shift: usize, tokens: std::ops::Range<usize>| -> Vec<f16> {
             let mut x = Vec::new();
