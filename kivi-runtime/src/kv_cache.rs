@@ -640,9 +640,28 @@ impl KiviCache {
             // Every sequence stays empty: nothing to launch (and k, v hold no memory to point at).
             return Ok(());
         }
-        let as_i32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
-        self.stream
-            .memcpy_htod(&as_i32, &mut self.lens_dev[self.cur])?;
+        match lens.first() {
+            Some(&l) if lens.iter().all(|&x| x == l) => {
+                // One length for the whole batch (prefill): a stream-ordered memset, no host-to-device copy.
+                let (ptr, _sync) = self.lens_dev[self.cur].device_ptr_mut(&self.stream);
+                // SAFETY: lens_dev[cur] holds batch = lens.len() i32s on this stream's context; the memset is
+                // ordered on the stream like the copy it replaces.
+                unsafe {
+                    cudarc::driver::sys::cuMemsetD32Async(
+                        ptr,
+                        l,
+                        lens.len(),
+                        self.stream.cu_stream(),
+                    )
+                }
+                .result()?;
+            }
+            _ => {
+                let as_i32: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+                self.stream
+                    .memcpy_htod(&as_i32, &mut self.lens_dev[self.cur])?;
+            }
+        }
         let (dk, dv) = (self.storage.key_head_dim, self.storage.value_head_dim);
         let addressing = self.addressing();
         let stream = self.stream.clone();
