@@ -200,15 +200,82 @@ impl KernelSpec {
         name
     }
 
-    /// Static shared memory the kernel declares, in bytes.
+    /// Static shared memory the kernel declares, in bytes: the decode kernel's pipeline (or merge and combine
+    /// buffers), the key quantize kernel's stage ([`key_stage_tokens`]), none for the others.
     pub fn shared_bytes(&self) -> u32 {
         match self.kind {
             KernelKind::DecodePartial => {
                 DecodePlan::new(&self.layout).shared_bytes(self.tile.threads / 32, self.tile.stages)
             }
+            KernelKind::QuantizeKeys => {
+                // fp16 or bf16 activations: 2 bytes each.
+                key_stage_tokens(&self.layout) * self.layout.keys.head_dim * 2
+            }
             _ => 0,
         }
     }
+}
+
+/// Bytes the prefill's key quantize kernel ([`KernelKind::QuantizeKeys`]) stages in shared memory at most.
+pub const KEY_STAGE_BYTES: u32 = 32 * 1024;
+
+/// Tokens of one shared-memory stage of the prefill's key quantize kernel: the most whole units (max(key group,
+/// key chunk) tokens, one pass of its per-channel quantization) that divide a flush block (R tokens) and fit
+/// [`KEY_STAGE_BYTES`] with the keys' head_dim activations each; 0 when not one unit fits (the kernel then reads
+/// the activation rows directly). The template computes the same number (KSTAGE_UNITS x KUNIT).
+pub fn key_stage_tokens(layout: &Layout) -> u32 {
+    let st = StorageLayout::new(layout);
+    let unit = st.key_group_size.max(st.key_chunk_tokens());
+    let units = st.residual_length / unit;
+    let row = layout.keys.head_dim * 2; // fp16 or bf16 activations
+    (1..=units)
+        .filter(|u| units.is_multiple_of(*u) && u * unit * row <= KEY_STAGE_BYTES)
+        .max()
+        .map_or(0, |u| u * unit)
+}
+
+/// Where code k (1 <= k <= 255) of a NORMAL group starts, as a bound on the exact quotient d / scale of a
+/// difference d = x - min and the group's scale: `(bound, strict)` with code(d) >= k exactly when d / scale >=
+/// bound (> bound when `strict`). code(d) is the reference's chain (kivi-reference's fp16 rounding): the f32
+/// quotient (rounded to nearest), rounded to fp16, then to an integer with ties to even. Derived backwards
+/// through the three roundings: c = the least fp16 number that rounds to an integer >= k (k - 1/2 for even k, as
+/// the tie goes to k; the next fp16 number above it for odd k); m = the least f32 number that rounds to fp16 c or
+/// more (the midpoint between c and its fp16 predecessor when c's significand is even, so that the tie goes to c,
+/// else the next f32 number above that midpoint); the bound = the midpoint between m and its f32 predecessor, itself
+/// included when m's significand is even. The bound is exact in f64 (25 significant bits), and so is its product
+/// with an f32 scale: the kernels' thresholds (`kivi_code_threshold`) round that product up to fp16.
+pub fn code_threshold_bound(k: u32) -> (f64, bool) {
+    assert!((1..=255).contains(&k), "code {k} outside 1..=255");
+    // The fp16 spacing at x, a normal fp16 number in [0.5, 255) (11 significant bits).
+    let ulp16 = |x: f64| 2f64.powi(x.log2().floor() as i32 - 10);
+    let tie = f64::from(k) - 0.5;
+    let c = if k.is_multiple_of(2) {
+        tie
+    } else {
+        tie + ulp16(tie)
+    };
+    // c is no power of two (k - 1/2 is one only for k = 1, which is odd): its predecessor is one ulp16(c) below.
+    let step = ulp16(c);
+    let c_even = ((c / step) as u64).is_multiple_of(2);
+    let mid = ((c - step + c) / 2.0) as f32; // exact: 12 significant bits
+    let m = if c_even {
+        mid
+    } else {
+        f32::from_bits(mid.to_bits() + 1)
+    };
+    let below = f32::from_bits(m.to_bits() - 1);
+    (
+        (f64::from(below) + f64::from(m)) / 2.0,
+        m.to_bits() % 2 == 1,
+    )
+}
+
+/// [`code_threshold_bound`] as a C++ hexadecimal floating literal (exact), e.g. `0x1.0020010000000p-1`.
+fn hex_double(x: f64) -> String {
+    assert!(x.is_normal() && x > 0.0, "{x}");
+    let bits = x.to_bits();
+    let exp = ((bits >> 52) & 0x7ff) as i64 - 1023;
+    format!("0x1.{:013x}p{exp}", bits & ((1u64 << 52) - 1))
 }
 
 /// The most split-K blocks one sequence's decode step may have (the combine keeps a weight per split in shared
@@ -487,6 +554,13 @@ pub fn generate_module(specs: &[KernelSpec]) -> Result<ModuleSource, CodegenErro
     ctx.insert("module_name", &module_name);
     ctx.insert("dtype", layout.dtype.as_str());
     ctx.insert("act_fmt", act_fmt(layout.dtype));
+    let bounds: Vec<serde_json::Value> = (1..=7)
+        .map(|k| {
+            let (bound, strict) = code_threshold_bound(k);
+            json!({ "k": k, "quotient": hex_double(bound), "strict": strict })
+        })
+        .collect();
+    ctx.insert("code_bounds", &bounds);
     let mut source = tera
         .render("prelude", &ctx)
         .map_err(|e| template_error("prelude", &e))?;

@@ -467,3 +467,40 @@ fn unsupported_layouts_are_refused() {
     .unwrap_err();
     assert!(e.to_string().contains("not yet supported"), "{e}");
 }
+
+/// The key quantize kernel's shared-memory stage: whole units (max(group, chunk) tokens) that divide R and fit
+/// 32 KiB of activation rows, and the bytes the kernel declares for it.
+#[test]
+fn the_key_stage_holds_the_most_whole_units_that_fit_32_kib() {
+    let cases = [
+        ("kivi-2, llama-2-7b", 128, 32768), // 4 units of 32 tokens x 256 B
+        ("kivi-2, llama-2-7b, head_dim: 256", 64, 32768), // 2 of the 4 units
+        ("kivi-2, llama-2-7b, head_dim: 64", 128, 16384), // the whole block
+        (
+            "kivi-2, llama-2-7b, head_dim: 256, keys: { bits: 3 }",
+            64,
+            32768,
+        ), // units of a 64-token chunk
+        (
+            "kivi-2, llama-2-7b, residual_length: 96, head_dim: 256",
+            32,
+            16384,
+        ), // 3 units: only 1 divides and fits
+        (
+            "kivi-2, llama-2-7b, head_dim: 256, keys: { group_size: 128 }",
+            0,
+            0,
+        ), // one unit is 64 KiB: no stage
+    ];
+    for (spec, tokens, bytes) in cases {
+        let l = layout(spec);
+        assert_eq!(key_stage_tokens(&l), tokens, "{spec}");
+        let k = KernelSpec::new(
+            KernelKind::QuantizeKeys,
+            l,
+            KernelTiles::heuristic(&l).quantize_keys,
+        )
+        .unwrap();
+        assert_eq!(k.shared_bytes(), bytes, "{spec}");
+    }
+}

@@ -436,9 +436,25 @@ fn the_midpoint_test_catches_every_quotient_the_product_rounds_wrongly() {
 }
 
 /// The kernels' threshold T_k (templates/prelude.cuh.tera, `kivi_code_threshold`), modelled with the same steps:
-/// the smallest fp16 difference d whose code (the quotient d / scale rounded to fp16, then to an integer with
-/// ties to even) reaches k, found by a walk from fp16((k - 1/2) * scale); 0x7c00 (+Inf) when no finite d does.
+/// the bound of kivi-codegen's `code_threshold_bound` times the scale (exact in f64), rounded up to fp16, one fp16
+/// step more when the bound is strict and met exactly; 0x7c00 (+Inf) when past the fp16 numbers.
 fn threshold(scale: f32, k: u32) -> u16 {
+    let (bound, strict) = kivi_codegen::code_threshold_bound(k);
+    let x = bound * f64::from(scale);
+    let mut b = f16::from_f64(x).to_bits();
+    if f16::from_bits(b).to_f64() < x {
+        b += 1; // f16::from_f64 rounds to nearest: the next fp16 number up (x > 0)
+    }
+    if strict && b < 0x7c00 && f16::from_bits(b).to_f64() == x {
+        b += 1;
+    }
+    b.min(0x7c00)
+}
+
+/// T_k by its definition: the smallest fp16 difference d whose code (the quotient d / scale rounded to fp16,
+/// then to an integer with ties to even) reaches k, found by a walk from fp16((k - 1/2) * scale); 0x7c00 (+Inf)
+/// when no finite d does.
+fn threshold_walk(scale: f32, k: u32) -> u16 {
     let reaches = |b: u16| {
         Format::F16
             .round(f16::from_bits(b).to_f32() / scale)
@@ -461,6 +477,31 @@ fn threshold(scale: f32, k: u32) -> u16 {
         }
     }
     b
+}
+
+/// The kernels' closed-form thresholds are the definition's, for codes 1 to 7 (every code of 1 to 3 bits), over
+/// fp16 scales (every binade, subnormals included), random f32 scales and the extremes.
+#[test]
+fn the_kernels_thresholds_are_the_least_differences_that_reach_each_code() {
+    use rand::Rng;
+    let mut rn = rng(43);
+    let mut scales: Vec<f32> = (1u16..0x7c00)
+        .step_by(7)
+        .map(|b| f16::from_bits(b).to_f32())
+        .collect();
+    scales.extend(
+        (0..3000).map(|_| rn.gen_range(1e-8f32..1.0) * 10f32.powf(rn.gen_range(-2.0..4.5))),
+    );
+    scales.extend([f32::MIN_POSITIVE, 1e-30, 65504.0, 1e6, 3e38, f32::MAX]);
+    for &s in &scales {
+        for k in 1..=7 {
+            assert_eq!(
+                threshold(s, k),
+                threshold_walk(s, k),
+                "scale {s:e} code {k}"
+            );
+        }
+    }
 }
 
 /// The kernels' code from thresholds (`kivi_pack_put_pair`): bit i is the XOR of [d >= T_(j 2^i)] over j >= 1.

@@ -11,7 +11,8 @@ use kivi_codegen::KernelTiles;
 use kivi_dsl::Layout;
 use kivi_reference::{attention_f32, RefCache};
 use kivi_runtime::launch::{
-    BlockAddressing, CacheBuffers, DecodeArgs, DecodeScratch, DEVICE_ERROR_LENGTH,
+    BlockAddressing, CacheBuffers, DecodeArgs, DecodeScratch, PrefillArgs, TokenRows,
+    DEVICE_ERROR_LENGTH,
 };
 use kivi_runtime::{Compiler, DecodeOptions, Gpu, KiviCache, LayoutModule, RuntimeError};
 use rand::rngs::StdRng;
@@ -1231,5 +1232,95 @@ fn value_groups_wider_than_fp16_decode_as_the_cpu_reference_with_every_scale_dty
         let beyond = l.values.bits == 1 && !spec.contains("values: { bits: 1 }");
         assert_eq!(wide > 0, beyond, "{spec}: {wide} scales above 65504");
         cache.check_device_errors().unwrap();
+    }
+}
+
+/// A prefill through the raw launch API from rows that are only 4-byte aligned (the first element 2 past an
+/// allocation's start, rows head_dim + 2 apart, the gaps holding a number the data never has) takes the key
+/// kernel's 4-byte staging path; the cache it writes (codes, scales, mins, rings) is bit-identical to a prefill
+/// from contiguous, 16-byte aligned rows, for 2-bit keys at head_dim 128 (one stage per block) and 3-bit keys at
+/// head_dim 256 (two stages per block, lane rows split between threads).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_prefill_from_rows_only_4_byte_aligned_writes_the_same_cache() {
+    let gpu = gpu();
+    for spec in [
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 128",
+        "kivi-2, num_heads: 4, num_kv_heads: 2, head_dim: 256, keys: { bits: 3 }, values: { bits: 3 }",
+    ] {
+        let l = layout(spec);
+        let m = module(&gpu, &l, 0);
+        let s = gpu.stream().clone();
+        let st = kivi_codegen::StorageLayout::new(&l);
+        let (batch, len, blocks_per_seq) = (2u32, 300u32, 3u32);
+        let seqs = (batch * l.num_kv_heads) as usize;
+        let blocks = seqs * blocks_per_seq as usize;
+        let d = st.key_head_dim as usize; // keys and values alike here
+        let rows = seqs * len as usize;
+        let mut rng = StdRng::seed_from_u64(41);
+        let k = random(&mut rng, rows * d, 3.0);
+        let v = random(&mut rng, rows * d, 3.0);
+        // The same rows, 2 elements into the buffer and head_dim + 2 apart; 7.0 in the gaps.
+        let padded = |x: &[f16]| {
+            let mut out = vec![f16::from_f32(7.0); 2 + rows * (d + 2)];
+            for r in 0..rows {
+                let at = 2 + r * (d + 2);
+                out[at..at + d].copy_from_slice(&x[r * d..(r + 1) * d]);
+            }
+            out
+        };
+        let lens = s.clone_htod(&vec![len as i32; batch as usize]).unwrap();
+        let run = |k: &CudaSlice<f16>, v: &CudaSlice<f16>, offset: u64, stride_token: i64| {
+            let k_codes = s.alloc_zeros::<u32>(blocks * st.key_block_words() as usize).unwrap();
+            let k_params = s.alloc_zeros::<f16>(blocks * st.key_block_params() as usize).unwrap();
+            let k_res = s.alloc_zeros::<f16>(seqs * st.residual_length as usize * d).unwrap();
+            let v_codes = s.alloc_zeros::<u32>(blocks * st.value_block_words() as usize).unwrap();
+            let v_scale = s.alloc_zeros::<f16>(blocks * st.value_block_params() as usize).unwrap();
+            let v_mn = s.alloc_zeros::<f16>(blocks * st.value_block_params() as usize).unwrap();
+            let v_res = s.alloc_zeros::<f16>(seqs * st.value_ring as usize * d).unwrap();
+            let flag = s.alloc_zeros::<u32>(1).unwrap();
+            let per_head = i64::from(len) * stride_token;
+            let rows_of = |x: &CudaSlice<f16>| TokenRows {
+                ptr: x.device_ptr(&s).0 + offset,
+                stride_batch: i64::from(l.num_kv_heads) * per_head,
+                stride_head: per_head,
+                stride_token,
+            };
+            let args = PrefillArgs {
+                batch,
+                keys: rows_of(k),
+                values: rows_of(v),
+                seq_lens: lens.device_ptr(&s).0,
+                max_len: len,
+                cache: CacheBuffers {
+                    k_codes: k_codes.device_ptr(&s).0,
+                    k_params: k_params.device_ptr(&s).0,
+                    k_res: k_res.device_ptr(&s).0,
+                    v_codes: v_codes.device_ptr(&s).0,
+                    v_scale: v_scale.device_ptr(&s).0,
+                    v_mn: v_mn.device_ptr(&s).0,
+                    v_res: v_res.device_ptr(&s).0,
+                },
+                blocks: BlockAddressing::Contiguous { blocks_per_seq },
+                error_flag: flag.device_ptr(&s).0,
+            };
+            let cu = s.cu_stream() as kivi_runtime::launch::CUstream;
+            // SAFETY: every buffer above is sized for this layout, batch and blocks_per_seq; the rows hold len
+            // tokens of every sequence at the strides given.
+            unsafe { m.launch_prefill(cu, &args) }.unwrap();
+            let h = |x: &CudaSlice<f16>| bits(&s.clone_dtoh(x).unwrap());
+            (
+                s.clone_dtoh(&k_codes).unwrap(),
+                s.clone_dtoh(&v_codes).unwrap(),
+                [h(&k_params), h(&k_res), h(&v_scale), h(&v_mn), h(&v_res)],
+                s.clone_dtoh(&flag).unwrap()[0],
+            )
+        };
+        let aligned = run(&s.clone_htod(&k).unwrap(), &s.clone_htod(&v).unwrap(), 0, d as i64);
+        let (kp, vp) = (s.clone_htod(&padded(&k)).unwrap(), s.clone_htod(&padded(&v)).unwrap());
+        let strided = run(&kp, &vp, 4, d as i64 + 2);
+        assert_eq!(aligned.3, 0, "{spec}: error flag");
+        assert!(aligned.0.iter().any(|&w| w != 0), "{spec}: key codes written");
+        assert_eq!(aligned, strided, "{spec}: the cache from 4-byte aligned rows");
     }
 }
