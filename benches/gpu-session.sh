@@ -58,7 +58,9 @@ case $what in all|sanitize)
         --spec "kivi-2, num_heads: 8, num_kv_heads: 2, head_dim: 128, sink_tokens: 40" \
         --spec "kivi-2, num_heads: 8, num_kv_heads: 2, keys: { head_dim: 192 }, values: { head_dim: 128 }" \
         --prefill 1,31,129,300 --batch 1,3 --steps 140
-    stage racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 .gpu/bin/kivi verify \
+    # Without the reference files (KIVI_DATA at an empty folder): with them a racecheck run passes 300 s.
+    mkdir -p /tmp/kivi-no-data
+    KIVI_DATA=/tmp/kivi-no-data stage racecheck 300 compute-sanitizer --tool racecheck --error-exitcode 9 .gpu/bin/kivi verify \
         --spec "kivi-2, llama-3-8b" --spec "kivi-2, llama-3-8b, keys: { bits: 3 }, values: { bits: 3 }" \
         --prefill 129,300 --batch 1 --steps 20
     ;;
