@@ -222,7 +222,8 @@ pub const KEY_STAGE_BYTES: u32 = 32 * 1024;
 /// Tokens of one shared-memory stage of the prefill's key quantize kernel: the most whole units (max(key group,
 /// key chunk) tokens, one pass of its per-channel quantization) that divide a flush block (R tokens) and fit
 /// [`KEY_STAGE_BYTES`] with the keys' head_dim activations each; 0 when not one unit fits (the kernel then reads
-/// the activation rows directly). The template computes the same number (KSTAGE_UNITS x KUNIT).
+/// the activation rows directly). The template takes its KSTAGE_UNITS from here (`key_stage_tokens` / KUNIT),
+/// so the stage it declares is the one [`KernelSpec::shared_bytes`] counts.
 pub fn key_stage_tokens(layout: &Layout) -> u32 {
     let st = StorageLayout::new(layout);
     let unit = st.key_group_size.max(st.key_chunk_tokens());
@@ -688,6 +689,7 @@ fn kernel_context(
     ctx.insert("key_max_code", &((1u32 << st.key_bits) - 1));
     ctx.insert("key_group_size", &st.key_group_size);
     ctx.insert("key_chunk_tokens", &st.key_chunk_tokens());
+    ctx.insert("key_stage_tokens", &key_stage_tokens(l));
     ctx.insert("key_words_per_step", &st.key_words_per_step());
     ctx.insert("key_block_words", &st.key_block_words());
     ctx.insert("key_block_params", &st.key_block_params());
