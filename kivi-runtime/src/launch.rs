@@ -702,7 +702,8 @@ impl LayoutModule {
                 .push(&ring)
                 .push(&ring_size)
                 .push(&a.error_flag);
-            let grid = ((ring_size as u32 + st.sink_tokens) * d).div_ceil(threads);
+            // One thread per 8-channel run of a row (head_dim is a multiple of 16).
+            let grid = ((ring_size as u32 + st.sink_tokens) * (d / 8)).div_ceil(threads);
             self.launch(KernelKind::StoreResidual, stream, (grid, seqs), &mut p)?;
         }
         Ok(())
