@@ -211,8 +211,35 @@ impl KernelSpec {
                 // fp16 or bf16 activations: 2 bytes each.
                 key_stage_tokens(&self.layout) * self.layout.keys.head_dim * 2
             }
+            KernelKind::QuantizeValues => value_stage_bytes(&self.layout, self.tile.threads),
             _ => 0,
         }
+    }
+}
+
+/// Bytes the prefill's value quantize kernel ([`KernelKind::QuantizeValues`]) stages in shared memory at most.
+pub const VALUE_STAGE_BYTES: u32 = 32 * 1024;
+
+/// Shared memory, in bytes, of the prefill's value quantize kernel with `threads` threads: each warp stages
+/// its 8 tokens (rows of the values' head_dim fp16 activations, padded by 8 so that `ldmatrix` reads them
+/// without bank conflicts) where the layout codes values by thresholds (fp16 activations, asymmetric, the
+/// reference's fp16 rounding, 1 to 3 bits, fp16 or fp32 scales: the template's VFAST) and the stage fits
+/// [`VALUE_STAGE_BYTES`]; 0 otherwise (the kernel then reads each value with a 2-byte load).
+pub fn value_stage_bytes(layout: &Layout, threads: u32) -> u32 {
+    let v = &layout.values;
+    let fast = layout.dtype == kivi_dsl::Dtype::F16
+        && v.symmetry == kivi_dsl::Symmetry::Asymmetric
+        && v.rounding == kivi_dsl::Rounding::Half
+        && v.bits <= 3
+        && matches!(
+            v.scale_dtype,
+            kivi_dsl::ScaleDtype::F16 | kivi_dsl::ScaleDtype::F32
+        );
+    let bytes = threads / 32 * 8 * (v.head_dim + 8) * 2;
+    if fast && bytes <= VALUE_STAGE_BYTES {
+        bytes
+    } else {
+        0
     }
 }
 
@@ -655,7 +682,10 @@ fn kernel_context(
     let threads = spec.tile.threads;
     let value = match spec.kind {
         KernelKind::QuantizeValues => {
-            json!({ "tokens_per_block": value_tokens_per_block(threads) })
+            json!({
+                "tokens_per_block": value_tokens_per_block(threads),
+                "value_stage": value_stage_bytes(l, threads) > 0,
+            })
         }
         KernelKind::DecodePartial => {
             let plan = DecodePlan::new(l);

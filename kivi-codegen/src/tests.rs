@@ -468,6 +468,46 @@ fn unsupported_layouts_are_refused() {
     assert!(e.to_string().contains("not yet supported"), "{e}");
 }
 
+/// The value quantize kernel's shared-memory stage: 8 padded rows per warp where values are coded by thresholds
+/// (fp16, asymmetric, fp16 rounding, 1 to 3 bits, fp16 or fp32 scales) and the stage fits 32 KiB, else none;
+/// the kernel declares exactly that (a static_assert in the template checks the threshold half).
+#[test]
+fn the_value_stage_is_8_padded_rows_per_warp_on_the_threshold_path() {
+    let cases = [
+        ("kivi-2, llama-2-7b", 128, 4 * 8 * 136 * 2),
+        ("kivi-2, llama-2-7b", 256, 8 * 8 * 136 * 2),
+        ("kivi-2, llama-2-7b, values: { bits: 3 }", 128, 8704),
+        (
+            "kivi-2, llama-2-7b, values: { bits: 1, group_size: 16 }",
+            64,
+            4352,
+        ),
+        (
+            "kivi-2, llama-2-7b, head_dim: 80, values: { group_size: 16 }",
+            128,
+            4 * 8 * 88 * 2,
+        ),
+        ("kivi-2, llama-2-7b, head_dim: 256", 128, 4 * 8 * 264 * 2),
+        ("kivi-2, llama-2-7b, head_dim: 256", 256, 0), // 33792 bytes: over 32 KiB
+        (
+            "kivi-2, llama-2-7b, values: { scale_dtype: fp32 }",
+            128,
+            8704,
+        ),
+        ("kivi-4, llama-2-7b", 128, 0), // 4 bits: fp32 steps
+        ("kivi-2, llama-2-7b, dtype: bf16", 128, 0),
+        ("kivi-2, llama-2-7b, values: { quant: symmetric }", 128, 0),
+        ("kivi-2, llama-2-7b, values: { rounding: fp32 }", 128, 0),
+        ("kivi-2, llama-2-7b, values: { scale_dtype: bf16 }", 128, 0),
+    ];
+    for (spec, threads, bytes) in cases {
+        let l = layout(spec);
+        assert_eq!(value_stage_bytes(&l, threads), bytes, "{spec} t{threads}");
+        let k = KernelSpec::new(KernelKind::QuantizeValues, l, TileConfig::plain(threads)).unwrap();
+        assert_eq!(k.shared_bytes(), bytes, "{spec} t{threads}");
+    }
+}
+
 /// The key quantize kernel's shared-memory stage: whole units (max(group, chunk) tokens) that divide R and fit
 /// 32 KiB of activation rows, and the bytes the kernel declares for it.
 #[test]
