@@ -201,7 +201,9 @@ impl KernelSpec {
     }
 
     /// Static shared memory the kernel declares, in bytes: the decode kernel's pipeline (or merge and combine
-    /// buffers), the key quantize kernel's stage ([`key_stage_tokens`]), none for the others.
+    /// buffers), the key quantize kernel's stage ([`key_stage_tokens`]), the value quantize kernel's
+    /// ([`value_stage_bytes`]), none for the residual store. The templates size their stages from the same
+    /// functions (and assert it).
     pub fn shared_bytes(&self) -> u32 {
         match self.kind {
             KernelKind::DecodePartial => {
@@ -220,11 +222,12 @@ impl KernelSpec {
 /// Bytes the prefill's value quantize kernel ([`KernelKind::QuantizeValues`]) stages in shared memory at most.
 pub const VALUE_STAGE_BYTES: u32 = 32 * 1024;
 
-/// Shared memory, in bytes, of the prefill's value quantize kernel with `threads` threads: each warp stages
-/// its 8 tokens (rows of the values' head_dim fp16 activations, padded by 8 so that `ldmatrix` reads them
-/// without bank conflicts) where the layout codes values by thresholds (fp16 activations, asymmetric, the
-/// reference's fp16 rounding, 1 to 3 bits, fp16 or fp32 scales: the template's VFAST) and the stage fits
-/// [`VALUE_STAGE_BYTES`]; 0 otherwise (the kernel then reads each value with a 2-byte load).
+/// Shared memory, in bytes, of the prefill's value quantize kernel with `threads` threads (a multiple of 32,
+/// as [`KernelSpec::new`] requires): each warp stages its 8 tokens (rows of the values' head_dim fp16
+/// activations, padded by 8 channels = 16 bytes so that `ldmatrix` reads them without bank conflicts) where the
+/// layout codes values by thresholds (fp16 activations, asymmetric, the reference's fp16 rounding, 1 to 3 bits,
+/// fp16 or fp32 scales: the template's VFAST) and the stage fits [`VALUE_STAGE_BYTES`]; 0 otherwise (the
+/// kernel then reads each value with a 2-byte load). The template declares this many bytes (it asserts so).
 pub fn value_stage_bytes(layout: &Layout, threads: u32) -> u32 {
     let v = &layout.values;
     let fast = layout.dtype == kivi_dsl::Dtype::F16
@@ -684,7 +687,7 @@ fn kernel_context(
         KernelKind::QuantizeValues => {
             json!({
                 "tokens_per_block": value_tokens_per_block(threads),
-                "value_stage": value_stage_bytes(l, threads) > 0,
+                "value_stage_bytes": value_stage_bytes(l, threads),
             })
         }
         KernelKind::DecodePartial => {

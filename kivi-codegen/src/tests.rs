@@ -470,7 +470,7 @@ fn unsupported_layouts_are_refused() {
 
 /// The value quantize kernel's shared-memory stage: 8 padded rows per warp where values are coded by thresholds
 /// (fp16, asymmetric, fp16 rounding, 1 to 3 bits, fp16 or fp32 scales) and the stage fits 32 KiB, else none;
-/// the kernel declares exactly that (a static_assert in the template checks the threshold half).
+/// the kernel declares exactly that (static_asserts in the template check its size and the threshold path).
 #[test]
 fn the_value_stage_is_8_padded_rows_per_warp_on_the_threshold_path() {
     let cases = [

@@ -1236,8 +1236,9 @@ fn value_groups_wider_than_fp16_decode_as_the_cpu_reference_with_every_scale_dty
 }
 
 /// A prefill through the raw launch API from rows that are only 4-byte aligned (the first element 2 past an
-/// allocation's start, rows head_dim + 2 apart, the gaps holding a number the data never has) takes the key
-/// kernel's 4-byte staging path; the cache it writes (codes, scales, mins, rings) is bit-identical to a prefill
+/// allocation's start, rows head_dim + 2 apart, the gaps holding a number the data never has) takes the 4-byte
+/// paths of the key kernel's stage, the value kernel's stage (a partial last warp included) and the residual
+/// store; the cache it writes (codes, scales, mins, rings) is bit-identical to a prefill
 /// from contiguous, 16-byte aligned rows, for 2-bit keys at head_dim 128 (one stage per block) and 3-bit keys at
 /// head_dim 256 (two stages per block, lane rows split between threads).
 #[test]
